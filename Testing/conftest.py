@@ -1,0 +1,121 @@
+"""Shared fixtures: the real pyradiomics cases, the packaged MiniLM encoder, small TexLiverNet checkpoints.
+
+The real data lives in ``../shared/data/pyradiomics`` beside the repository (``$TEXTSEG_DATA`` overrides it).
+Tests that need it fail, rather than skip, when it is missing: CI always has it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TEXTSEG_DATA", REPO.parent / "shared" / "data" / "pyradiomics"))
+CASES = ("lung1", "lung2", "brain1", "brain2", "breast1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_models(tmp_path_factory, monkeypatch):
+    """Never read or write the real user's models folder."""
+    monkeypatch.setenv("TEXTSEG_MODELS_DIR", str(tmp_path_factory.mktemp("user-models")))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "annotations.csv").is_file():
+        pytest.fail(f"the real cases are missing: expected {DATA} (set TEXTSEG_DATA to their folder)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def annotations(data_dir) -> dict[str, dict[str, str]]:
+    with open(data_dir / "annotations.csv", newline="") as handle:
+        return {row["case"]: row for row in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="session")
+def lung2(data_dir):
+    from TextSegLib.volumes import read_volume
+
+    return read_volume(data_dir / "lung2_image.nrrd")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from TextSegLib.text import load_text_encoder
+
+    return load_text_encoder("minilm")
+
+
+def make_small_texlivernet(seed: int = 0, **overrides):
+    """A small-preset TexLiverNet for MiniLM text with seeded random weights, calibrated on real slices.
+
+    BatchNorm statistics are those of eight windowed lung2 slices (as after a first epoch), and the output bias
+    is set so that about a third of those slices comes out inside: masks are then neither empty nor full, and
+    activations keep their scale through the decoder, so the prompt visibly reaches the output.
+    """
+    import SimpleITK as sitk
+
+    from TextSegLib.models import create_model, preset_config
+    from TextSegLib.text import TextFeatures
+
+    torch.manual_seed(seed)
+    model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384, **overrides))
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "lung2_image.nrrd")))[20:44:3].astype(np.float32)
+    x = torch.from_numpy(np.clip((volume + 200.0) / 400.0, 0.0, 1.0))[:, None]
+    x = torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", antialias=True)
+    generator = torch.Generator().manual_seed(seed)
+    text = TextFeatures(torch.randn(1, 8, 384, generator=generator), torch.ones(1, 8, dtype=torch.bool),
+                        torch.zeros(1, 384)).expand(x.shape[0])
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration pass
+    with torch.no_grad():
+        model.train()
+        model(x, text)
+        model.eval()
+        logits = model(x, text)
+        model.head.bias -= torch.quantile(logits.flatten()[::7], 0.67)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+    return model
+
+
+def save_small_checkpoint(path: Path, seed: int = 0, **overrides):
+    from TextSegLib.checkpoints import save_checkpoint
+
+    model = make_small_texlivernet(seed, **overrides)
+    return save_checkpoint(
+        path, model, architecture="texlivernet",
+        text_encoder={"source": "minilm", "max_tokens": model.config.max_text_tokens},
+        name=f"small test model {seed}", description="random weights, for plumbing tests",
+        example_prompts=["a large soft-tissue mass in the posterior left lower lung"],
+    )
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("checkpoints") / "small-texlivernet.safetensors"
+    save_small_checkpoint(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def second_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("checkpoints") / "small-texlivernet-b.safetensors"
+    save_small_checkpoint(path, seed=1)
+    return path
+
+
+def read_label(data_dir: Path, case: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Binary (K, J, I) lesion mask of a real case and its spacing in array-axis order."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(data_dir / f"{case}_label.nrrd"))
+    return sitk.GetArrayFromImage(image) != 0, tuple(image.GetSpacing()[::-1])

@@ -1,0 +1,219 @@
+"""Shapes, gradients and defining properties of every network block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from TextSegLib.models.blocks import (
+    DORMLP,
+    ORMLP,
+    AdaptiveFrequencyFilter,
+    ConvNormAct,
+    DORMLPBlock,
+    DoubleConv,
+    LayerNorm2d,
+    PartialConv,
+    SpatialFrequencyPerceptionF,
+    SpatialFrequencyPerceptionS,
+    StarReLU,
+    TextImageAgentAttention,
+    channel_roll,
+)
+from TextSegLib.models.blocks.frequency import max_filter3x3
+
+
+def check_shape_and_gradients(module: torch.nn.Module, *inputs: torch.Tensor, expected: tuple[int, ...]):
+    """Forward, check the output shape, backward, and check every parameter and every float input got a
+    finite, non-zero gradient."""
+    inputs = tuple(x.requires_grad_(True) if x.is_floating_point() else x for x in inputs)
+    out = module(*inputs)
+    assert tuple(out.shape) == expected
+    (out.float() ** 2).mean().backward()
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(parameter.grad).all(), f"{name} has a non-finite gradient"
+        assert parameter.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    for x in inputs:
+        if x.is_floating_point():
+            assert x.grad is not None and x.grad.abs().sum() > 0
+    return out
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_channel_roll_equals_per_channel_torch_roll(dim, sign):
+    x = torch.randn(2, 7, 5, 6)
+    expected = torch.stack([torch.roll(x[:, c], sign * c, dims=dim - 1) for c in range(x.shape[1])], dim=1)
+    assert torch.equal(channel_roll(x, dim, sign), expected)
+
+
+def test_channel_roll_rejects_channel_dim():
+    with pytest.raises(ValueError):
+        channel_roll(torch.randn(1, 2, 3, 3), 1)
+
+
+def test_channel_roll_has_no_python_loop_over_channels():
+    """The roll is one gather: its cost in autograd nodes does not grow with the channel count."""
+    def node_count(channels: int) -> int:
+        x = torch.randn(1, channels, 8, 8, requires_grad=True)
+        y = channel_roll(x, 2)
+        seen, stack = set(), [y.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+        return len(seen)
+
+    assert node_count(4) == node_count(64)
+
+
+def test_layernorm2d_matches_layernorm_over_channels():
+    norm = LayerNorm2d(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, 4, 5)
+    expected = F.layer_norm(x.permute(0, 2, 3, 1), (6,), norm.weight, norm.bias, 1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(norm(x), expected)
+    check_shape_and_gradients(norm, x, expected=(2, 6, 4, 5))
+
+
+def test_conv_blocks():
+    check_shape_and_gradients(ConvNormAct(3, 8, dilation=2), torch.randn(2, 3, 16, 16), expected=(2, 8, 16, 16))
+    check_shape_and_gradients(DoubleConv(3, 8), torch.randn(2, 3, 16, 16), expected=(2, 8, 16, 16))
+
+
+def test_ormlp_and_dormlp_shapes_and_gradients():
+    x = torch.randn(2, 8, 12, 10)
+    check_shape_and_gradients(ORMLP(8, first_dim=2), x, expected=(2, 8, 12, 10))
+    check_shape_and_gradients(DORMLP(8), torch.randn(2, 8, 12, 10), expected=(2, 8, 12, 10))
+    check_shape_and_gradients(DORMLPBlock(8), torch.randn(2, 8, 12, 10), expected=(2, 8, 12, 10))
+
+
+def test_ormlp_reaches_far_pixels():
+    """An OR-MLP's output at one pixel depends on pixels far away along both axes (long-range mixing),
+    unlike a 3x3 convolution."""
+    torch.manual_seed(0)
+    block = ORMLP(16, first_dim=2).eval()
+    x = torch.zeros(1, 16, 16, 16, requires_grad=True)
+    block(x)[0, :, 0, 0].sum().backward()
+    influence = x.grad.abs().sum(dim=1)[0]
+    assert influence[8:, 8:].sum() > 0, "no influence from the far quadrant"
+
+
+def test_star_relu():
+    act = StarReLU(scale=2.0, bias=-1.0)
+    x = torch.tensor([-1.0, 0.0, 0.5, 2.0])
+    torch.testing.assert_close(act(x), torch.tensor([-1.0, -1.0, -0.5, 7.0]))
+    check_shape_and_gradients(act, torch.randn(3, 4) + 1.0, expected=(3, 4))
+
+
+def test_adaptive_frequency_filter():
+    module = AdaptiveFrequencyFilter(4)
+    spectrum = torch.fft.rfft2(torch.randn(2, 4, 8, 8))
+    out = module(spectrum)
+    assert out.shape == spectrum.shape and out.is_complex()
+    (out.abs() ** 2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_sfpm_f_is_identity_when_the_filter_is_one():
+    module = SpatialFrequencyPerceptionF(4).eval()
+    with torch.no_grad():
+        module.filter.fc2.weight.zero_()
+    x = torch.randn(2, 4, 16, 12)
+    torch.testing.assert_close(module(x), x, atol=1e-5, rtol=1e-5)
+
+
+def test_sfpm_f_filters_the_high_frequencies():
+    """A filter G = 0 removes the coarse high-frequency part: the output is the smoothed skip I_s."""
+    module = SpatialFrequencyPerceptionF(4).eval()
+    with torch.no_grad():
+        module.filter.fc2.weight.zero_()
+        module.filter.fc2.bias.zero_()
+    x = torch.randn(1, 4, 16, 16)
+    torch.testing.assert_close(module(x), module.project(F.max_pool2d(x, 3, stride=1, padding=1)), atol=1e-5, rtol=1e-5)
+
+
+def test_max_filter_equals_max_pooling():
+    x = torch.randn(2, 3, 9, 7)
+    assert torch.equal(max_filter3x3(x), F.max_pool2d(x, 3, stride=1, padding=1))
+
+
+def test_sfpm_f_shapes_and_gradients():
+    check_shape_and_gradients(SpatialFrequencyPerceptionF(6), torch.randn(2, 6, 16, 12), expected=(2, 6, 16, 12))
+
+
+def test_sfpm_s_shapes_gradients_and_dilations():
+    module = SpatialFrequencyPerceptionS(16)
+    assert [layer[0].dilation for layer in module.dilated] == [(2, 2), (4, 4), (2, 2)]
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 5  # two standard, three dilated
+    check_shape_and_gradients(module, torch.randn(2, 16, 16, 16), expected=(2, 16, 16, 16))
+
+
+def test_partial_conv_touches_only_a_quarter_of_the_channels():
+    module = PartialConv(8)
+    x = torch.randn(2, 8, 6, 6)
+    out = module(x)
+    assert torch.equal(out[:, 2:], x[:, 2:])
+    assert not torch.allclose(out[:, :2], x[:, :2])
+    check_shape_and_gradients(module, torch.randn(2, 8, 6, 6), expected=(2, 8, 6, 6))
+
+
+def make_tia(heads: int = 1) -> TextImageAgentAttention:
+    torch.manual_seed(0)
+    return TextImageAgentAttention(channels=16, text_dim=12, grid_size=(8, 8), max_text_tokens=10,
+                                   agent_grid=3, heads=heads).eval()
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_tia_shapes_and_gradients(heads):
+    tia = make_tia(heads)
+    image, tokens = torch.randn(2, 16, 8, 8), torch.randn(2, 5, 12)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    check_shape_and_gradients(tia, image, tokens, mask, expected=(2, 16, 8, 8))
+
+
+def test_tia_matches_equations_1_to_3():
+    """Recompute Eq. 1-3 step by step for one head."""
+    tia = make_tia()
+    image, tokens = torch.randn(1, 16, 8, 8), torch.randn(1, 5, 12)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    q = (tia.query(image) + tia.pos_image).flatten(2)[0].T  # (HW, C)
+    agents = F.adaptive_avg_pool2d((tia.query(image) + tia.pos_image), 3).flatten(2)[0].T  # (n, C)
+    k = tia.key(tokens)[0] + tia.pos_text[0, :5]
+    v = tia.value(tokens)[0] + tia.pos_text[0, :5]
+    d = 16 ** 0.5
+    o = torch.softmax(q @ agents.T / d, -1) @ torch.softmax(agents @ k.T / d, -1) @ v  # (HW, C)
+    expected = o.T.reshape(1, 16, 8, 8) + tia.recover[1](tia.recover[0](image))
+    torch.testing.assert_close(tia(image, tokens, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tia_ignores_padding_tokens():
+    tia = make_tia()
+    image, tokens = torch.randn(1, 16, 8, 8), torch.randn(1, 4, 12)
+    padded = torch.cat([tokens, torch.randn(1, 3, 12)], dim=1)
+    mask = torch.tensor([[True] * 4 + [False] * 3])
+    torch.testing.assert_close(tia(image, padded, mask), tia(image, tokens, torch.ones(1, 4, dtype=torch.bool)))
+
+
+def test_tia_depends_on_the_text_and_broadcasts_one_prompt():
+    tia = make_tia()
+    image = torch.randn(3, 16, 8, 8)
+    a, b = torch.randn(1, 5, 12), torch.randn(1, 5, 12)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    assert not torch.allclose(tia(image, a, mask), tia(image, b, mask))
+    torch.testing.assert_close(tia(image, a, mask), tia(image, a.expand(3, -1, -1), mask.expand(3, -1)))
+
+
+def test_tia_resizes_its_image_position_encoding_and_limits_tokens():
+    tia = make_tia()
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    assert tia(torch.randn(1, 16, 12, 10), torch.randn(1, 5, 12), mask).shape == (1, 16, 12, 10)
+    with pytest.raises(ValueError, match="at most 10"):
+        tia(torch.randn(1, 16, 8, 8), torch.randn(1, 11, 12), torch.ones(1, 11, dtype=torch.bool))

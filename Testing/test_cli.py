@@ -1,0 +1,260 @@
+"""The ``textseg`` command end to end: segment, evaluate, models, import, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+from conftest import read_label
+from safetensors.torch import load_file, save_file
+from test_checkpoints import rewrite_metadata
+
+from TextSegLib import __version__
+from TextSegLib.cli import main
+from TextSegLib.metrics import evaluate_case
+from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, decode_tag
+
+PROMPT = "a large soft-tissue mass in the posterior left lower lung"
+
+
+@pytest.fixture(scope="module")
+def slab(tmp_path_factory, data_dir) -> Path:
+    """Twelve real lung2 slices through the lesion, as a file."""
+    path = tmp_path_factory.mktemp("inputs") / "lung2_slab.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(data_dir / "lung2_image.nrrd"))[:, :, 24:36], str(path), True)
+    return path
+
+
+def run(args, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_segment_lung2_writes_segments_with_geometry_names_and_tags(tmp_path, capsys, data_dir, small_checkpoint):
+    out = tmp_path / "out" / "lung2.seg.nrrd"
+    code, stdout, _ = run(["segment", data_dir / "lung2_image.nrrd", "-p", PROMPT, "-p", "lung | nodule",
+                           "--name", "mass", "--name", "nodule", "-m", small_checkpoint, "-o", out,
+                           "--probability", "--batch-size", "16", "--device", "cpu", "-q"], capsys)
+    assert code == 0, stdout
+    assert f"Wrote {out}" in stdout and "'mass':" in stdout and "mL" in stdout
+    reference = sitk.ReadImage(str(data_dir / "lung2_image.nrrd"))
+    written = sitk.ReadImage(str(out))
+    assert written.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
+    segmentation = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in segmentation["segments"]] == ["mass", "nodule"]
+    first, second = segmentation["segments"]
+    assert first["color"] != second["color"]
+    assert decode_tag(first["tags"][TAG_PROMPT]) == PROMPT
+    assert decode_tag(second["tags"][TAG_PROMPT]) == "lung | nodule"  # a '|' survives the tag encoding
+    from TextSegLib.checkpoints import file_sha256
+
+    assert first["tags"][TAG_MODEL] == small_checkpoint.name.removesuffix(".safetensors")
+    assert first["tags"][TAG_CHECKPOINT] == file_sha256(small_checkpoint)
+    probabilities = sorted(out.parent.glob("*.probability.nrrd"))
+    assert [p.name for p in probabilities] == ["lung2.1-mass.probability.nrrd", "lung2.2-nodule.probability.nrrd"]
+    probability = sitk.ReadImage(str(probabilities[0]))
+    assert probability.GetSize() == reference.GetSize()
+    mask = np.transpose(slicerio.segment_mask(segmentation, first), (2, 1, 0)) != 0
+    np.testing.assert_array_equal(mask, sitk.GetArrayFromImage(probability) > 0.5)
+
+
+def test_the_console_script_runs(tmp_path, slab, small_checkpoint):
+    script = Path(sys.executable).parent / "textseg"
+    assert script.exists(), "the textseg console script is not installed next to this Python"
+    version = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"textseg {__version__}"
+    done = subprocess.run([script, "segment", slab, "-p", PROMPT, "-m", small_checkpoint, "-o", tmp_path],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "lung2_slab.seg.nrrd").is_file()
+
+
+def test_several_inputs_go_to_a_folder(tmp_path, capsys, slab, data_dir, small_checkpoint):
+    code, _stdout, _ = run(["segment", slab, data_dir / "breast1_image.nrrd", "-p", "a mass", "-m",
+                           small_checkpoint, "-o", tmp_path / "results", "-q"], capsys)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["breast1_image.seg.nrrd",
+                                                                        "lung2_slab.seg.nrrd"]
+    breast = slicerio.read_segmentation(str(tmp_path / "results" / "breast1_image.seg.nrrd"))
+    assert breast["voxels"].shape == (45, 120, 21)
+
+
+def test_long_prompts_are_truncated_with_a_warning(tmp_path, capsys, slab, small_checkpoint):
+    long_prompt = " ".join([PROMPT] * 20)
+    code, _, stderr = run(["segment", slab, "-p", long_prompt, "-m", small_checkpoint, "-o", tmp_path, "-q"],
+                          capsys)
+    assert code == 0
+    assert "textseg: WARNING: The prompt is" in stderr and "reads at most 128" in stderr
+    assert (tmp_path / "lung2_slab.seg.nrrd").is_file()
+
+
+def four_d_image(path: Path) -> Path:
+    sitk.WriteImage(sitk.JoinSeries([sitk.Image([4, 4, 4], sitk.sitkInt16)] * 3), str(path))
+    return path
+
+
+def vector_image(path: Path) -> Path:
+    scalar = sitk.Image([4, 4, 4], sitk.sitkUInt8)
+    sitk.WriteImage(sitk.Compose(scalar, scalar, scalar), str(path))
+    return path
+
+
+def bad_checkpoints(folder: Path, good: Path) -> dict[str, Path]:
+    truncated = folder / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    tampered = folder / "tampered.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(str(good))
+    state["head.bias"] = state["head.bias"] + 1.0
+    save_file(state, str(tampered), metadata=metadata)
+    other = folder / "other-architecture.safetensors"
+    rewrite_metadata(good, other, architecture="unetr")
+    return {"truncated": truncated, "tampered": tampered, "other": other}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing input", "File not found"),
+        ("unreadable input", "Cannot read"),
+        ("4D input", "is 4D"),
+        ("vector input", "values per voxel"),
+        ("empty prompt", "prompt is empty"),
+        ("blank prompt", "prompt is empty"),
+        ("unknown model", "No model named"),
+        ("truncated checkpoint", "damaged or incomplete"),
+        ("tampered checkpoint", "modified or damaged"),
+        ("other architecture", "needs the architecture 'unetr'"),
+        ("names do not match prompts", "one --name per --prompt"),
+        ("output overwrites input", "overwrite its input"),
+        ("threshold out of range", "--threshold"),
+    ],
+)
+def test_bad_input_gives_one_line_a_nonzero_exit_and_writes_nothing(case, message, tmp_path, capsys, slab,
+                                                                     small_checkpoint):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoints = bad_checkpoints(inputs, small_checkpoint)
+    garbage = inputs / "garbage.nrrd"
+    garbage.write_bytes(b"NRRD0004\nthis is not an image\n")
+    image, prompt, model, extra = slab, PROMPT, small_checkpoint, []
+    if case == "missing input":
+        image = inputs / "nope.nrrd"
+    elif case == "unreadable input":
+        image = garbage
+    elif case == "4D input":
+        image = four_d_image(inputs / "4d.nrrd")
+    elif case == "vector input":
+        image = vector_image(inputs / "rgb.nrrd")
+    elif case == "empty prompt":
+        prompt = ""
+    elif case == "blank prompt":
+        prompt = "   \t "
+    elif case == "unknown model":
+        model = "no-such-model"
+    elif case == "truncated checkpoint":
+        model = checkpoints["truncated"]
+    elif case == "tampered checkpoint":
+        model = checkpoints["tampered"]
+    elif case == "other architecture":
+        model = checkpoints["other"]
+    elif case == "names do not match prompts":
+        extra = ["--name", "a", "--name", "b"]
+    elif case == "output overwrites input":
+        image = inputs / "case.seg.nrrd"
+        image.write_bytes(b"")
+        sitk.WriteImage(sitk.ReadImage(str(slab)), str(image))
+        out = image
+    elif case == "threshold out of range":
+        extra = ["--threshold", "1.5"]
+    before = sorted(p.name for p in (inputs.iterdir()))
+    code, _stdout, stderr = run(["segment", image, "-p", prompt, "-m", model, "-o", out, "-q", *extra], capsys)
+    assert code == 1
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("textseg: error: "), stderr
+    assert message in lines[0]
+    if out.is_dir():
+        assert list(out.iterdir()) == []
+    assert sorted(p.name for p in inputs.iterdir()) == before
+
+
+def write_label_as_seg(path: Path, label: Path, name: str = "lesion", shift: int = 0) -> None:
+    image = sitk.ReadImage(str(label))
+    array = np.roll(sitk.GetArrayFromImage(image) != 0, shift, axis=2)
+    from TextSegLib.segmentations import SegmentSpec, write_seg_nrrd
+    from TextSegLib.volumes import Volume
+
+    write_seg_nrrd(path, [SegmentSpec(array.astype(np.uint8), name, (1.0, 0.0, 0.0))], Volume.from_sitk(image))
+
+
+def test_evaluate_a_pair_and_write_tables(tmp_path, capsys, data_dir):
+    label = data_dir / "lung2_label.nrrd"
+    prediction = tmp_path / "lung2.seg.nrrd"
+    write_label_as_seg(prediction, label, shift=2)
+    code, stdout, _ = run(["evaluate", prediction, label, "--json", tmp_path / "m.json", "--csv",
+                           tmp_path / "m.csv"], capsys)
+    assert code == 0
+    reference, spacing = read_label(data_dir, "lung2")
+    expected = evaluate_case(np.roll(reference, 2, axis=2), reference, spacing)
+    table = json.loads((tmp_path / "m.json").read_text())
+    assert table["cases"][0]["case"] == "lung2_label"
+    for name in ("dice", "iou", "voe", "ravd", "hd", "hd95", "assd"):
+        assert table["cases"][0][name] == pytest.approx(expected[name], abs=1e-9)
+    assert f"{expected['dice']:.4f}" in stdout and "Dice Global" in stdout
+    assert (tmp_path / "m.csv").read_text().splitlines()[0].startswith("case,dice,iou,voe,ravd,hd,hd95,assd")
+
+
+def test_evaluate_folders_by_case_name(tmp_path, capsys, data_dir):
+    predictions, references = tmp_path / "pred", tmp_path / "ref"
+    predictions.mkdir()
+    references.mkdir()
+    for case in ("brain2", "breast1"):
+        label = data_dir / f"{case}_label.nrrd"
+        sitk.WriteImage(sitk.ReadImage(str(label)), str(references / f"{case}_label.nrrd"))
+        write_label_as_seg(predictions / f"{case}.seg.nrrd", label, shift=1 if case == "brain2" else 0)
+    code, _, _ = run(["evaluate", predictions, references, "--json", tmp_path / "m.json"], capsys)
+    assert code == 0
+    table = json.loads((tmp_path / "m.json").read_text())
+    assert [row["case"] for row in table["cases"]] == ["brain2", "breast1"]
+    assert table["cases"][1]["dice"] == 1.0 and table["cases"][0]["dice"] < 1.0
+    assert table["summary"]["dice"] == pytest.approx((table["cases"][0]["dice"] + 1.0) / 2)
+
+
+def test_evaluate_rejects_different_grids_and_missing_segments(tmp_path, capsys, data_dir):
+    prediction = tmp_path / "brain1.seg.nrrd"
+    write_label_as_seg(prediction, data_dir / "brain1_label.nrrd")
+    code, _, stderr = run(["evaluate", prediction, data_dir / "lung2_label.nrrd"], capsys)
+    assert code == 1 and "different grids" in stderr
+    code, _, stderr = run(["evaluate", prediction, data_dir / "brain1_label.nrrd", "--segment", "liver"], capsys)
+    assert code == 1 and "no segment named 'liver'" in stderr
+
+
+def test_models_and_import(tmp_path, capsys, small_checkpoint):
+    code, stdout, _ = run(["models"], capsys)
+    assert code == 0
+    code, stdout, _ = run(["import", small_checkpoint, "--id", "my-liver-model"], capsys)
+    assert code == 0 and "Imported my-liver-model (TexLiverNet" in stdout
+    code, stdout, _ = run(["models", "--json"], capsys)
+    listed = {entry["id"]: entry for entry in json.loads(stdout)}
+    assert listed["my-liver-model"]["architecture"] == "texlivernet"
+    assert listed["my-liver-model"]["example_prompts"] == [PROMPT]
+    assert listed["my-liver-model"]["shipped"] is False
+    code, stdout, _ = run(["models"], capsys)
+    assert "my-liver-model  (TexLiverNet, imported)" in stdout and f'e.g. "{PROMPT}"' in stdout
+    code, _, stderr = run(["import", small_checkpoint, "--id", "my-liver-model"], capsys)
+    assert code == 1 and "already has a model" in stderr

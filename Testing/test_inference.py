@@ -1,0 +1,212 @@
+"""The inference engine on the real lung2 CT: geometry, orientation, batching, cancel, progress, ensembles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from TextSegLib.inference import CancelToken, InferenceEngine, load_model, resolve_device
+from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
+from TextSegLib.text import PROMPT_CACHE
+from TextSegLib.volumes import Volume
+
+PROMPT = "a large soft-tissue mass in the posterior left lower lung"
+
+
+@pytest.fixture(scope="module")
+def model(small_checkpoint):
+    return load_model(small_checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def lung2_slab(lung2) -> Volume:
+    """Twelve real slices of lung2 through the lesion (keeps the slower tests short)."""
+    image = lung2.to_sitk()[:, :, 24:36]
+    return Volume.from_sitk(image, source="lung2 slab")
+
+
+def geometry(image: sitk.Image):
+    return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+def assert_same_geometry(a: sitk.Image, b: sitk.Image):
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-6)
+
+
+def read_seg(path) -> tuple[sitk.Image, dict]:
+    """A .seg.nrrd as SimpleITK sees it (geometry) and as slicerio sees it (segments)."""
+    return sitk.ReadImage(str(path)), slicerio.read_segmentation(str(path))
+
+
+def test_lung2_output_keeps_the_input_grid_and_writes_a_correct_seg_nrrd(lung2, model, tmp_path, data_dir):
+    result = InferenceEngine(model).segment(lung2, PROMPT, probability=True)
+    assert result.mask.shape == lung2.array.shape == (61, 512, 512) and result.mask.dtype == np.uint8
+    assert result.probability.shape == lung2.array.shape and result.probability.dtype == np.float32
+    assert result.probability.min() >= 0.0 and result.probability.max() <= 1.0
+    np.testing.assert_array_equal(result.mask, (result.probability > 0.5).astype(np.uint8))
+    assert result.modality == "CT" and result.prompt == PROMPT
+    assert 0 < result.voxel_count < result.mask.size, "a random-weight model still gives a non-trivial mask"
+
+    path = tmp_path / "lung2.seg.nrrd"
+    write_seg_nrrd(path, [segment_for_result(result, "lesion")], lung2)
+    image, segmentation = read_seg(path)
+    assert_same_geometry(image, sitk.ReadImage(str(data_dir / "lung2_image.nrrd")))
+    (segment,) = segmentation["segments"]
+    assert segment["name"] == "lesion"
+    assert segment["tags"][TAG_PROMPT] == PROMPT
+    assert segment["tags"][TAG_MODEL] == model.id
+    assert segment["tags"][TAG_CHECKPOINT] == model.info.sha256
+    mask = slicerio.segment_mask(segmentation, segment)
+    np.testing.assert_array_equal(np.transpose(mask, (2, 1, 0)).astype(bool), result.mask.astype(bool))
+
+
+def test_batched_equals_one_slice_at_a_time(lung2_slab, model):
+    batched = InferenceEngine(model, batch_size=5).segment(lung2_slab, PROMPT, probability=True)
+    single = InferenceEngine(model, batch_size=1).segment(lung2_slab, PROMPT, probability=True)
+    np.testing.assert_allclose(batched.probability, single.probability, atol=1e-5, rtol=0)
+    disagreeing = np.count_nonzero(batched.mask != single.mask)
+    assert disagreeing <= 1e-5 * batched.mask.size
+
+
+def resampled_oblique(volume: Volume) -> Volume:
+    """lung2 resampled (linear) onto a grid rotated by 20 degrees about S and 10 about L, 1.2 mm in-plane."""
+    image = volume.to_sitk()
+    rotation = sitk.VersorRigid3DTransform()
+    rotation.SetRotation((0, 0, 1), np.deg2rad(20))
+    rz = np.asarray(rotation.GetMatrix()).reshape(3, 3)
+    rotation.SetRotation((1, 0, 0), np.deg2rad(10))
+    rx = np.asarray(rotation.GetMatrix()).reshape(3, 3)
+    direction = rz @ rx
+    spacing = (1.2, 1.2, 5.0)
+    size = (240, 240, 40)
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([s / 2 for s in image.GetSize()]))
+    origin = centre - direction @ (np.asarray(spacing) * np.asarray(size) / 2)
+    out = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, tuple(origin), spacing,
+                        tuple(direction.reshape(-1)), -1024.0, sitk.sitkFloat32)
+    return Volume.from_sitk(out, source="lung2 oblique")
+
+
+def test_oblique_copy_keeps_its_own_grid(lung2, model, tmp_path):
+    oblique = resampled_oblique(lung2)
+    assert abs(oblique.direction[0, 1]) > 0.3  # truly oblique
+    result = InferenceEngine(model, batch_size=8).segment(oblique, PROMPT)
+    assert result.mask.shape == oblique.array.shape
+    path = tmp_path / "oblique.seg.nrrd"
+    write_seg_nrrd(path, [segment_for_result(result)], oblique)
+    image, segmentation = read_seg(path)
+    assert_same_geometry(image, oblique.to_sitk())
+    np.testing.assert_allclose(np.asarray(segmentation["ijkToLPS"]), oblique.ijk_to_lps(), atol=1e-5)
+
+
+def same_image_other_layout(volume: Volume, flip_i: bool, swap_ij: bool) -> Volume:
+    """The same physical image stored with its i axis reversed and/or i and j swapped."""
+    array, direction = volume.array, np.asarray(volume.direction, dtype=float).copy()
+    spacing, origin = list(volume.spacing), np.asarray(volume.origin, dtype=float)
+    if flip_i:
+        origin = origin + direction[:, 0] * spacing[0] * (array.shape[2] - 1)
+        direction[:, 0] *= -1
+        array = array[:, :, ::-1]
+    if swap_ij:
+        direction = direction[:, [1, 0, 2]]
+        spacing = [spacing[1], spacing[0], spacing[2]]
+        array = np.transpose(array, (0, 2, 1))
+    return Volume(np.ascontiguousarray(array), tuple(spacing), tuple(origin), direction, source="relayout")
+
+
+@pytest.mark.parametrize(("flip_i", "swap_ij"), [(True, False), (False, True), (True, True)])
+def test_orientation_does_not_change_the_answer(lung2_slab, model, flip_i, swap_ij):
+    """A file storing the same patient in another axis order gets the same segmentation, voxel for voxel in
+    physical space: the engine reorients to the model's canonical orientation and back."""
+    other = same_image_other_layout(lung2_slab, flip_i, swap_ij)
+    here = lung2_slab.to_sitk()
+    there = other.to_sitk()
+    for index in [(0, 0, 0), (511, 3, 11), (100, 400, 5)]:
+        point = here.TransformIndexToPhysicalPoint(index)
+        np.testing.assert_allclose(point, there.TransformIndexToPhysicalPoint(there.TransformPhysicalPointToIndex(
+            point)), atol=1e-4)
+    engine = InferenceEngine(model, batch_size=6)
+    reference = engine.segment(lung2_slab, PROMPT, probability=True)
+    moved = engine.segment(other, PROMPT, probability=True)
+    back = moved.probability
+    if swap_ij:
+        back = np.transpose(back, (0, 2, 1))
+    if flip_i:
+        back = back[:, :, ::-1]
+    np.testing.assert_allclose(back, reference.probability, atol=1e-6)
+
+
+def test_cancel_returns_nothing_and_stops_between_batches(lung2_slab, model):
+    token = CancelToken()
+    token.cancel()
+    assert InferenceEngine(model, batch_size=4).segment(lung2_slab, PROMPT, cancel=token) is None
+
+    token, calls = CancelToken(), []
+
+    def progress(done, total):
+        calls.append((done, total))
+        token.cancel()
+
+    assert InferenceEngine(model, batch_size=4).segment(lung2_slab, PROMPT, cancel=token, progress=progress) is None
+    assert calls == [(4, 12)]
+
+
+def test_progress_reaches_the_total(lung2_slab, model):
+    calls = []
+    InferenceEngine(model, batch_size=5).segment(lung2_slab, PROMPT, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(5, 12), (10, 12), (12, 12)]
+
+
+def test_the_prompt_is_encoded_once_per_volume(lung2_slab, model, monkeypatch):
+    PROMPT_CACHE.clear()
+    calls = []
+    encoder_type = type(model.text_encoder)
+    original = encoder_type.encode
+    monkeypatch.setattr(encoder_type, "encode", lambda self, prompts: calls.append(prompts) or original(self, prompts))
+    engine = InferenceEngine(model, batch_size=2)
+    engine.segment(lung2_slab, PROMPT)
+    engine.segment(lung2_slab, PROMPT)
+    assert calls == [[PROMPT]]
+
+
+def test_different_prompts_give_different_probabilities(lung2_slab, model):
+    engine = InferenceEngine(model, batch_size=6)
+    a = engine.segment(lung2_slab, PROMPT, probability=True).probability
+    b = engine.segment(lung2_slab, "a small calcified nodule in the right upper lung", probability=True).probability
+    assert np.abs(a - b).max() > 1e-4
+
+
+def test_ensemble_averages_probabilities(lung2_slab, small_checkpoint, second_checkpoint):
+    a, b = load_model(small_checkpoint, "cpu"), load_model(second_checkpoint, "cpu")
+    pa = InferenceEngine(a, batch_size=6).segment(lung2_slab, PROMPT, probability=True).probability
+    pb = InferenceEngine(b, batch_size=6).segment(lung2_slab, PROMPT, probability=True).probability
+    calls = []
+    both = InferenceEngine([a, b], batch_size=6).segment(lung2_slab, PROMPT, probability=True,
+                                                          progress=lambda d, t: calls.append((d, t)))
+    np.testing.assert_allclose(both.probability, (pa + pb) / 2, atol=1e-6)
+    np.testing.assert_array_equal(both.mask, ((pa + pb) / 2 > 0.5).astype(np.uint8))
+    assert [m.id for m in both.models] == [a.id, b.id] and calls[-1] == (24, 24)
+
+
+def test_threshold_and_empty_results(lung2_slab, model):
+    result = InferenceEngine(model, batch_size=6).segment(lung2_slab, PROMPT, threshold=1.0)
+    assert result.empty and result.voxel_count == 0 and result.threshold == 1.0
+
+
+def test_models_are_cached_and_devices_checked(small_checkpoint, monkeypatch):
+    assert load_model(small_checkpoint, "cpu") is load_model(str(small_checkpoint), "cpu")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(RuntimeError, match="No CUDA GPU"):
+        resolve_device("cuda")
+
+
+def test_engine_rejects_bad_settings(model):
+    with pytest.raises(ValueError, match="batch size"):
+        InferenceEngine(model, batch_size=0)
+    with pytest.raises(ValueError, match="at least one model"):
+        InferenceEngine([])

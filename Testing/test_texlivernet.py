@@ -1,0 +1,133 @@
+"""TexLiverNet: the whole network, its configurations, ablation switches, loss and the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from TextSegLib.models import architectures, config_from_dict, create_model, get_spec, preset_config
+from TextSegLib.models.texlivernet import TexLiverNet, TexLiverNetConfig
+from TextSegLib.text import TextFeatures
+
+
+def random_text(batch: int, length: int = 9, dim: int = 384, seed: int = 0) -> TextFeatures:
+    generator = torch.Generator().manual_seed(seed)
+    return TextFeatures(torch.randn(batch, length, dim, generator=generator),
+                        torch.ones(batch, length, dtype=torch.bool), torch.randn(batch, dim, generator=generator))
+
+
+def test_registry_knows_texlivernet_and_explains_unknown_names():
+    assert "texlivernet" in architectures()
+    with pytest.raises(KeyError, match="texlivernet"):
+        get_spec("no-such-net")
+    with pytest.raises(ValueError, match="unknown texlivernet config keys: bogus"):
+        config_from_dict("texlivernet", {"bogus": 1})
+    with pytest.raises(KeyError, match="presets"):
+        preset_config("texlivernet", "huge")
+
+
+def test_paper_widths_are_the_default_and_small_is_smaller():
+    paper = preset_config("texlivernet", "paper")
+    small = preset_config("texlivernet", "small")
+    assert paper == TexLiverNetConfig()
+    assert paper.widths == (64, 128, 256, 512, 1024) and paper.text_dim == 768  # PubMedBERT width
+    assert small.widths == (16, 32, 64, 128, 256)
+    def count(config) -> int:
+        return sum(p.numel() for p in create_model("texlivernet", config).parameters())
+
+    assert count(small) * 10 < count(paper)
+
+
+@pytest.mark.slow
+def test_paper_configuration_forward_and_backward_at_256():
+    torch.manual_seed(0)
+    model = create_model("texlivernet", preset_config("texlivernet", "paper"))
+    image = torch.randn(2, 1, 256, 256, requires_grad=True)
+    logits = model(image, random_text(2, dim=768))
+    assert logits.shape == (2, 1, 256, 256)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.rand_like(logits).round()).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    zero = [name for name, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not zero, f"parameters without gradient signal: {zero}"
+    assert image.grad.abs().sum() > 0
+
+
+def test_small_configuration_forward_backward_and_loss():
+    torch.manual_seed(0)
+    config = preset_config("texlivernet", "small", text_dim=384)
+    model = create_model("texlivernet", config)
+    spec = get_spec("texlivernet")
+    loss_fn = spec.loss(config)
+    target = torch.zeros(2, 1, 256, 256)
+    target[:, :, 100:140, 90:160] = 1
+    outputs = model.forward_train(torch.randn(2, 1, 256, 256), random_text(2))
+    losses = loss_fn(outputs, target)
+    assert set(losses) == {"loss", "bce", "dice"}
+    torch.testing.assert_close(losses["loss"], 0.8 * losses["bce"] + 0.2 * losses["dice"])
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_module_switches_build_the_table_2_ablation():
+    def modules(**switches):
+        model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384, **switches))
+        names = {type(m).__name__ for m in model.modules()}
+        return model, names
+
+    base, names = modules(use_tia=False, use_sfpm_s=False, use_sfpm_f=False)
+    assert not names & {"TextImageAgentAttention", "SpatialFrequencyPerceptionS", "SpatialFrequencyPerceptionF"}
+    assert "DORMLPBlock" in names  # the RollingUnet base keeps its DOR-MLP stages
+    _, names = modules(use_tia=True, use_sfpm_s=False, use_sfpm_f=False)
+    assert "TextImageAgentAttention" in names and "SpatialFrequencyPerceptionF" not in names
+    _, names = modules(use_tia=False, use_sfpm_s=True, use_sfpm_f=True)
+    assert {"SpatialFrequencyPerceptionS", "SpatialFrequencyPerceptionF"} <= names
+    assert "TextImageAgentAttention" not in names
+    for model in (base,):
+        assert model(torch.randn(1, 1, 64, 64), None).shape == (1, 1, 64, 64)
+
+
+def test_sfpm_sits_on_all_four_skips_and_beside_both_rolling_stages():
+    model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384))
+    assert all(type(skip).__name__ == "SpatialFrequencyPerceptionF" for skip in model.skips)
+    assert model.stage4.spatial is not None and model.bottleneck.spatial is not None
+
+
+def test_prompt_reaches_the_output_only_through_tia():
+    torch.manual_seed(0)
+    image = torch.randn(2, 1, 64, 64)
+    a, b = random_text(1, seed=1), random_text(1, seed=2)
+    with_tia = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(with_tia(image, a.expand(2)), with_tia(image, b.expand(2)), atol=1e-6)
+    without = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384, use_tia=False)).eval()
+    with torch.no_grad():
+        assert torch.equal(without(image, a.expand(2)), without(image, b.expand(2)))
+
+
+def test_tia_needs_text_and_sizes_must_divide_by_16():
+    model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384)).eval()
+    with pytest.raises(ValueError, match="needs text"):
+        model(torch.randn(1, 1, 64, 64), None)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        model(torch.randn(1, 1, 72, 64), random_text(1))
+
+
+def test_eval_is_deterministic_and_batch_independent():
+    torch.manual_seed(0)
+    model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384)).eval()
+    image, text = torch.randn(3, 1, 64, 64), random_text(1)
+    with torch.no_grad():
+        batched = model(image, text.expand(3))
+        single = torch.cat([model(image[i : i + 1], text) for i in range(3)])
+        again = model(image, text.expand(3))
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+    assert torch.equal(batched, again)
+
+
+def test_config_round_trips_through_a_dict():
+    config = preset_config("texlivernet", "small", text_dim=384, use_tia=False)
+    assert config_from_dict("texlivernet", dataclasses.asdict(config)) == config
+    assert isinstance(create_model("texlivernet", dataclasses.asdict(config)), TexLiverNet)

@@ -1,0 +1,185 @@
+"""Segmentation metrics as the three papers report them.
+
+All functions take binary masks of the same shape (any number of dimensions; nonzero = inside) and, for the
+distance metrics, the voxel spacing in mm **in array-axis order** (for a ``(K, J, I)`` volume array that is
+``(spacing_k, spacing_j, spacing_i)``, the reverse of ITK's order).
+
+Definitions (P = prediction, R = reference, |.| = voxel count):
+
+* Dice = 2|P n R| / (|P| + |R|).
+* Dice Global (over a set of cases) = 2 sum|P n R| / sum(|P| + |R|): large lesions weigh more.
+* IoU = |P n R| / |P u R|;  VOE (volume overlap error) = 1 - IoU.
+* RAVD (relative absolute volume difference) = | |P| - |R| | / |R|.
+* Surface voxels of a mask: the mask minus its erosion with the face-connected structuring element (voxels on
+  the array border count as surface). For each surface voxel of one mask, the Euclidean distance in mm to the
+  nearest surface voxel of the other.
+* HD (Hausdorff) = the largest of those distances in both directions.
+* HD95 = the 95th percentile of the distances of both directions pooled (linear interpolation).
+* ASSD = the mean of the distances of both directions pooled (the SLIVER07 / LiTS definition:
+  ``(sum d(P->R) + sum d(R->P)) / (number of surface voxels of P and R)``).
+
+Empty masks, decided once for all metrics:
+
+* both empty: a perfect answer to "nothing there": Dice = IoU = 1, VOE = RAVD = 0, HD = HD95 = ASSD = 0.
+* only the reference empty: Dice = IoU = 0, VOE = 1, RAVD = inf, distances = inf.
+* only the prediction empty: Dice = IoU = 0, VOE = 1, RAVD = 1, distances = inf.
+
+``inf`` is a value, not an error: a table shows it as ``inf`` and JSON output writes it as ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "METRIC_NAMES",
+    "assd",
+    "dice",
+    "dice_global",
+    "evaluate_case",
+    "hausdorff",
+    "hd95",
+    "iou",
+    "ravd",
+    "surface_distances",
+    "voe",
+]
+
+METRIC_NAMES = ("dice", "iou", "voe", "ravd", "hd", "hd95", "assd")
+
+
+def _binary(mask: np.ndarray) -> np.ndarray:
+    return np.asarray(mask) != 0
+
+
+def _counts(prediction: np.ndarray, reference: np.ndarray) -> tuple[int, int, int]:
+    p, r = _binary(prediction), _binary(reference)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction {p.shape} and reference {r.shape} have different shapes")
+    return int(np.count_nonzero(p & r)), int(np.count_nonzero(p)), int(np.count_nonzero(r))
+
+
+def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice similarity coefficient (1 when both are empty)."""
+    overlap, p, r = _counts(prediction, reference)
+    return 1.0 if p + r == 0 else 2.0 * overlap / (p + r)
+
+
+def dice_global(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Dice Global over ``(prediction, reference)`` pairs: overlaps and volumes summed before the ratio."""
+    overlap_sum = volume_sum = 0
+    for prediction, reference in pairs:
+        overlap, p, r = _counts(prediction, reference)
+        overlap_sum += overlap
+        volume_sum += p + r
+    return 1.0 if volume_sum == 0 else 2.0 * overlap_sum / volume_sum
+
+
+def iou(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Intersection over union (Jaccard; 1 when both are empty)."""
+    overlap, p, r = _counts(prediction, reference)
+    union = p + r - overlap
+    return 1.0 if union == 0 else overlap / union
+
+
+def voe(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Volume overlap error, ``1 - IoU``."""
+    return 1.0 - iou(prediction, reference)
+
+
+def ravd(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Relative absolute volume difference ``| |P| - |R| | / |R|`` (0 if both empty, inf if only R is)."""
+    _, p, r = _counts(prediction, reference)
+    if r == 0:
+        return 0.0 if p == 0 else math.inf
+    return abs(p - r) / r
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, iterations=1)
+
+
+def surface_distances(
+    prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Directed surface distances in mm: (prediction -> reference, reference -> prediction).
+
+    None when either mask is empty. Work is confined to the masks' joint bounding box (plus one voxel), which
+    gives the same distances as the whole array.
+    """
+    p, r = _binary(prediction), _binary(reference)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction {p.shape} and reference {r.shape} have different shapes")
+    spacing = tuple(float(s) for s in (spacing if spacing is not None else (1.0,) * p.ndim))
+    if len(spacing) != p.ndim:
+        raise ValueError(f"spacing {spacing} does not match {p.ndim} dimensions")
+    if not p.any() or not r.any():
+        return None
+    union = np.argwhere(p | r)
+    low = np.maximum(union.min(0) - 1, 0)
+    high = np.minimum(union.max(0) + 2, p.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    p_surface, r_surface = _surface(p[box]), _surface(r[box])
+    to_reference = ndimage.distance_transform_edt(~r_surface, sampling=spacing)[p_surface]
+    to_prediction = ndimage.distance_transform_edt(~p_surface, sampling=spacing)[r_surface]
+    return to_reference, to_prediction
+
+
+def _one_sided_empty(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """0 when both masks are empty, inf when one is (used by the distance metrics)."""
+    return 0.0 if not _binary(prediction).any() and not _binary(reference).any() else math.inf
+
+
+def hausdorff(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """Hausdorff distance in mm (symmetric maximum surface distance)."""
+    distances = surface_distances(prediction, reference, spacing)
+    if distances is None:
+        return _one_sided_empty(prediction, reference)
+    return float(max(distances[0].max(), distances[1].max()))
+
+
+def hd95(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """95th percentile of the pooled surface distances of both directions, in mm."""
+    distances = surface_distances(prediction, reference, spacing)
+    if distances is None:
+        return _one_sided_empty(prediction, reference)
+    return float(np.percentile(np.concatenate(distances), 95))
+
+
+def assd(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """Average symmetric surface distance in mm: the mean of both directions' surface distances pooled."""
+    distances = surface_distances(prediction, reference, spacing)
+    if distances is None:
+        return _one_sided_empty(prediction, reference)
+    return float(np.concatenate(distances).mean())
+
+
+def evaluate_case(
+    prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float] | None = None
+) -> dict[str, float]:
+    """All metrics of one case (keys :data:`METRIC_NAMES`, plus voxel counts), surface distances computed once."""
+    overlap, p, r = _counts(prediction, reference)
+    union = p + r - overlap
+    result = {
+        "dice": 1.0 if p + r == 0 else 2.0 * overlap / (p + r),
+        "iou": 1.0 if union == 0 else overlap / union,
+    }
+    result["voe"] = 1.0 - result["iou"]
+    result["ravd"] = ravd(prediction, reference)
+    distances = surface_distances(prediction, reference, spacing)
+    if distances is None:
+        empty = _one_sided_empty(prediction, reference)
+        result.update(hd=empty, hd95=empty, assd=empty)
+    else:
+        pooled = np.concatenate(distances)
+        result["hd"] = float(pooled.max())
+        result["hd95"] = float(np.percentile(pooled, 95))
+        result["assd"] = float(pooled.mean())
+    result["prediction_voxels"] = float(p)
+    result["reference_voxels"] = float(r)
+    return result

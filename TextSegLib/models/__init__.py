@@ -1,0 +1,117 @@
+"""Model registry: architecture names mapped to a config dataclass, presets and a builder.
+
+Each network lives in its own file and registers itself with :func:`register`. Everything outside this package
+builds networks through :func:`create_model` from a plain config dict (as stored in checkpoints), so a new
+architecture needs no change to the engine, the checkpoint format or the command line.
+
+Every registered network follows one interface:
+
+* ``forward(image, text) -> logits``: ``image`` is ``(B, C_in, H, W)``, ``text`` a
+  :class:`TextSegLib.text.TextFeatures` with ``B`` rows (or 1 row, broadcast); ``logits`` is ``(B, 1, H, W)``.
+* ``forward_train(image, text) -> dict``: ``"logits"`` plus whatever the architecture's loss needs
+  (auxiliary heads, divergence terms).
+* ``config``: the dataclass it was built from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "ModelSpec",
+    "architectures",
+    "config_from_dict",
+    "create_model",
+    "get_spec",
+    "preset_config",
+    "register",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about one architecture.
+
+    Attributes:
+        name: registry key, also stored in checkpoints (``"texlivernet"``).
+        config_class: dataclass holding every constructor argument of the network.
+        builder: ``config -> nn.Module``.
+        presets: named configs (``"paper"``, ``"small"``) as keyword overrides of the dataclass defaults.
+        default_preprocessing: preprocessing metadata written into checkpoints of this architecture.
+        loss: ``config -> callable(outputs, target) -> dict`` building the paper's training loss.
+        title: human-readable name of the paper's network.
+    """
+
+    name: str
+    config_class: type
+    builder: Callable[[Any], nn.Module]
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    default_preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    loss: Callable[[Any], Callable[..., dict]] | None = None
+    title: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add an architecture to the registry (called once by each model file at import)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"architecture {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def architectures() -> list[str]:
+    """Names of all registered architectures, sorted."""
+    _import_builtin_models()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of ``name``; a readable ``KeyError`` lists the known names otherwise."""
+    _import_builtin_models()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise KeyError(f"unknown architecture {name!r}; this TextSeg knows: {known}") from None
+
+
+def config_from_dict(name: str, values: Mapping[str, Any] | None = None):
+    """Build the config dataclass of ``name`` from a dict, rejecting unknown keys with a readable error."""
+    spec = get_spec(name)
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(spec.config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for f in dataclasses.fields(spec.config_class):
+        if f.name in values and isinstance(values[f.name], list):
+            values[f.name] = tuple(values[f.name])
+    return spec.config_class(**values)
+
+
+def preset_config(name: str, preset: str = "paper", **overrides: Any):
+    """Config of a named preset (``"paper"`` widths or ``"small"`` for CPU use) with optional overrides."""
+    spec = get_spec(name)
+    if preset not in spec.presets:
+        raise KeyError(f"{name} has no preset {preset!r}; presets: {', '.join(sorted(spec.presets))}")
+    return config_from_dict(name, {**spec.presets[preset], **overrides})
+
+
+def create_model(name: str, config: Mapping[str, Any] | Any | None = None) -> nn.Module:
+    """Build an untrained network of architecture ``name`` from a config dataclass or dict."""
+    spec = get_spec(name)
+    if config is None or isinstance(config, Mapping):
+        config = config_from_dict(name, config)
+    return spec.builder(config)
+
+
+def _import_builtin_models() -> None:
+    from . import texlivernet  # noqa: F401  (registers itself)

@@ -1,0 +1,49 @@
+"""Convolution blocks and a channel LayerNorm for ``(B, C, H, W)`` feature maps."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a feature map.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``; each pixel's ``C`` values are normalised independently.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNormAct(nn.Sequential):
+    """``k x k`` convolution (optionally dilated), BatchNorm, ReLU.
+
+    Shapes: ``(B, C_in, H, W) -> (B, C_out, H, W)`` (same padding, stride 1).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1) -> None:
+        padding = dilation * (kernel_size // 2)
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 ConvNormAct layers: the plain U-Net stage.
+
+    Shapes: ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(ConvNormAct(in_channels, out_channels), ConvNormAct(out_channels, out_channels))

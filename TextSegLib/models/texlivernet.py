@@ -1,0 +1,195 @@
+"""TexLiverNet: text-guided liver tumour segmentation with agent attention and spatial-frequency perception.
+
+Jiang, Zhou, Wang, Wang, Fang, "TexLiverNet: leveraging medical knowledge and spatial-frequency perception for
+enhanced liver tumor segmentation" (``../shared/papers/000_7ddf8fea71f5ffff.txt``).
+
+Layout (Fig. 1a), for an input of side ``S`` and widths ``w0..w4``::
+
+    x1 = DoubleConv(x)                 w0 x S       encoder stages 1-3: 3x3 convolutions
+    x2 = DoubleConv(pool(x1))          w1 x S/2
+    x3 = DoubleConv(pool(x2))          w2 x S/4
+    x4 = RollingStage(pool(x3))        w3 x S/8     stage 4: DOR-MLP block  +  SFPM-s in parallel
+    b  = RollingStage(pool(x4))        w4 x S/16    bottleneck: DOR-MLP block  +  SFPM-s in parallel
+    b  = TIA(b, text tokens)           w4 x S/16    text-image agent attention (Eq. 1-3)
+    d  = up(Conv(b)) + SFPM-f(x4)      w3 x S/8     skip connections enhanced by SFPM-f (Eq. 4-5)
+    d  = DOR-MLP block(d)              w3 x S/8     decoder stage 4
+    d  = up(Conv(d)) + SFPM-f(x3) ...  down to      decoder stages 3-1: 3x3 convolutions
+    logits = Conv1x1(DoubleConv(d))    1 x S
+
+Choices where the paper is silent, kept configurable: skips are added (as in RollingUnet, the paper's base);
+"paper" widths are RollingUnet-L's ``64..1024`` (the authors' released image branch uses them); SFPM-s works at
+half width inside; SFPM-f sits on all four skip connections; TIA uses one attention head (``d = C`` as in Eq. 2)
+and a 7 x 7 agent grid. ``use_tia``, ``use_sfpm_s`` and ``use_sfpm_f`` switch the modules off for the ablation of
+Table 2 (base = all off; "+SFPM" = both SFPM switches on). With ``use_tia = False`` the text is ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..text import TextFeatures
+from . import ModelSpec, register
+from .blocks import (
+    ConvNormAct,
+    DORMLPBlock,
+    DoubleConv,
+    LayerNorm2d,
+    SpatialFrequencyPerceptionF,
+    SpatialFrequencyPerceptionS,
+    TextImageAgentAttention,
+)
+from .losses import bce_dice_loss
+
+
+@dataclass(frozen=True)
+class TexLiverNetConfig:
+    """Every constructor argument of :class:`TexLiverNet` (stored verbatim in checkpoints).
+
+    Attributes:
+        widths: channels of encoder stages 1-3, stage 4 and the bottleneck.
+        head_width: channels of the last decoder stage before the 1x1 output conv.
+        in_channels: image channels (1: one windowed CT slice).
+        image_size: training input side; TIA's image positional encoding is created for ``image_size / 16``.
+        text_dim: width of the text encoder's token features (768 for PubMedBERT, 384 for MiniLM).
+        max_text_tokens: rows of the text positional encoding; longer prompts are truncated by the encoder.
+        use_tia, use_sfpm_s, use_sfpm_f: module switches for the ablation of Table 2.
+        tia_agent_grid: agents per side (``7`` gives 49 agents).
+        tia_heads: attention heads in TIA (1 = the paper's formulation).
+        sfpm_s_ratio: inner width of SFPM-s relative to its input.
+        sfpm_f_ratio: hidden width of the filter G relative to ``2C``.
+        dropout: dropout inside the DOR-MLP blocks (RollingUnet uses 0.1).
+    """
+
+    widths: tuple[int, int, int, int, int] = (64, 128, 256, 512, 1024)
+    head_width: int = 32
+    in_channels: int = 1
+    image_size: int = 256
+    text_dim: int = 768
+    max_text_tokens: int = 128
+    use_tia: bool = True
+    use_sfpm_s: bool = True
+    use_sfpm_f: bool = True
+    tia_agent_grid: int = 7
+    tia_heads: int = 1
+    sfpm_s_ratio: float = 0.5
+    sfpm_f_ratio: float = 0.5
+    dropout: float = 0.1
+
+
+class RollingStage(nn.Module):
+    """Stage 4 / bottleneck: 3x3 conv embedding, then DOR-MLP block plus (optionally) SFPM-s, then LayerNorm.
+
+    Shapes: ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, use_sfpm_s: bool, sfpm_s_ratio: float, drop: float):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.GELU(),
+                                   LayerNorm2d(out_channels))
+        self.mlp = DORMLPBlock(out_channels, drop=drop)
+        self.spatial = SpatialFrequencyPerceptionS(out_channels, sfpm_s_ratio) if use_sfpm_s else None
+        self.norm = LayerNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        y = self.mlp(x)
+        if self.spatial is not None:
+            y = y + self.spatial(x)
+        return self.norm(y)
+
+
+class TexLiverNet(nn.Module):
+    """TexLiverNet (see the module docstring for the layout).
+
+    Shapes: image ``(B, in_channels, S, S)`` with ``S`` divisible by 16, text tokens ``(B or 1, L, text_dim)``
+    -> logits ``(B, 1, S, S)``.
+    """
+
+    def __init__(self, config: TexLiverNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        w0, w1, w2, w3, w4 = config.widths
+        self.enc1 = DoubleConv(config.in_channels, w0)
+        self.enc2 = DoubleConv(w0, w1)
+        self.enc3 = DoubleConv(w1, w2)
+        self.stage4 = RollingStage(w2, w3, config.use_sfpm_s, config.sfpm_s_ratio, config.dropout)
+        self.bottleneck = RollingStage(w3, w4, config.use_sfpm_s, config.sfpm_s_ratio, config.dropout)
+        grid = config.image_size // 16
+        self.tia = (
+            TextImageAgentAttention(w4, config.text_dim, (grid, grid), config.max_text_tokens,
+                                    config.tia_agent_grid, config.tia_heads)
+            if config.use_tia else None
+        )
+        self.skips = nn.ModuleList(
+            SpatialFrequencyPerceptionF(w, config.sfpm_f_ratio) if config.use_sfpm_f else nn.Identity()
+            for w in (w0, w1, w2, w3)
+        )
+        self.up4 = ConvNormAct(w4, w3)
+        self.dec4 = nn.Sequential(DORMLPBlock(w3, drop=config.dropout), LayerNorm2d(w3))
+        self.up3 = ConvNormAct(w3, w2)
+        self.dec3 = DoubleConv(w2, w1)
+        self.dec2 = DoubleConv(w1, w0)
+        self.dec1 = DoubleConv(w0, config.head_width)
+        self.head = nn.Conv2d(config.head_width, 1, 1)
+
+    @staticmethod
+    def _up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+    def forward(self, image: torch.Tensor, text: TextFeatures | None) -> torch.Tensor:
+        side = image.shape[-1]
+        if image.shape[-2] % 16 or side % 16:
+            raise ValueError(f"TexLiverNet needs a height and width divisible by 16, got {tuple(image.shape[-2:])}")
+        x1 = self.enc1(image)
+        x2 = self.enc2(F.max_pool2d(x1, 2))
+        x3 = self.enc3(F.max_pool2d(x2, 2))
+        x4 = self.stage4(F.max_pool2d(x3, 2))
+        b = self.bottleneck(F.max_pool2d(x4, 2))
+        if self.tia is not None:
+            if text is None:
+                raise ValueError("TexLiverNet with TIA needs text features")
+            b = self.tia(b, text.tokens.to(b.dtype), text.mask)
+        d = self.dec4(self._up(self.up4(b)) + self.skips[3](x4))
+        d = self._up(self.up3(d)) + self.skips[2](x3)
+        d = self._up(self.dec3(d)) + self.skips[1](x2)
+        d = self._up(self.dec2(d)) + self.skips[0](x1)
+        return self.head(self.dec1(d))
+
+    def forward_train(self, image: torch.Tensor, text: TextFeatures | None) -> dict[str, torch.Tensor]:
+        """Training outputs: ``{"logits": (B, 1, S, S)}``."""
+        return {"logits": self(image, text)}
+
+
+def texlivernet_loss(config: TexLiverNetConfig, bce_weight: float = 0.8, dice_weight: float = 0.2):
+    """The paper's loss: BCE and Dice in the ratio 8:2."""
+
+    def loss(outputs: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return bce_dice_loss(outputs["logits"], target, bce_weight, dice_weight)
+
+    return loss
+
+
+register(
+    ModelSpec(
+        name="texlivernet",
+        title="TexLiverNet",
+        config_class=TexLiverNetConfig,
+        builder=TexLiverNet,
+        presets={
+            "paper": {},
+            "small": {"widths": (16, 32, 64, 128, 256), "head_width": 16},
+        },
+        default_preprocessing={
+            "size": [256, 256],
+            "intensity": {
+                "CT": {"kind": "window", "low": -200.0, "high": 200.0},
+                "MR": {"kind": "percentile", "low": 0.5, "high": 99.5},
+            },
+        },
+        loss=texlivernet_loss,
+    )
+)

