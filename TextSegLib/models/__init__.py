@@ -11,6 +11,9 @@ Every registered network follows one interface:
 * ``forward_train(image, text) -> dict``: ``"logits"`` plus whatever the architecture's loss needs
   (auxiliary heads, divergence terms).
 * ``config``: the dataclass it was built from.
+* optionally ``external_weights``: state-dict prefixes of frozen pretrained weights that the builder loads
+  itself from a source named in the config (a CLIP vision tower, say). Checkpoints leave those tensors out and
+  loading takes them from the freshly built network; without the attribute checkpoints are self-contained.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ModelSpec:
         default_preprocessing: preprocessing metadata written into checkpoints of this architecture.
         loss: ``config -> callable(outputs, target) -> dict`` building the paper's training loss.
         title: human-readable name of the paper's network.
+        default_text_encoder: the text encoder source the paper uses (see ``TextSegLib.text``).
     """
 
     name: str
@@ -54,6 +58,7 @@ class ModelSpec:
     default_preprocessing: Mapping[str, Any] = field(default_factory=dict)
     loss: Callable[[Any], Callable[..., dict]] | None = None
     title: str = ""
+    default_text_encoder: str = ""
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

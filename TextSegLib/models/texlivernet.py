@@ -191,5 +191,6 @@ register(
             },
         },
         loss=texlivernet_loss,
+        default_text_encoder="hf:microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext",  # PubMedBERT
     )
 )
