@@ -1,0 +1,270 @@
+"""Training on the real cases: DDP with gloo, global batch semantics, exact resume, patient-level splits, export."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from TextSegLib.inference import InferenceEngine, load_model
+from TextSegLib.manifests import ManifestError, read_manifest, split_cases
+from TextSegLib.models import get_spec
+from TextSegLib.preprocessing import Preprocessing
+from TextSegLib.volumes import CanonicalTransform, read_volume
+from Training.config import load_config
+from Training.data import SliceDataset
+from Training.distributed import Context
+from Training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "Training" / "configs"
+TRAIN = REPO / "Training" / "train.py"
+
+# The paper recipe of every network that has landed, with the overrides that make one CPU epoch short.
+PAPER_CONFIGS = {"texlivernet": CONFIGS / "texlivernet.toml"}
+SHORT = ["model.preset=\"small\"", "text.encoder=\"minilm\"", "train.epochs=1", "train.batch_size=4",
+         "data.slices=\"lesion\"", "data.preprocessing={}"]
+
+
+def write_manifest(path: Path, data_dir: Path, cases: list[str], annotations: dict, extra: str = "") -> Path:
+    rows = ["case,image,label,text,modality,split,label_value,slice"]
+    for case in cases:
+        row = annotations[case]
+        rows.append(f"{case},{data_dir / row['image']},{data_dir / row['label']},{row['prompt']},{row['modality']},,,")
+    path.write_text("\n".join(rows) + "\n" + extra)
+    return path
+
+
+def run_training(args: list[str], processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+        if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, str(TRAIN), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def read_log(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_paper_configs_hold_the_papers_recipes():
+    config = load_config(CONFIGS / "texlivernet.toml")
+    assert config.model.architecture == "texlivernet" and config.model.preset == "paper"
+    assert (config.optim.lr, config.optim.min_lr, config.optim.weight_decay) == (3e-4, 1e-4, 1e-4)
+    assert config.train.batch_size == 32 and config.train.epochs == 200
+    assert config.data.preprocessing["intensity"]["CT"] == {"kind": "window", "low": -200.0, "high": 200.0}
+    assert config.data.preprocessing["size"] == [256, 256] and config.augment.scale == (0.8, 1.2)
+    assert get_spec("texlivernet").loss is not None
+    demo = load_config(CONFIGS / "demo.toml")
+    assert demo.text.encoder == "minilm" and demo.model.preset == "small"
+
+
+def test_config_overrides_and_errors():
+    config = load_config(CONFIGS / "texlivernet.toml", ["train.epochs=3", "model.overrides={dropout=0.0}",
+                                                        "export.name=liver"])
+    assert config.train.epochs == 3 and config.model.overrides == {"dropout": 0.0} and config.export.name == "liver"
+    with pytest.raises(ValueError, match="unknown keys: epoch"):
+        load_config(CONFIGS / "texlivernet.toml", ["train.epoch=3"])
+    with pytest.raises(ValueError, match=r"section\.key=value"):
+        load_config(CONFIGS / "texlivernet.toml", ["epochs=3"])
+
+
+def test_no_slice_of_a_validation_patient_is_trained_on(tmp_path, data_dir, annotations):
+    """Several patients, several rows per patient (per-lesion and per-slice texts): the split is by patient."""
+    extra = "".join(f"{case},{data_dir / annotations[case]['image']},{data_dir / annotations[case]['label']},"
+                    f"lesion one of {case},{annotations[case]['modality']},,1,\n" for case in ("brain2", "breast1"))
+    extra += f"brain2,{data_dir / 'brain2_image.nrrd'},{data_dir / 'brain2_label.nrrd'},slice text,MR,,1,12\n"
+    manifest = write_manifest(tmp_path / "m.csv", data_dir, ["lung1", "lung2", "brain1", "brain2", "breast1"],
+                              annotations, extra)
+    cases = read_manifest(manifest)
+    assert [c.case for c in cases] == ["lung1", "lung2", "brain1", "brain2", "breast1"]
+    assert len(cases[3].targets) == 3 and cases[3].slice_texts() == {(1, 12): "slice text"}
+    train, val = split_cases(cases, 0.2, seed=3)
+    assert len(val) == 1 and not {c.case for c in train} & {c.case for c in val}
+    assert split_cases(cases, 0.2, seed=3)[1][0].case == val[0].case  # seeded
+    preprocessing = Preprocessing.from_metadata(get_spec("texlivernet").default_preprocessing)
+    train_set = SliceDataset(train, preprocessing, slices="all", empty_fraction=0.3)
+    val_set = SliceDataset(val, preprocessing, slices="all")
+    train_patients = {train_set.cases[item.case].case for item in train_set.items}
+    val_patients = {val_set.cases[item.case].case for item in val_set.items}
+    assert train_patients == {c.case for c in train} and val_patients == {val[0].case}
+    assert not train_patients & val_patients
+    assert sum(1 for item in val_set.items if item.label_value is None) == read_volume(val[0].image).array.shape[0]
+
+
+def test_explicit_splits_and_manifest_errors(tmp_path, data_dir, annotations):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("case,image,label,text,split\n"
+                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,val\n"
+                        f"b,{data_dir / 'brain2_image.nrrd'},{data_dir / 'brain2_label.nrrd'},y,train\n")
+    train, val = split_cases(read_manifest(manifest), 0.5)
+    assert [c.case for c in train] == ["b"] and [c.case for c in val] == ["a"]
+    manifest.write_text("case,image,label,text\n"
+                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},\n")
+    with pytest.raises(ManifestError, match="no text"):
+        read_manifest(manifest)
+    manifest.write_text("case,image,label,text,split\n"
+                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,test\n")
+    with pytest.raises(ManifestError, match="split must be"):
+        read_manifest(manifest)
+
+
+def test_training_slices_are_prepared_exactly_like_inference(tmp_path, data_dir, annotations, lung2):
+    manifest = write_manifest(tmp_path / "m.csv", data_dir, ["lung2"], annotations)
+    preprocessing = Preprocessing.from_metadata(get_spec("texlivernet").default_preprocessing)
+    dataset = SliceDataset(read_manifest(manifest), preprocessing, slices="lesion")
+    item = dataset[len(dataset) // 2]
+    # What the engine feeds the network for that slice:
+    canonical = CanonicalTransform.create(lung2.direction, "LPS").forward(lung2.array)
+    mapping = preprocessing.intensity_for("CT").mapping(canonical)
+    expected = preprocessing.prepare(torch.from_numpy(np.ascontiguousarray(canonical[item["slice"]],
+                                                                           dtype=np.float32))[None], mapping)[0]
+    assert torch.equal(item["image"], expected)
+    assert item["image"].shape == (1, 256, 256) and item["target"].shape == (1, 256, 256)
+    assert item["target"].sum() > 0 and set(item["target"].unique().tolist()) <= {0.0, 1.0}
+    assert item["text"] == annotations["lung2"]["prompt"]
+
+
+def short_config(tmp_path, data_dir, annotations, cases, *extra):
+    manifest = write_manifest(tmp_path / "manifest.csv", data_dir, cases, annotations)
+    return ["--config", str(CONFIGS / "texlivernet.toml"), "--set", f"data.manifest=\"{manifest}\"",
+            *[arg for pair in (("--set", s) for s in [*SHORT, *extra]) for arg in pair]]
+
+
+@pytest.mark.parametrize("architecture", sorted(PAPER_CONFIGS))
+def test_loss_goes_down_on_a_fixed_batch(architecture, tmp_path, data_dir, annotations):
+    manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain1", "breast1"], annotations)
+    config = load_config(PAPER_CONFIGS[architecture], [f"data.manifest=\"{manifest}\"", *SHORT, "data.val_fraction=0"])
+    trainer = Trainer(config, tmp_path / "run", Context(0, 1, 0, torch.device("cpu")))
+    batch = next(iter(trainer.loader))
+    images, targets, texts = batch["image"], batch["target"], list(batch["text"])
+    losses = []
+    trainer.network.train()
+    for _ in range(6):
+        loss = trainer.loss_fn(trainer.network.forward_train(images, trainer.texts.batch(texts, torch.device("cpu"))),
+                               targets)["loss"]
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("architecture", sorted(PAPER_CONFIGS))
+def test_one_short_epoch_with_two_gloo_processes_exports_a_usable_checkpoint(architecture, tmp_path, data_dir,
+                                                                             annotations, lung2):
+    out = tmp_path / "run"
+    args = short_config(tmp_path, data_dir, annotations, ["brain2", "breast1", "brain1"], "data.val_fraction=0.34")
+    args[1] = str(PAPER_CONFIGS[architecture])
+    done = run_training([*args, "--output", str(out)], processes=2)
+    assert "Trained 1 epoch(s)" in done.stdout
+    (row,) = read_log(out)
+    assert float(row["val_dice"]) >= 0.0 and float(row["train_slices_per_s"]) > 0
+    assert {p.name for p in (out / "state").iterdir()} == {"train.safetensors", "rng-0.safetensors",
+                                                           "rng-1.safetensors"}
+    model = load_model(out / "model.safetensors", "cpu")
+    assert model.info.architecture == architecture and model.info.training["processes"] == 2
+    assert model.info.training["val_cases"] and model.info.text_encoder["source"] == "minilm"
+    slab = lung2.with_array(lung2.array)
+    slab.array = lung2.array[28:31]
+    result = InferenceEngine(model).segment(slab, annotations["lung2"]["prompt"])
+    assert result.mask.shape == (3, 512, 512)
+    from TextSegLib.cli import main
+
+    assert main(["segment", str(data_dir / "breast1_image.nrrd"), "-p", "a small enhancing mass in the right breast",
+                 "-m", str(out / "model.safetensors"), "-o", str(tmp_path / "seg"), "-q"]) == 0
+    assert (tmp_path / "seg" / "breast1_image.seg.nrrd").is_file()
+
+
+def test_two_processes_take_the_same_step_as_one_with_the_whole_batch(tmp_path, data_dir, annotations):
+    """Global batch 4: two processes with 2 slices each take the step of one process with all 4 (BatchNorm
+    statistics span the global batch).
+
+    Adam's first step moves each weight by about the learning rate whatever the gradient's size, so the weights
+    alone would not tell a summed gradient from an averaged one; the first moments (0.1 x the gradient) do. The
+    tolerances leave room for float32 reduction order only: per-process BatchNorm differs by about 65 percent in
+    the gradients and by 1e-2 in the weights.
+    """
+    common = short_config(tmp_path, data_dir, annotations, ["brain1", "breast1"], "data.val_fraction=0",
+                          "train.max_steps=1", "augment.scale=[1.0, 1.0]", "model.overrides={dropout=0.0}")
+    run_training([*common, "--output", str(tmp_path / "one")], processes=1)
+    run_training([*common, "--output", str(tmp_path / "two")], processes=2)
+    one = load_file(str(tmp_path / "one" / "state" / "train.safetensors"))
+    two = load_file(str(tmp_path / "two" / "state" / "train.safetensors"))
+    config = load_config(common[1], [a for a in common[2:] if a != "--set"])
+    initial = Trainer(config, tmp_path / "unused", Context(0, 1, 0, torch.device("cpu"))).network.state_dict()
+    lr = config.optim.lr
+    moved = 0
+    for name, value in one.items():
+        if name.startswith("model.") and value.is_floating_point():
+            torch.testing.assert_close(two[name], value, rtol=0, atol=3 * lr, msg=name)
+            moved += int(not torch.equal(value, initial[name[len("model."):]]))
+    assert moved > 0.9 * sum(1 for v in initial.values() if v.is_floating_point())
+    gradients = [name for name in one if name.endswith(".exp_avg") and one[name].norm() > 1e-8]
+    assert len(gradients) > 100
+    for name in gradients:
+        relative = float((one[name] - two[name]).norm() / one[name].norm())
+        assert relative < 0.02, f"{name}: gradients differ by {relative:.1%}"
+    loss_one, loss_two = (float(read_log(tmp_path / run)[0]["train_loss"]) for run in ("one", "two"))
+    assert loss_two == pytest.approx(loss_one, rel=1e-4)
+
+
+def test_resume_gives_the_uninterrupted_runs_metrics(tmp_path, data_dir, annotations):
+    common = short_config(tmp_path, data_dir, annotations, ["brain2", "breast1", "brain1"], "data.val_fraction=0.34",
+                          "optim.t_max=2", "augment.rotate_degrees=10.0", "augment.intensity_shift=0.05")
+    run_training([*common, "--set", "train.epochs=2", "--output", str(tmp_path / "straight")])
+    run_training([*common, "--set", "train.epochs=1", "--output", str(tmp_path / "resumed")])
+    run_training([*common, "--set", "train.epochs=2", "--output", str(tmp_path / "resumed"), "--resume"])
+    straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    assert len(straight) == len(resumed) == 2
+    for key in ("train_loss", "val_loss", "val_dice", "val_dice_global", "lr"):
+        assert resumed[1][key] == straight[1][key], key
+    assert resumed[0]["train_loss"] == straight[0]["train_loss"]
+
+
+def _batchnorm_worker(rank: int, init_file: str, images: torch.Tensor, targets: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from Training.distributed import convert_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    network = convert_batchnorm(_bn_network())
+    ddp = torch.nn.parallel.DistributedDataParallel(network)
+    loss = ((ddp(images[rank::2]) - targets[rank::2]) ** 2).mean()
+    loss.backward()
+    if rank == 0:
+        torch.save({"grads": {n: p.grad for n, p in network.named_parameters()},
+                    "running": {n: b for n, b in network.named_buffers()}}, out)
+    dist.destroy_process_group()
+
+
+def _bn_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                               torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
+
+
+def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(1)
+    images, targets = torch.randn(6, 3, 12, 12, generator=generator), torch.rand(6, 1, 12, 12, generator=generator)
+    mp.spawn(_batchnorm_worker, args=(str(tmp_path / "init"), images, targets, str(tmp_path / "g.pt")), nprocs=2)
+    distributed = torch.load(tmp_path / "g.pt", weights_only=True)
+    network = _bn_network()
+    order = torch.cat([torch.arange(0, 6, 2), torch.arange(1, 6, 2)])
+    ((network(images[order]) - targets[order]) ** 2).mean().backward()
+    for name, parameter in network.named_parameters():
+        torch.testing.assert_close(distributed["grads"][name], parameter.grad, rtol=1e-4, atol=1e-7)
+    for name, buffer in network.named_buffers():
+        torch.testing.assert_close(distributed["running"][name], buffer, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,257 @@
+"""Training data: 3D volumes sliced on the fly, LViT's 2D layout, augmentation and the text table.
+
+Slices are prepared by :meth:`TextSegLib.preprocessing.Preprocessing.prepare`, the function the inference engine
+uses, after the same canonical reorientation (:class:`TextSegLib.volumes.CanonicalTransform`): a network sees at
+training time exactly what it will see in ``textseg segment``.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from TextSegLib.manifests import ManifestCase, ManifestError
+from TextSegLib.preprocessing import IntensityMapping, Preprocessing
+from TextSegLib.text import TextEncoder, TextFeatures
+from TextSegLib.volumes import CanonicalTransform, guess_modality, read_volume
+
+__all__ = ["Lvit2DDataset", "SliceDataset", "SliceItem", "TextTable", "augment", "resize_mask"]
+
+
+@dataclass(frozen=True)
+class SliceItem:
+    """One training sample: a canonical slice of a case, the target's label value and its text."""
+
+    case: int
+    slice: int
+    label_value: int | None
+    text: str
+    has_lesion: bool
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Binary ``(..., H0, W0)`` mask to ``(..., H, W)`` float {0, 1}: resampled like the image, then halved."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask.float()
+    shape = mask.shape
+    flat = mask.reshape(-1, 1, *shape[-2:]).float()
+    shrinking = flat.shape[-2] > size[0] or flat.shape[-1] > size[1]
+    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return (out >= 0.5).float().reshape(*shape[:-2], *size)
+
+
+class _CaseVolume:
+    """A case's image and label in canonical orientation, with its intensity mapping (loaded lazily)."""
+
+    def __init__(self, case: ManifestCase, orientation: str, preprocessing: Preprocessing) -> None:
+        if case.label is None:
+            raise ManifestError(f"case {case.case!r} has no label; training needs one")
+        label = read_volume(case.label)
+        self.case = case
+        self.orientation = orientation
+        self.preprocessing = preprocessing
+        self.transform = CanonicalTransform.create(label.direction, orientation)
+        self.label = np.ascontiguousarray(self.transform.forward(label.array))
+        self.file_shape = label.array.shape
+        self._image: np.ndarray | None = None
+        self._mapping: IntensityMapping | None = None
+
+    def image(self) -> tuple[np.ndarray, IntensityMapping]:
+        if self._image is None:
+            volume = read_volume(self.case.image, modality=self.case.modality)
+            if volume.array.shape != self.file_shape:
+                raise ManifestError(f"case {self.case.case!r}: image {volume.array.shape} and label "
+                                    f"{self.file_shape} are on different grids")
+            canonical = self.transform.forward(volume.array)
+            modality = volume.modality or guess_modality(canonical)
+            self._mapping = self.preprocessing.intensity_for(modality).mapping(canonical)
+            self._image = canonical
+        return self._image, self._mapping
+
+    def canonical_slice(self, file_slice: int) -> int:
+        """Canonical slice index of the file's k index (per-slice texts are given in file indices)."""
+        if self.transform.source_axes[2] != 2:
+            raise ManifestError(f"case {self.case.case!r}: per-slice texts need slices along the file's k axis")
+        return self.file_shape[0] - 1 - file_slice if self.transform.flips[2] else file_slice
+
+
+class SliceDataset(Dataset):
+    """2D samples from 3D cases: every target of every case, slice by slice.
+
+    Args:
+        cases: manifest cases (one patient each).
+        preprocessing: the network's preprocessing (as stored in its checkpoint).
+        orientation: canonical orientation code.
+        slices: ``"all"`` slices, or only those where the target is present (``"lesion"``).
+        empty_fraction: with ``"all"``, the share of target-free slices kept (chosen once, seeded).
+        seed: for that choice.
+
+    Items: ``{"image": (C, H, W) float32, "target": (1, H, W) float32, "text": str, "case": str, "slice": int}``.
+    """
+
+    def __init__(self, cases: Sequence[ManifestCase], preprocessing: Preprocessing, orientation: str = "LPS",
+                 slices: str = "all", empty_fraction: float = 1.0, seed: int = 0) -> None:
+        if slices not in ("all", "lesion"):
+            raise ValueError(f"slices must be 'all' or 'lesion', got {slices!r}")
+        self.cases = list(cases)
+        self.preprocessing = preprocessing
+        self.volumes = [_CaseVolume(case, orientation, preprocessing) for case in self.cases]
+        chooser = random.Random(seed)
+        self.items: list[SliceItem] = []
+        for index, (case, volume) in enumerate(zip(self.cases, self.volumes, strict=True)):
+            per_slice = {(value, volume.canonical_slice(k)): text for (value, k), text in case.slice_texts().items()}
+            for target in case.case_targets:
+                mask = volume.label != 0 if target.label_value is None else volume.label == target.label_value
+                present = mask.reshape(mask.shape[0], -1).any(axis=1)
+                for c in range(mask.shape[0]):
+                    if not present[c] and (slices == "lesion" or chooser.random() >= empty_fraction):
+                        continue
+                    text = per_slice.get((target.label_value, c), target.text)
+                    self.items.append(SliceItem(index, c, target.label_value, text, bool(present[c])))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def case_items(self, case: int) -> list[int]:
+        """Indices of a case's items, in slice order (validation runs case by case)."""
+        return [i for i, item in enumerate(self.items) if item.case == case]
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        volume = self.volumes[item.case]
+        image, mapping = volume.image()
+        raw = torch.from_numpy(np.ascontiguousarray(image[item.slice], dtype=np.float32))
+        x = self.preprocessing.prepare(raw[None], mapping)[0]
+        label = volume.label[item.slice]
+        mask = label != 0 if item.label_value is None else label == item.label_value
+        target = resize_mask(torch.from_numpy(mask)[None], self.preprocessing.size)
+        return {"image": x.contiguous(), "target": target, "text": item.text, "case": self.cases[item.case].case,
+                "slice": item.slice}
+
+
+def _read_text_table(path: Path) -> list[dict[str, str]]:
+    if path.suffix.lower() in (".xlsx", ".xls"):
+        try:
+            import openpyxl
+        except ImportError as error:
+            raise ManifestError("Reading LViT's .xlsx text tables needs openpyxl: pip install openpyxl") from error
+        sheet = openpyxl.load_workbook(path, read_only=True).active
+        rows = list(sheet.iter_rows(values_only=True))
+        header = [str(h).strip().lower() for h in rows[0]]
+        return [{h: "" if v is None else str(v) for h, v in zip(header, row, strict=False)} for row in rows[1:]]
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{k.strip().lower(): (v or "") for k, v in row.items() if k} for row in csv.DictReader(handle)]
+
+
+def _read_2d(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = array[..., :3].mean(axis=-1)
+    return array.reshape(array.shape[-2:])
+
+
+class Lvit2DDataset(Dataset):
+    """LViT's 2D layout: an image folder, a mask folder and a text table (CSV or XLSX with columns ``Image`` and
+    ``Description``, optionally ``Patient``).
+
+    Images are read with SimpleITK (PNG, JPEG, BMP, TIFF, NRRD...); colour images become grey by channel mean.
+    Masks are found by ``mask_name`` (``"{name}"``: same file name, ``"mask_{name}"`` as in QaTa-COV19,
+    ``"{stem}_mask.png"``...). Items as :class:`SliceDataset`; ``case`` is the patient column or the image name.
+    """
+
+    def __init__(self, images: Path, masks: Path, table: Path, preprocessing: Preprocessing,
+                 mask_name: str = "{name}", names: Sequence[str] | None = None) -> None:
+        self.preprocessing = preprocessing
+        rows = _read_text_table(table)
+        self.rows = []
+        for row in rows:
+            name = row.get("image", "").strip()
+            text = " ".join(row.get("description", row.get("text", "")).split())
+            if not name or (names is not None and name not in names):
+                continue
+            if not text:
+                raise ManifestError(f"{table.name}: image {name!r} has no description")
+            image_path = images / name
+            mask_path = masks / mask_name.format(name=name, stem=Path(name).stem)
+            for path in (image_path, mask_path):
+                if not path.is_file():
+                    raise ManifestError(f"{table.name}: {path} does not exist")
+            self.rows.append((image_path, mask_path, text, row.get("patient", "").strip() or name))
+        modality = next(iter(preprocessing.intensity))
+        self.spec = preprocessing.intensity_for(modality)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, mask_path, text, patient = self.rows[index]
+        array = _read_2d(image_path)
+        x = self.preprocessing.prepare(torch.from_numpy(array)[None], self.spec.mapping(array))[0]
+        target = resize_mask(torch.from_numpy(_read_2d(mask_path) != 0)[None], self.preprocessing.size)
+        return {"image": x.contiguous(), "target": target, "text": text, "case": patient, "slice": 0}
+
+
+def augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
+            scale: tuple[float, float] | None, rotate_degrees: float, intensity_shift: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scaling (zoom), rotation and intensity shift of a batch, image and target alike.
+
+    Shapes: images ``(B, C, H, W)``, targets ``(B, 1, H, W)`` -> the same. Random numbers come from ``generator``
+    (CPU) so a resumed run repeats them. No flips: they would swap left and right, which prompts name.
+    """
+    batch = images.shape[0]
+    if scale is None and not rotate_degrees and not intensity_shift:
+        return images, targets
+    draws = torch.rand(batch, 3, generator=generator)
+    if scale is not None or rotate_degrees:
+        low, high = scale if scale is not None else (1.0, 1.0)
+        zoom = low + (high - low) * draws[:, 0]
+        angle = torch.deg2rad((2 * draws[:, 1] - 1) * rotate_degrees)
+        theta = torch.zeros(batch, 2, 3)
+        theta[:, 0, 0] = torch.cos(angle) / zoom
+        theta[:, 0, 1] = -torch.sin(angle) / zoom
+        theta[:, 1, 0] = torch.sin(angle) / zoom
+        theta[:, 1, 1] = torch.cos(angle) / zoom
+        grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        targets = (F.grid_sample(targets, grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5)
+        targets = targets.to(images.dtype)
+    if intensity_shift:
+        shift = ((2 * draws[:, 2] - 1) * intensity_shift).to(images.device, images.dtype)
+        images = images + shift[:, None, None, None]
+    return images, targets
+
+
+class TextTable:
+    """Every distinct training text encoded once by the frozen encoder, handed out per batch."""
+
+    def __init__(self, encoder: TextEncoder, texts: Sequence[str], chunk: int = 64) -> None:
+        self.encoder = encoder
+        unique = sorted(set(texts))
+        self.features: dict[str, TextFeatures] = {}
+        for start in range(0, len(unique), chunk):
+            part = unique[start : start + chunk]
+            encoded = encoder.encode(part)
+            for row, text in enumerate(part):
+                length = int(encoded.mask[row].sum())
+                self.features[text] = TextFeatures(encoded.tokens[row : row + 1, :length].cpu(),
+                                                   encoded.mask[row : row + 1, :length].cpu(),
+                                                   encoded.pooled[row : row + 1].cpu())
+
+    def batch(self, texts: Sequence[str], device: torch.device) -> TextFeatures:
+        """Features of a batch's texts, padded to the longest (padding masked)."""
+        missing = [t for t in texts if t not in self.features]
+        if missing:
+            raise KeyError(f"text not in the table: {missing[0]!r}")
+        return TextFeatures.stack([self.features[t] for t in texts]).to(device)
