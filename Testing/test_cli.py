@@ -258,3 +258,36 @@ def test_models_and_import(tmp_path, capsys, small_checkpoint):
     assert "my-liver-model  (TexLiverNet, imported)" in stdout and f'e.g. "{PROMPT}"' in stdout
     code, _, stderr = run(["import", small_checkpoint, "--id", "my-liver-model"], capsys)
     assert code == 1 and "already has a model" in stderr
+
+
+def test_evaluate_a_manifest_with_a_model(tmp_path, capsys, data_dir, annotations, small_checkpoint):
+    """Every case segmented with its own text on its own grid, compared with its label; Markdown, CSV and JSON."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("case,image,label,text,modality\n" + "".join(
+        f"{c},{data_dir / annotations[c]['image']},{data_dir / annotations[c]['label']},{annotations[c]['prompt']},"
+        f"{annotations[c]['modality']}\n" for c in ("brain2", "breast1")))
+    code, stdout, stderr = run(["evaluate", "--manifest", manifest, "-m", small_checkpoint, "--device", "cpu",
+                                "--markdown", tmp_path / "t.md", "--json", tmp_path / "t.json", "--csv",
+                                tmp_path / "t.csv"], capsys)
+    assert code == 0, stderr
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert [row["case"] for row in table["cases"]] == ["brain2", "breast1"]
+    assert table["cases"][1]["text"] == annotations["breast1"]["prompt"]
+    # The same numbers as segmenting and evaluating by hand.
+    from TextSegLib.inference import InferenceEngine, load_model
+    from TextSegLib.volumes import read_volume
+
+    volume = read_volume(data_dir / "breast1_image.nrrd")
+    mask = InferenceEngine(load_model(small_checkpoint, "cpu")).segment(volume, annotations["breast1"]["prompt"]).mask
+    reference, spacing = read_label(data_dir, "breast1")
+    expected = evaluate_case(mask, reference, spacing)
+    assert table["cases"][1]["dice"] == pytest.approx(expected["dice"], abs=1e-12)
+    overlap = sum(r["overlap_voxels"] for r in table["cases"])
+    volumes = sum(r["prediction_voxels"] + r["reference_voxels"] for r in table["cases"])
+    assert table["summary"]["dice_global"] == pytest.approx(2 * overlap / volumes)
+    markdown = (tmp_path / "t.md").read_text()
+    assert markdown.startswith("| case | Dice | IoU | VOE | RAVD | HD (mm) | HD95 (mm) | ASSD (mm) |")
+    assert "| **mean** |" in markdown and "Dice Global over 2 case(s)" in markdown
+    assert (tmp_path / "t.csv").read_text().count("\n") == 4  # header, two cases, mean
+    code, _, stderr = run(["evaluate", "--manifest", manifest], capsys)
+    assert code == 1 and "--manifest needs --model" in stderr

@@ -268,3 +268,19 @@ def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
         torch.testing.assert_close(distributed["grads"][name], parameter.grad, rtol=1e-4, atol=1e-7)
     for name, buffer in network.named_buffers():
         torch.testing.assert_close(distributed["running"][name], buffer, rtol=1e-5, atol=1e-6)
+
+
+def test_leave_one_out_never_trains_on_the_held_out_case(tmp_path, data_dir, annotations):
+    from Training.leave_one_out import main as leave_one_out
+
+    manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain2", "breast1"], annotations)
+    assert leave_one_out(["--config", str(CONFIGS / "demo.toml"), "--output", str(tmp_path / "loo"),
+                          "--set", f"data.manifest=\"{manifest}\"", "--set", "train.epochs=1",
+                          "--set", "train.max_steps=1", "--set", "data.slices=\"lesion\""]) == 0
+    for held_out, other in (("brain2", "breast1"), ("breast1", "brain2")):
+        info = load_model(tmp_path / "loo" / held_out / "model.safetensors", "cpu").info
+        assert info.training["train_cases"] == [other] and info.training["val_cases"] == []
+    with open(tmp_path / "loo" / "loo.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["case"] for row in rows] == ["brain2", "breast1", "mean"]
+    assert "| **mean** |" in (tmp_path / "loo" / "loo.md").read_text()

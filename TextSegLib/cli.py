@@ -7,11 +7,8 @@ on stderr, the exit code is 1 and no output file is written. ``--debug`` shows t
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
-import math
 import re
 import sys
 from collections.abc import Sequence
@@ -20,23 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .evaluation import case_name
 
 log = logging.getLogger("textseg")
 
-IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
-
-
 class UsageError(ValueError):
     """A command line that cannot be carried out as given."""
-
-
-def case_name(path: Path) -> str:
-    """File name without image suffixes (``lung2_image.nrrd`` -> ``lung2_image``); folder name for DICOM."""
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -186,104 +172,66 @@ def cmd_segment(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------- evaluate
 
 
-def read_mask(path: Path, segment: str | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Binary ``(K, J, I)`` mask and its spacing (array-axis order) from a ``.seg.nrrd`` or a label image."""
-    from .volumes import VolumeError, read_volume
-
-    if path.name.lower().endswith(".seg.nrrd"):
-        import slicerio
-
-        try:
-            segmentation = slicerio.read_segmentation(str(path))
-        except Exception as error:
-            raise VolumeError(f"Cannot read the segmentation {str(path)!r}: {error}") from error
-        segments = segmentation.get("segments", [])
-        if not segments:
-            raise VolumeError(f"{str(path)!r} holds no segment.")
-        if segment is None:
-            chosen = segments[0]
-        else:
-            matches = [s for s in segments if s.get("name") == segment]
-            if not matches:
-                known = ", ".join(repr(s.get("name")) for s in segments)
-                raise VolumeError(f"{str(path)!r} has no segment named {segment!r} (it has {known}).")
-            chosen = matches[0]
-        mask = slicerio.segment_mask(segmentation, chosen)
-        matrix = np.asarray(segmentation["ijkToLPS"], dtype=float)
-        spacing_ijk = np.linalg.norm(matrix[:3, :3], axis=0)
-        return np.transpose(mask, (2, 1, 0)) != 0, tuple(float(s) for s in spacing_ijk[::-1])
-    volume = read_volume(path)
-    return volume.array != 0, tuple(float(s) for s in volume.spacing[::-1])
-
-
-def _pairs(prediction: Path, reference: Path) -> list[tuple[str, Path, Path]]:
-    if prediction.is_dir() != reference.is_dir():
-        raise UsageError("Give two files or two folders to compare.")
-    if not prediction.is_dir():
-        return [(case_name(reference), prediction, reference)]
-
-    def key(path: Path) -> str:
-        return re.sub(r"_(label|labels|seg|mask|pred|prediction|image)$", "", case_name(path))
-
-    predictions = {key(p): p for p in sorted(prediction.iterdir()) if p.is_file()}
-    pairs = [(key(r), predictions[key(r)], r) for r in sorted(reference.iterdir())
-             if r.is_file() and key(r) in predictions]
-    if not pairs:
-        raise UsageError(f"No file in {str(prediction)!r} matches a file in {str(reference)!r} by case name.")
-    return pairs
-
-
-def _format(value: float) -> str:
-    return "inf" if math.isinf(value) else f"{value:.4f}"
-
-
-def evaluation_table(pairs: Sequence[tuple[str, Path, Path]], segment: str | None, reference_segment: str | None):
-    """Per-case metrics and the aggregate (means over cases, and Dice Global)."""
-    from .metrics import METRIC_NAMES, dice_global, evaluate_case
-
-    rows, masks = [], []
-    for case, prediction_path, reference_path in pairs:
-        prediction, spacing = read_mask(prediction_path, segment)
-        reference, reference_spacing = read_mask(reference_path, reference_segment)
-        if prediction.shape != reference.shape or not np.allclose(spacing, reference_spacing, rtol=1e-3):
-            raise UsageError(
-                f"{case}: the prediction ({prediction.shape}, spacing {np.round(spacing, 3).tolist()}) and the "
-                f"reference ({reference.shape}, spacing {np.round(reference_spacing, 3).tolist()}) are on different "
-                "grids; resample one onto the other first."
-            )
-        rows.append({"case": case, **evaluate_case(prediction, reference, spacing)})
-        masks.append((prediction, reference))
-    summary = {"case": "mean"}
-    for name in METRIC_NAMES:
-        values = [row[name] for row in rows]
-        summary[name] = float(np.mean(values)) if values else math.nan
-    summary["dice_global"] = dice_global(masks)
-    return rows, summary
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .metrics import METRIC_NAMES
+    from . import evaluation
 
-    rows, summary = evaluation_table(_pairs(Path(args.prediction), Path(args.reference)), args.segment,
-                                     args.reference_segment)
-    columns = ["case", *METRIC_NAMES]
-    print("  ".join(f"{c:>10}" for c in columns))
-    for row in [*rows, summary]:
-        print("  ".join(f"{row[c]:>10}" if c == "case" else f"{_format(row[c]):>10}" for c in columns))
-    print(f"Dice Global over {len(rows)} case(s): {_format(summary['dice_global'])}")
-    if args.json:
-        def clean(row):
-            return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        Path(args.json).write_text(json.dumps({"cases": [clean(r) for r in rows], "summary": clean(summary)},
-                                              indent=2))
-    if args.csv:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[*columns, "dice_global", "prediction_voxels",
-                                                    "reference_voxels"], extrasaction="ignore")
-        writer.writeheader()
-        for row in [*rows, summary]:
-            writer.writerow(row)
-        Path(args.csv).write_text(buffer.getvalue())
+    if args.manifest:
+        if args.prediction or args.reference:
+            raise UsageError("Give either --manifest (with --model) or a prediction and a reference, not both.")
+        if not args.model:
+            raise UsageError("--manifest needs --model: the model whose segmentations are evaluated.")
+        from .checkpoints import Catalogue
+        from .inference import InferenceEngine, load_model
+        from .manifests import read_manifest, split_cases
+
+        cases = read_manifest(args.manifest)
+        if args.split:
+            train, val = split_cases(cases, args.val_fraction, args.split_seed)
+            cases = train if args.split == "train" else val
+        catalogue = Catalogue(args.models_dir)
+        engine = InferenceEngine([load_model(name, args.device, catalogue) for name in args.model],
+                                 batch_size=args.batch_size)
+        rows = evaluation.evaluate_manifest(engine, cases, progress=lambda case: print(f"Segmenting {case}",
+                                                                                        file=sys.stderr))
+    else:
+        if not (args.prediction and args.reference):
+            raise UsageError("Give a prediction and a reference (files or folders), or --manifest with --model.")
+        prediction, reference = Path(args.prediction), Path(args.reference)
+        if prediction.is_dir() != reference.is_dir():
+            raise UsageError("Give two files or two folders to compare.")
+        if prediction.is_dir():
+            pairs = evaluation.match_folders(prediction, reference)
+            if not pairs:
+                raise UsageError(f"No file in {str(prediction)!r} matches a file in {str(reference)!r} by case name.")
+        else:
+            pairs = [(evaluation.case_name(reference), prediction, reference)]
+        rows = evaluation.evaluate_pairs(pairs, args.segment, args.reference_segment)
+    summary = evaluation.summarise(rows)
+    print(evaluation.to_text(rows, summary))
+    for option, render in ((args.json, evaluation.to_json), (args.csv, evaluation.to_csv),
+                           (args.markdown, evaluation.to_markdown)):
+        if option:
+            Path(option).write_text(render(rows, summary))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    bar = _progress_bar(0, "segmenting", args.quiet)
+
+    def report(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        run_demo(Path(args.output), args.device, args.model, progress=report)
+    finally:
+        bar.close()
     return 0
 
 
@@ -318,14 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=cmd_segment)
 
-    evaluate = sub.add_parser("evaluate", help="compare predictions with references (files or folders)")
-    evaluate.add_argument("prediction", help=".seg.nrrd or label image, or a folder of them")
-    evaluate.add_argument("reference", help=".seg.nrrd or label image, or a folder matched by case name")
+    evaluate = sub.add_parser("evaluate", help="compare predictions with references (files, folders, or a "
+                              "dataset manifest segmented by a model)")
+    evaluate.add_argument("prediction", nargs="?", help=".seg.nrrd or label image, or a folder of them")
+    evaluate.add_argument("reference", nargs="?", help=".seg.nrrd or label image, or a folder matched by case name")
     evaluate.add_argument("--segment", help="segment name in a prediction .seg.nrrd (default: the first)")
     evaluate.add_argument("--reference-segment", help="segment name in a reference .seg.nrrd (default: the first)")
-    evaluate.add_argument("--json", help="write the table as JSON")
+    evaluate.add_argument("--manifest", help="a dataset manifest (CSV/JSONL): segment its cases with --model")
+    evaluate.add_argument("-m", "--model", action="append", help="with --manifest: catalogue id or checkpoint "
+                          "(repeat for an ensemble)")
+    evaluate.add_argument("--split", choices=["train", "val"], help="with --manifest: only this split (as "
+                          "training made it: --val-fraction, --split-seed)")
+    evaluate.add_argument("--val-fraction", type=float, default=0.2)
+    evaluate.add_argument("--split-seed", type=int, default=0)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--json", help="write the table as JSON (inf as null)")
     evaluate.add_argument("--csv", help="write the table as CSV")
+    evaluate.add_argument("--markdown", help="write the table as Markdown")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="segment the bundled real CT case with the demo model and show the result")
+    demo.add_argument("-o", "--output", default="textseg-demo", help="folder for the .seg.nrrd and the PNG")
+    demo.add_argument("-m", "--model", default="demo-texlivernet-small", help="catalogue id or checkpoint")
+    demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
 
     importer = sub.add_parser("import", help="add a checkpoint to your models folder")
     importer.add_argument("checkpoint", help="a TextSeg .safetensors checkpoint")
@@ -336,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoints import CheckpointError
+    from .evaluation import GridMismatchError
+    from .manifests import ManifestError
     from .text import PromptError, TextEncoderUnavailableError
     from .volumes import VolumeError
 
@@ -346,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     try:
         return args.func(args)
-    except (UsageError, VolumeError, CheckpointError, PromptError, TextEncoderUnavailableError) as error:
+    except (UsageError, VolumeError, CheckpointError, PromptError, TextEncoderUnavailableError, ManifestError,
+            GridMismatchError) as error:
         if args.debug:
             raise
         print(f"textseg: error: {error}", file=sys.stderr)

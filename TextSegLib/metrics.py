@@ -162,7 +162,9 @@ def assd(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]
 def evaluate_case(
     prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float] | None = None
 ) -> dict[str, float]:
-    """All metrics of one case (keys :data:`METRIC_NAMES`, plus voxel counts), surface distances computed once."""
+    """All metrics of one case (keys :data:`METRIC_NAMES`, plus the voxel counts ``overlap_voxels``,
+    ``prediction_voxels`` and ``reference_voxels`` from which Dice Global is summed), surface distances computed
+    once."""
     overlap, p, r = _counts(prediction, reference)
     union = p + r - overlap
     result = {
@@ -180,6 +182,7 @@ def evaluate_case(
         result["hd"] = float(pooled.max())
         result["hd95"] = float(np.percentile(pooled, 95))
         result["assd"] = float(pooled.mean())
+    result["overlap_voxels"] = float(overlap)
     result["prediction_voxels"] = float(p)
     result["reference_voxels"] = float(r)
     return result

@@ -1,0 +1,198 @@
+"""Evaluation tables: predictions against references, per case and aggregated, as text, CSV, JSON or Markdown.
+
+Two sources of pairs: files or folders of predictions and references (``textseg evaluate PRED REF``), or a dataset
+manifest segmented by a model (``textseg evaluate --manifest M --model X``), each case with its own text on its
+own grid. Aggregates are the means over cases of every metric and Dice Global summed over all cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import METRIC_NAMES, evaluate_case
+
+__all__ = [
+    "COLUMNS",
+    "evaluate_manifest",
+    "evaluate_pairs",
+    "match_folders",
+    "read_mask",
+    "summarise",
+    "to_csv",
+    "to_json",
+    "to_markdown",
+    "to_text",
+]
+
+COLUMNS = ("case", *METRIC_NAMES)
+_LABELS = {"case": "case", "dice": "Dice", "iou": "IoU", "voe": "VOE", "ravd": "RAVD", "hd": "HD (mm)",
+           "hd95": "HD95 (mm)", "assd": "ASSD (mm)"}
+IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
+
+
+class GridMismatchError(ValueError):
+    """Prediction and reference are not on the same voxel grid."""
+
+
+def case_name(path: Path) -> str:
+    """File name without image suffixes (``lung2_image.nrrd`` -> ``lung2_image``); folder name for DICOM."""
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_mask(path: Path, segment: str | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Binary ``(K, J, I)`` mask and its spacing (array-axis order) from a ``.seg.nrrd`` or a label image."""
+    from .volumes import VolumeError, read_volume
+
+    if path.name.lower().endswith(".seg.nrrd"):
+        import slicerio
+
+        try:
+            segmentation = slicerio.read_segmentation(str(path))
+        except Exception as error:
+            raise VolumeError(f"Cannot read the segmentation {str(path)!r}: {error}") from error
+        segments = segmentation.get("segments", [])
+        if not segments:
+            raise VolumeError(f"{str(path)!r} holds no segment.")
+        if segment is None:
+            chosen = segments[0]
+        else:
+            matches = [s for s in segments if s.get("name") == segment]
+            if not matches:
+                known = ", ".join(repr(s.get("name")) for s in segments)
+                raise VolumeError(f"{str(path)!r} has no segment named {segment!r} (it has {known}).")
+            chosen = matches[0]
+        mask = slicerio.segment_mask(segmentation, chosen)
+        matrix = np.asarray(segmentation["ijkToLPS"], dtype=float)
+        spacing_ijk = np.linalg.norm(matrix[:3, :3], axis=0)
+        return np.transpose(mask, (2, 1, 0)) != 0, tuple(float(s) for s in spacing_ijk[::-1])
+    volume = read_volume(path)
+    return volume.array != 0, tuple(float(s) for s in volume.spacing[::-1])
+
+
+def match_folders(prediction: Path, reference: Path) -> list[tuple[str, Path, Path]]:
+    """(case, prediction, reference) for files of two folders with the same case name (suffixes such as
+    ``_label``, ``_seg``, ``_pred``, ``_image`` ignored)."""
+
+    def key(path: Path) -> str:
+        return re.sub(r"_(label|labels|seg|mask|pred|prediction|image)$", "", case_name(path))
+
+    predictions = {key(p): p for p in sorted(prediction.iterdir()) if p.is_file()}
+    return [(key(r), predictions[key(r)], r) for r in sorted(reference.iterdir())
+            if r.is_file() and key(r) in predictions]
+
+
+def _compare(case: str, prediction: np.ndarray, spacing, reference: np.ndarray, reference_spacing) -> dict:
+    if prediction.shape != reference.shape or not np.allclose(spacing, reference_spacing, rtol=1e-3):
+        raise GridMismatchError(
+            f"{case}: the prediction ({prediction.shape}, spacing {np.round(spacing, 3).tolist()}) and the "
+            f"reference ({reference.shape}, spacing {np.round(reference_spacing, 3).tolist()}) are on different "
+            "grids; resample one onto the other first."
+        )
+    return {"case": case, **evaluate_case(prediction, reference, spacing)}
+
+
+def evaluate_pairs(pairs: Sequence[tuple[str, Path, Path]], segment: str | None = None,
+                   reference_segment: str | None = None) -> list[dict[str, Any]]:
+    """Metrics of each (case, prediction file, reference file)."""
+    rows = []
+    for case, prediction_path, reference_path in pairs:
+        prediction, spacing = read_mask(prediction_path, segment)
+        reference, reference_spacing = read_mask(reference_path, reference_segment)
+        rows.append(_compare(case, prediction, spacing, reference, reference_spacing))
+    return rows
+
+
+def evaluate_manifest(engine, cases, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Segment every case of a manifest with its own text(s) and compare with its label, on the volume's grid.
+
+    One row per case target (per lesion value when the manifest gives per-lesion texts); per-slice texts are not
+    used here (a volume is segmented from one prompt).
+    """
+    from .volumes import read_volume
+
+    rows = []
+    for case in cases:
+        if case.label is None:
+            continue
+        volume = read_volume(case.image, modality=case.modality)
+        label = read_volume(case.label).array
+        spacing = tuple(float(s) for s in volume.spacing[::-1])
+        for target in case.case_targets:
+            if progress is not None:
+                progress(case.case)
+            result = engine.segment(volume, target.text)
+            reference = label != 0 if target.label_value is None else label == target.label_value
+            name = case.case if target.label_value is None else f"{case.case}#{target.label_value}"
+            row = _compare(name, result.mask != 0, spacing, reference, spacing)
+            row["text"] = target.text
+            rows.append(row)
+    return rows
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means over cases of every metric (inf propagates: one missed lesion makes the mean HD inf) and Dice Global
+    from the summed voxel counts."""
+    summary: dict[str, Any] = {"case": "mean"}
+    for name in METRIC_NAMES:
+        values = [row[name] for row in rows]
+        summary[name] = float(np.mean(values)) if values else math.nan
+    overlap = sum(row["overlap_voxels"] for row in rows)
+    volume = sum(row["prediction_voxels"] + row["reference_voxels"] for row in rows)
+    summary["dice_global"] = 1.0 if volume == 0 else 2.0 * overlap / volume
+    return summary
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4f}"
+    return str(value)
+
+
+def to_text(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = ["  ".join(f"{c:>10}" for c in COLUMNS)]
+    for row in [*rows, summary]:
+        lines.append("  ".join(f"{_cell(row[c]):>10}" for c in COLUMNS))
+    lines.append(f"Dice Global over {len(rows)} case(s): {_cell(summary['dice_global'])}")
+    return "\n".join(lines)
+
+
+def to_markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(_LABELS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
+    lines.append("| **mean** | " + " | ".join(_cell(summary[c]) for c in COLUMNS[1:]) + " |")
+    lines.append("")
+    lines.append(f"Dice Global over {len(rows)} case(s): {_cell(summary['dice_global'])}")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    fields = [*COLUMNS, "dice_global", "overlap_voxels", "prediction_voxels", "reference_voxels", "text"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in [*rows, summary]:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def to_json(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """JSON with ``inf`` written as ``null`` (JSON has no infinity)."""
+
+    def clean(row):
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+    return json.dumps({"cases": [clean(r) for r in rows], "summary": clean(summary)}, indent=2)
