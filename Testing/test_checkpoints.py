@@ -22,7 +22,7 @@ from TextSegLib.checkpoints import (
     save_checkpoint,
     weights_digest,
 )
-from TextSegLib.models import ModelSpec, register
+from TextSegLib.models import ModelSpec, PretrainedUnavailableError, register
 from TextSegLib.text import TextFeatures
 
 
@@ -57,6 +57,8 @@ class BackboneNet(nn.Module):
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
+        if config.seed < 0:
+            raise PretrainedUnavailableError("the backbone 'hf-hub:nowhere/backbone' is not in the local cache")
         generator = torch.Generator().manual_seed(config.seed)
         self.backbone = nn.Conv2d(1, 3, 3, padding=1)
         with torch.no_grad():
@@ -205,6 +207,10 @@ def test_external_weights_stay_out_of_the_checkpoint(tmp_path):
     image = torch.randn(1, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(image, None), model(image, None))
+    # A backbone that cannot be loaded is a readable checkpoint error.
+    rewrite_metadata(tmp_path / "b.safetensors", tmp_path / "offline.safetensors", config={"seed": -1})
+    with pytest.raises(CheckpointError, match="needs pretrained weights that cannot be loaded.*local cache"):
+        load_checkpoint(tmp_path / "offline.safetensors")
     # Without the marker, a missing backbone is an error.
     rewrite_metadata(tmp_path / "b.safetensors", tmp_path / "c.safetensors", external_weights=[])
     with pytest.raises(CheckpointError, match="missing"):

@@ -210,3 +210,14 @@ def test_engine_rejects_bad_settings(model):
         InferenceEngine(model, batch_size=0)
     with pytest.raises(ValueError, match="at least one model"):
         InferenceEngine([])
+
+
+def test_a_checkpoint_naming_an_encoder_of_the_wrong_width_is_refused(small_checkpoint, bert_folder, tmp_path):
+    from test_checkpoints import rewrite_metadata
+
+    from TextSegLib.checkpoints import CheckpointError
+
+    wrong = tmp_path / "wrong-encoder.safetensors"
+    rewrite_metadata(small_checkpoint, wrong, text_encoder={"source": f"hf:{bert_folder}", "max_tokens": 40})
+    with pytest.raises(CheckpointError, match="expects text token features of width 384.*gives 32"):
+        load_model(wrong, "cpu")

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .models import architectures, config_from_dict, create_model, get_spec
+from .models import PretrainedUnavailableError, architectures, config_from_dict, create_model, get_spec
 from .volumes import atomic_write
 
 __all__ = [
@@ -261,7 +261,10 @@ def load_checkpoint(
             f"{_where(info.path)} was modified or damaged after it was saved (its weights do not match the "
             "checksum recorded in it); use an untouched copy."
         )
-    model = create_model(info.architecture, config)
+    try:
+        model = create_model(info.architecture, config)
+    except PretrainedUnavailableError as error:
+        raise CheckpointError(f"{_where(info.path)} needs pretrained weights that cannot be loaded: {error}") from error
     _load_state(model, state, info)
     return model.to(device).eval(), info
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import Catalogue, CheckpointInfo, load_checkpoint
+from .checkpoints import Catalogue, CheckpointError, CheckpointInfo, load_checkpoint
 from .preprocessing import IntensityMapping, Preprocessing
 from .text import TextEncoder, load_text_encoder, validate_prompt
 from .volumes import CanonicalTransform, Volume, guess_modality
@@ -109,12 +109,14 @@ def load_model(
         return cached
     network, info = load_checkpoint(path, device=device)
     encoder = load_text_encoder(info.text_encoder, device=device)
-    expected = info.config.get("text_dim")
-    if expected is not None and int(expected) != encoder.dim:
-        raise ValueError(
-            f"The model {info.id!r} expects text features of width {expected}, but its text encoder "
-            f"{encoder.source!r} gives {encoder.dim}; the checkpoint names the wrong encoder."
-        )
+    for field_name, actual, what in (("text_dim", encoder.dim, "token features"),
+                                     ("pooled_dim", encoder.pooled_dim, "pooled embeddings")):
+        expected = info.config.get(field_name)
+        if expected is not None and int(expected) != actual:
+            raise CheckpointError(
+                f"The model {info.id!r} expects text {what} of width {expected}, but its text encoder "
+                f"{encoder.source!r} gives {actual}; the checkpoint names the wrong encoder."
+            )
     preprocessing = Preprocessing.from_metadata(info.preprocessing, channels=int(info.config.get("in_channels", 1)))
     loaded = LoadedModel(network, info, encoder, preprocessing, device)
     with _MODELS_LOCK:

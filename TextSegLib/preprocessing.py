@@ -12,6 +12,7 @@ Checkpoint metadata (``"preprocessing"``)::
 Intensity kinds, chosen per modality:
 
 * ``window``: clip to ``[low, high]`` (Hounsfield units for CT) and scale to ``[0, 1]``.
+* ``minmax``: the volume's minimum and maximum play the window (exact, over every voxel).
 * ``percentile``: the volume's ``low`` and ``high`` percentiles play the window (for MR, whose scale is arbitrary).
 * ``zscore``: subtract the volume's mean and divide by its standard deviation (no clipping).
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 __all__ = ["IntensityMapping", "IntensitySpec", "Preprocessing"]
 
-_KINDS = ("window", "percentile", "zscore")
+_KINDS = ("window", "minmax", "percentile", "zscore")
 _SAMPLE = 4_000_000
 
 
@@ -46,13 +47,17 @@ class IntensitySpec:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"unknown intensity normalisation {self.kind!r}; use one of {', '.join(_KINDS)}")
-        if self.kind != "zscore" and not self.low < self.high:
+        if self.kind in ("window", "percentile") and not self.low < self.high:
             raise ValueError(f"intensity {self.kind} needs low < high, got {self.low} and {self.high}")
 
     def mapping(self, array: np.ndarray) -> IntensityMapping:
         """The affine map (and clipping) that normalises this volume."""
         if self.kind == "window":
             low, high = self.low, self.high
+        elif self.kind == "minmax":
+            low, high = float(array.min()), float(array.max())
+            if high <= low:
+                high = low + 1.0
         else:
             flat = array.reshape(-1)
             sample = flat[:: max(1, flat.size // _SAMPLE)].astype(np.float64)

@@ -27,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "ModelSpec",
+    "PretrainedUnavailableError",
     "architectures",
     "config_from_dict",
     "create_model",
@@ -34,6 +35,10 @@ __all__ = [
     "preset_config",
     "register",
 ]
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """Pretrained weights a network's builder needs (a frozen backbone, say) cannot be loaded."""
 
 
 @dataclass(frozen=True)
@@ -119,4 +124,4 @@ def create_model(name: str, config: Mapping[str, Any] | Any | None = None) -> nn
 
 
 def _import_builtin_models() -> None:
-    from . import texlivernet  # noqa: F401  (registers itself)
+    from . import freqmedclip, texlivernet  # noqa: F401  (each registers itself)
