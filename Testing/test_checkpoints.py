@@ -209,7 +209,7 @@ def test_external_weights_stay_out_of_the_checkpoint(tmp_path):
         assert torch.equal(loaded(image, None), model(image, None))
     # A backbone that cannot be loaded is a readable checkpoint error.
     rewrite_metadata(tmp_path / "b.safetensors", tmp_path / "offline.safetensors", config={"seed": -1})
-    with pytest.raises(CheckpointError, match="needs pretrained weights that cannot be loaded.*local cache"):
+    with pytest.raises(CheckpointError, match=r"needs pretrained weights that cannot be loaded.*local cache"):
         load_checkpoint(tmp_path / "offline.safetensors")
     # Without the marker, a missing backbone is an error.
     rewrite_metadata(tmp_path / "b.safetensors", tmp_path / "c.safetensors", external_weights=[])

@@ -266,7 +266,7 @@ def test_evaluate_a_manifest_with_a_model(tmp_path, capsys, data_dir, annotation
     manifest.write_text("case,image,label,text,modality\n" + "".join(
         f"{c},{data_dir / annotations[c]['image']},{data_dir / annotations[c]['label']},{annotations[c]['prompt']},"
         f"{annotations[c]['modality']}\n" for c in ("brain2", "breast1")))
-    code, stdout, stderr = run(["evaluate", "--manifest", manifest, "-m", small_checkpoint, "--device", "cpu",
+    code, _stdout, stderr = run(["evaluate", "--manifest", manifest, "-m", small_checkpoint, "--device", "cpu",
                                 "--markdown", tmp_path / "t.md", "--json", tmp_path / "t.json", "--csv",
                                 tmp_path / "t.csv"], capsys)
     assert code == 0, stderr

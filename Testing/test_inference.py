@@ -219,5 +219,5 @@ def test_a_checkpoint_naming_an_encoder_of_the_wrong_width_is_refused(small_chec
 
     wrong = tmp_path / "wrong-encoder.safetensors"
     rewrite_metadata(small_checkpoint, wrong, text_encoder={"source": f"hf:{bert_folder}", "max_tokens": 40})
-    with pytest.raises(CheckpointError, match="expects text token features of width 384.*gives 32"):
+    with pytest.raises(CheckpointError, match=r"expects text token features of width 384.*gives 32"):
         load_model(wrong, "cpu")
