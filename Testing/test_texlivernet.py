@@ -127,6 +127,14 @@ def test_eval_is_deterministic_and_batch_independent():
     assert torch.equal(batched, again)
 
 
+def test_head_bias_sets_the_initial_foreground_prior():
+    model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384, head_bias=-4.6)).eval()
+    assert torch.all(model.head.bias == -4.6)
+    with torch.no_grad():
+        logits = model(torch.randn(1, 1, 64, 64), random_text(1))
+    assert float(torch.sigmoid(logits).mean()) < 0.1  # starts near the prior, not at 0.5
+
+
 def test_config_round_trips_through_a_dict():
     config = preset_config("texlivernet", "small", text_dim=384, use_tia=False)
     assert config_from_dict("texlivernet", dataclasses.asdict(config)) == config
