@@ -141,26 +141,42 @@ def bert_folder(tmp_path_factory):
     return folder
 
 
-def tiny_open_clip_folder(folder, text_cfg):
+def open_clip_folder(folder: Path, vision_cfg: dict, text_cfg: dict, weights: bool = True) -> Path:
+    """An open_clip ``local-dir`` folder (``open_clip_config.json``) with seeded weights saved as
+    ``open_clip_model.safetensors`` unless ``weights`` is False."""
     import open_clip
-
-    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
-                                                             "patch_size": 16, "head_width": 16},
-                            "text_cfg": text_cfg}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}")
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": vision_cfg, "text_cfg": text_cfg}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    if weights:
+        torch.manual_seed(0)
+        model = open_clip.create_model(f"local-dir:{folder}")
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(folder / "open_clip_model.safetensors"))
     return folder
+
+
+TINY_VISION_CFG = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}
+TINY_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+
+
+def tiny_open_clip_folder(folder: Path, text_cfg: dict) -> Path:
+    return open_clip_folder(folder, TINY_VISION_CFG, text_cfg)
+
+
+@pytest.fixture(scope="session")
+def vit_folder(tmp_path_factory) -> Path:
+    """open_clip's own ViT: 12 blocks of width 32, 224 x 224 input, 16-pixel patches, seeded weights."""
+    return open_clip_folder(tmp_path_factory.mktemp("tiny-vit"),
+                            {"image_size": 224, "layers": 12, "width": 32, "patch_size": 16, "head_width": 16},
+                            TINY_TEXT_CFG)
 
 
 @pytest.fixture(scope="session")
 def clip_folder(tmp_path_factory):
     """A tiny CLIP (causal text transformer, CLIP BPE tokenizer bundled with open_clip)."""
-    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    return tiny_open_clip_folder(tmp_path_factory.mktemp("tiny-clip"), text_cfg)
+    return tiny_open_clip_folder(tmp_path_factory.mktemp("tiny-clip"), TINY_TEXT_CFG)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import pywt
 import SimpleITK as sitk
 import slicerio
 import torch
+from conftest import TINY_TEXT_CFG, open_clip_folder
 from test_blocks import check_shape_and_gradients
 
 from TextSegLib.checkpoints import load_checkpoint, save_checkpoint
@@ -56,7 +57,6 @@ from TextSegLib.text import TextFeatures, load_text_encoder
 from TextSegLib.volumes import Volume
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
-TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}
 
 
 @pytest.fixture(autouse=True)
@@ -65,35 +65,12 @@ def _seeded():
     torch.manual_seed(0)
 
 
-def open_clip_folder(folder: Path, vision_cfg: dict, weights: bool = True) -> Path:
-    """An open_clip ``local-dir`` folder for ``vision_cfg`` (and a throw-away tiny text tower), with seeded
-    weights saved as ``open_clip_model.safetensors`` unless ``weights`` is False."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": vision_cfg, "text_cfg": TINY_TEXT_CFG}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    if weights:
-        torch.manual_seed(0)
-        model = open_clip.create_model(f"local-dir:{folder}")
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(folder / "open_clip_model.safetensors"))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def vit_folder(tmp_path_factory) -> Path:
-    """open_clip's own ViT: 12 blocks of width 32, 224 x 224 input, 16-pixel patches, seeded weights."""
-    return open_clip_folder(tmp_path_factory.mktemp("tiny-vit"),
-                            {"image_size": 224, "layers": 12, "width": 32, "patch_size": 16, "head_width": 16})
-
-
 @pytest.fixture(scope="module")
 def timm_vit_folder(tmp_path_factory) -> Path:
     """A timm ViT wrapped the way BiomedCLIP's tower is (``TimmModel``), ViT-Tiny sized, seeded weights."""
     return open_clip_folder(tmp_path_factory.mktemp("timm-vit"), {
         "timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
-        "timm_proj": "linear", "image_size": 224})
+        "timm_proj": "linear", "image_size": 224}, TINY_TEXT_CFG)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +78,7 @@ def vit_b16_folder(tmp_path_factory) -> Path:
     """BiomedCLIP's exact image-tower config (timm ``vit_base_patch16_224``) without weights: random ViT-B/16."""
     return open_clip_folder(tmp_path_factory.mktemp("vit-b16"), {
         "timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
-        "timm_proj": "linear", "image_size": 224}, weights=False)
+        "timm_proj": "linear", "image_size": 224}, TINY_TEXT_CFG, weights=False)
 
 
 def small_config(vit_folder: Path, **overrides) -> FreqMedCLIPConfig:
