@@ -29,7 +29,7 @@ CONFIGS = REPO / "Training" / "configs"
 TRAIN = REPO / "Training" / "train.py"
 
 # The paper recipe of every network that has landed, with the overrides that make one CPU epoch short.
-PAPER_CONFIGS = {name: CONFIGS / f"{name}.toml" for name in ("texlivernet", "freqmedclip")}
+PAPER_CONFIGS = {name: CONFIGS / f"{name}.toml" for name in ("texlivernet", "mmrdl", "freqmedclip")}
 SHORT = ["model.preset=\"small\"", "text.encoder=\"minilm\"", "train.epochs=1", "train.batch_size=4",
          "train.accumulation=1", "data.slices=\"lesion\"", "data.preprocessing={}"]
 
@@ -72,6 +72,12 @@ def test_paper_configs_hold_the_papers_recipes():
     assert config.data.preprocessing["intensity"]["CT"] == {"kind": "window", "low": -200.0, "high": 200.0}
     assert config.data.preprocessing["size"] == [256, 256] and config.augment.scale == (0.8, 1.2)
     assert get_spec("texlivernet").loss is not None
+    mmrdl = load_config(CONFIGS / "mmrdl.toml")
+    assert (mmrdl.optim.lr, mmrdl.train.batch_size, mmrdl.train.early_stop_patience) == (1e-3, 24, 50)
+    assert mmrdl.text.encoder.startswith("open_clip:")
+    freq = load_config(CONFIGS / "freqmedclip.toml")
+    assert (freq.optim.lr, freq.optim.t_max, freq.train.epochs, freq.train.early_stop_patience) == (1e-4, 100, 100, 10)
+    assert (freq.train.batch_size, freq.train.accumulation) == (32, 2)  # 4 per GPU x 4 GPUs x accumulation 2
     demo = load_config(CONFIGS / "demo.toml")
     assert demo.text.encoder == "minilm" and demo.model.preset == "small"
 

@@ -124,4 +124,4 @@ def create_model(name: str, config: Mapping[str, Any] | Any | None = None) -> nn
 
 
 def _import_builtin_models() -> None:
-    from . import freqmedclip, texlivernet  # noqa: F401  (each registers itself)
+    from . import freqmedclip, mmrdl, texlivernet  # noqa: F401  (each registers itself)
