@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+import torch
 
 from TextSegLib.inference import CancelToken, InferenceEngine, load_model, resolve_device
 from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
@@ -221,3 +222,67 @@ def test_a_checkpoint_naming_an_encoder_of_the_wrong_width_is_refused(small_chec
     rewrite_metadata(small_checkpoint, wrong, text_encoder={"source": f"hf:{bert_folder}", "max_tokens": 40})
     with pytest.raises(CheckpointError, match=r"expects text token features of width 384.*gives 32"):
         load_model(wrong, "cpu")
+
+
+def test_staged_pipeline_bookkeeping_on_the_cpu(lung2_slab, model, monkeypatch):
+    """The CUDA path's staging (prefetch, double buffers, delayed downloads, out-of-memory restart) run with
+    synchronous stand-ins for the CUDA streams: the engine's result must not change."""
+    from TextSegLib import inference
+
+    reference = InferenceEngine(model, batch_size=5).segment(lung2_slab, PROMPT, probability=True).probability
+    monkeypatch.setattr(InferenceEngine, "_pipeline", lambda self, canonical, output: inference._StagedPipeline(
+        inference._SynchronousStreams(), canonical, output))
+    original = InferenceEngine._probabilities
+    calls = []
+
+    def flaky(self, model, slices, *args):
+        calls.append(slices.shape[0])
+        if len(calls) == 2:  # the second batch runs out of memory once
+            raise torch.OutOfMemoryError("simulated")
+        return original(self, model, slices, *args)
+
+    monkeypatch.setattr(InferenceEngine, "_probabilities", flaky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    staged = InferenceEngine(model, batch_size=5).segment(lung2_slab, PROMPT, probability=True).probability
+    assert calls == [5, 5, 2, 2, 2, 1]  # 5, then out of memory at 5, then halved to 2 for the remaining 7
+    np.testing.assert_allclose(staged, reference, atol=1e-6)
+
+
+def test_compiled_networks_match_eager_and_fall_back(monkeypatch):
+    """``compile=True`` wraps networks in torch.compile, padding short batches; a failing compiler leaves the
+    eager network in charge with a warning."""
+    from TextSegLib.inference import _CompiledOrEager
+    from TextSegLib.text import TextFeatures
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.head = torch.nn.Conv2d(4, 1, 1)
+
+        def forward(self, image, text):
+            return self.head(torch.relu(self.conv(image))) + text.pooled[:, :1, None, None]
+
+    torch.manual_seed(0)
+    network = Tiny().eval()
+    text = TextFeatures(torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 8))
+    images = torch.rand(4, 1, 16, 16)
+
+    def broken(*args, **kwargs):
+        def fail(*inner, **options):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    wrapped = _CompiledOrEager(network, None)
+    with torch.inference_mode():
+        torch.testing.assert_close(wrapped(images, text.expand(4)), network(images, text.expand(4)))
+    assert wrapped.failed
+    monkeypatch.undo()
+    wrapped = _CompiledOrEager(network, None)
+    with torch.inference_mode():
+        full = wrapped(images, text.expand(4))
+        short = wrapped(images[:3], text.expand(3))  # padded to the compiled batch of 4
+    assert not wrapped.failed and short.shape == (3, 1, 16, 16)
+    torch.testing.assert_close(full, network(images, text.expand(4)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short, full[:3], atol=1e-5, rtol=1e-5)

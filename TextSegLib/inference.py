@@ -31,7 +31,7 @@ from torch import nn
 
 from .checkpoints import Catalogue, CheckpointError, CheckpointInfo, load_checkpoint
 from .preprocessing import IntensityMapping, Preprocessing
-from .text import TextEncoder, load_text_encoder, validate_prompt
+from .text import TextEncoder, TextFeatures, load_text_encoder, validate_prompt
 from .volumes import CanonicalTransform, Volume, guess_modality
 
 __all__ = [
@@ -169,9 +169,17 @@ class InferenceEngine:
         batch_size: slices per forward pass; None chooses one: 4 on CPU (the fastest in the benchmark), on CUDA
             from the free memory and the measured peak memory of a two-slice forward pass.
         amp: autocast on CUDA (bf16 where supported, else fp16). Ignored on CPU.
+        compile: run the networks through ``torch.compile`` (CUDA graphs on CUDA). Compiling takes tens of seconds
+            once per model and batch size, so it pays off when the same engine segments many volumes or prompts
+            (the Slicer module re-prompting); where compilation fails the engine falls back to eager mode with a
+            warning.
+
+    On CUDA the engine also uses channels-last tensors, cuDNN autotuning, and pinned host buffers whose copies to
+    and from the GPU run on a side stream, overlapped with the forward passes of the neighbouring batches.
     """
 
-    def __init__(self, models: LoadedModel | Sequence[LoadedModel], batch_size: int | None = None, amp: bool = True):
+    def __init__(self, models: LoadedModel | Sequence[LoadedModel], batch_size: int | None = None, amp: bool = True,
+                 compile: bool = False):
         self.models = [models] if isinstance(models, LoadedModel) else list(models)
         if not self.models:
             raise ValueError("the engine needs at least one model")
@@ -183,7 +191,23 @@ class InferenceEngine:
             raise ValueError("the batch size must be at least 1")
         self.batch_size = batch_size
         self.amp = amp
+        self.compile = compile
         self._per_slice_bytes: dict[str, int] = {}
+        self._networks: dict[str, nn.Module] = {}
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _network(self, model: LoadedModel) -> nn.Module:
+        """The callable network for ``model``: channels-last on CUDA, compiled when asked (once per engine)."""
+        if model.id not in self._networks:
+            network = model.network
+            if self.device.type == "cuda":
+                network = network.to(memory_format=torch.channels_last)
+            if self.compile:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None
+                network = _CompiledOrEager(network, mode)
+            self._networks[model.id] = network
+        return self._networks[model.id]
 
     def _autocast(self):
         if self.device.type == "cuda" and self.amp:
@@ -208,7 +232,8 @@ class InferenceEngine:
             torch.cuda.synchronize(self.device)
             baseline = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._forward(model, probe, identity, text, model.preprocessing.size)
+            self._probabilities(model, probe, identity, text, model.preprocessing.size)
+            torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) - baseline
             self._per_slice_bytes[model.id] = max(1, peak // 2)
         return self._per_slice_bytes[model.id]
@@ -270,7 +295,11 @@ class InferenceEngine:
         done_before: int,
         total: int,
     ) -> np.ndarray | None:
-        """Probability ``(K, J, I)`` float32 of one model on the input grid; None if cancelled."""
+        """Probability ``(K, J, I)`` float32 of one model on the input grid; None if cancelled.
+
+        Batches are halved and retried on CUDA out-of-memory. On CUDA the slices of batch ``n + 1`` are staged and
+        uploaded, and those of batch ``n - 1`` downloaded, while batch ``n`` runs.
+        """
         transform = CanonicalTransform.create(volume.direction, model.info.orientation)
         canonical = transform.forward(volume.array)
         depth, height, width = canonical.shape
@@ -278,31 +307,198 @@ class InferenceEngine:
         text = model.text_encoder.encode_cached(prompt)
         output = np.empty((depth, height, width), dtype=np.float32)
         batch_size = self._initial_batch_size(model, depth, text)
+        pipeline = self._pipeline(canonical, output)
         start = 0
         while start < depth:
             if cancel is not None and cancel.cancelled:
                 return None
             stop = min(start + batch_size, depth)
             try:
-                output[start:stop] = self._forward(model, canonical[start:stop], mapping, text, (height, width))
+                if pipeline is None:
+                    batch = torch.from_numpy(np.ascontiguousarray(canonical[start:stop], dtype=np.float32))
+                    probabilities = self._probabilities(model, batch, mapping, text, (height, width))
+                    output[start:stop] = probabilities.numpy()
+                else:
+                    pipeline.run(start, stop, batch_size, lambda batch: self._probabilities(
+                        model, batch, mapping, text, (height, width)))
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise
                 batch_size = max(1, batch_size // 2)
+                if pipeline is not None:
+                    pipeline.reset()
                 torch.cuda.empty_cache()
                 log.info("Out of GPU memory; retrying with %d slices per batch", batch_size)
                 continue
             start = stop
             if progress is not None:
                 progress(done_before + start, total)
+        if pipeline is not None:
+            pipeline.finish()
         return transform.inverse(output)
 
-    def _forward(self, model, slices: np.ndarray | torch.Tensor, mapping, text, size: tuple[int, int]) -> np.ndarray:
-        if isinstance(slices, np.ndarray):
-            slices = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
-        batch = slices.to(self.device)
+    def _pipeline(self, canonical: np.ndarray, output: np.ndarray) -> _StagedPipeline | None:
+        """Overlapped staging on CUDA; on the CPU batches are simply computed one after the other."""
+        if self.device.type == "cuda":
+            return _StagedPipeline(_CudaStreams(self.device), canonical, output)
+        return None
+
+    def _probabilities(self, model: LoadedModel, slices: torch.Tensor, mapping, text,
+                       size: tuple[int, int]) -> torch.Tensor:
+        """Raw slices ``(B, H0, W0)`` (on any device) -> probabilities ``(B, H0, W0)`` float32 on the model's device
+        (on the CPU for CPU models)."""
+        network = self._network(model)
+        batch = slices.to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast():
             x = model.preprocessing.prepare(batch, mapping)
-            logits = model.network(x, text.expand(x.shape[0]))
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits)[:, 0].cpu().numpy()
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = network(x, text.expand(x.shape[0]))
+            logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+            return torch.sigmoid(logits)[:, 0]
+
+
+class _CompiledOrEager(nn.Module):
+    """``torch.compile`` of a network that falls back to the eager network if compilation fails.
+
+    Inputs are padded to the largest batch seen so the compiled graph (and, on CUDA, its captured CUDA graph) is
+    reused for the last, shorter batch of a volume; the text must be one prompt for every row, as the engine
+    passes it. Shapes: as the wrapped network.
+    """
+
+    def __init__(self, network: nn.Module, mode: str | None) -> None:
+        super().__init__()
+        self.network = network
+        self.mode = mode
+        self.compiled = None
+        self.batch = 0
+        self.failed = False
+
+    def forward(self, image: torch.Tensor, text):
+        if self.failed:
+            return self.network(image, text)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.network, mode=self.mode, dynamic=False)
+        count = image.shape[0]
+        self.batch = max(self.batch, count)
+        padded = image
+        if count < self.batch:
+            padded = torch.cat([image, image[-1:].expand(self.batch - count, *image.shape[1:])])
+        prompt = TextFeatures(text.tokens[:1], text.mask[:1], text.pooled[:1]).expand(self.batch)
+        try:
+            return self.compiled(padded, prompt)[:count]
+        except Exception as error:  # compilation problems surface as many exception types
+            log.warning("torch.compile failed (%s); running uncompiled", str(error).strip().splitlines()[0])
+            self.failed = True
+            return self.network(image, text)
+
+
+class _CudaStreams:
+    """The CUDA side of :class:`_StagedPipeline`: pinned host memory, a copy stream and events."""
+
+    pinned = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device)
+
+    def upload(self, host: torch.Tensor):
+        with torch.cuda.stream(self.copy_stream):
+            uploaded = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return uploaded, ready
+
+    def wait(self, uploaded: torch.Tensor, ready) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(ready)
+        uploaded.record_stream(stream)
+
+    def download(self, host: torch.Tensor, result: torch.Tensor):
+        host.copy_(result, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return done
+
+
+class _SynchronousStreams:
+    """Stand-in for :class:`_CudaStreams` where every copy is complete when it returns (CPU tests of the
+    pipeline's bookkeeping)."""
+
+    pinned = False
+
+    class _Done:
+        def synchronize(self) -> None:
+            """Nothing to wait for."""
+
+    def upload(self, host: torch.Tensor):
+        return host.clone(), self._Done()
+
+    def wait(self, uploaded: torch.Tensor, ready) -> None:
+        """Nothing to wait for."""
+
+    def download(self, host: torch.Tensor, result: torch.Tensor):
+        host.copy_(result)
+        return self._Done()
+
+
+class _StagedPipeline:
+    """Double-buffered host staging with uploads and downloads overlapped with compute, for one volume.
+
+    ``run(start, stop, ...)`` computes batch ``[start, stop)`` (uploading it unless it was prefetched), then, while
+    the device works, writes the previous batch's result into ``output`` once its download has finished and
+    prefetches the next batch into the other staging buffer; the result's download is queued. ``finish()`` writes
+    the last result. On CUDA the buffers are pinned and the copies run on a side stream.
+    """
+
+    def __init__(self, streams, canonical: np.ndarray, output: np.ndarray) -> None:
+        self.streams, self.canonical, self.output = streams, canonical, output
+        self.pending: tuple[int, int, torch.Tensor, object] | None = None
+        self.host_in: list[torch.Tensor] = []
+        self.host_out: list[torch.Tensor] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget staged batches (after an out-of-memory error); a finished download is kept."""
+        self._drain()
+        self.prefetched: tuple[int, int, torch.Tensor, object] | None = None
+        self.slot = 0
+
+    def _buffers(self, batch_size: int) -> None:
+        if not self.host_in or self.host_in[0].shape[0] < batch_size:
+            shape = (batch_size, *self.canonical.shape[1:])
+            pinned = self.streams.pinned
+            self.host_in = [torch.empty(shape, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
+            self.host_out = [torch.empty(shape, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
+
+    def _upload(self, start: int, stop: int, slot: int):
+        staging = self.host_in[slot][: stop - start]
+        staging.copy_(torch.from_numpy(np.ascontiguousarray(self.canonical[start:stop], dtype=np.float32)))
+        return (start, stop, *self.streams.upload(staging))
+
+    def _drain(self) -> None:
+        if self.pending is not None:
+            start, stop, host, done = self.pending
+            done.synchronize()
+            self.output[start:stop] = host.numpy()
+            self.pending = None
+
+    def run(self, start: int, stop: int, batch_size: int, compute) -> None:
+        self._buffers(batch_size)
+        if self.prefetched is not None and self.prefetched[:2] == (start, stop):
+            _, _, batch, ready = self.prefetched
+        else:
+            _, _, batch, ready = self._upload(start, stop, self.slot)
+        self.prefetched = None
+        self.streams.wait(batch, ready)
+        probabilities = compute(batch)  # queued on the device; the host goes on
+        self._drain()  # the previous batch's result, and its buffers become free
+        following = min(stop + batch_size, self.canonical.shape[0])
+        if stop < following:
+            self.prefetched = self._upload(stop, following, 1 - self.slot)
+        host = self.host_out[self.slot][: stop - start]
+        self.pending = (start, stop, host, self.streams.download(host, probabilities))
+        self.slot = 1 - self.slot
+
+    def finish(self) -> None:
+        self._drain()
