@@ -1,135 +1,341 @@
-"""Inference benchmark: parameters, GFLOPs per slice and slices per second for each network configuration.
+"""TextSeg benchmark: every network at its paper resolution, on the CPU or the GPU, in one run.
 
-Run ``python Benchmarks/benchmark.py`` (or ``make benchmark``). It prints a Markdown table and, with ``--json``,
-writes the figures. Networks get random weights (speed does not depend on them); the text is a random 20-token
-prompt, encoded once, as the engine does. The end-to-end row times ``textseg segment`` on the real lung2 CT
-in a fresh process (start-up, model load, prompt encoding, 61 slices, writing the .seg.nrrd).
+    python Benchmarks/benchmark.py [--device cpu|cuda] [--json figures.json]        (or: make benchmark)
 
-GFLOPs count multiply-adds as two operations, from PyTorch's FLOP counter (convolutions and matrix products;
-FFTs, normalisation and element-wise work are not counted).
+For each network (paper and small presets) it prints parameters (total and trainable), GFLOPs per slice, and
+slices per second and peak memory for
+
+  (a) a naive loop: one slice at a time, fp32, the prompt re-encoded for every slice, and
+  (b) the engine as users get it (``InferenceEngine`` with its defaults),
+
+with the ratio b/a and the best batch size; then training throughput (forward, backward and AdamW step), and the
+end-to-end time of ``textseg segment`` (a fresh process: start-up, model and text encoder loading, reading,
+segmenting, writing) on the real lung2 CT and on a 512 x 512 x 300 CT made from it, plus the engine's time on that
+volume once the model is loaded. On CUDA it adds the measured bf16 matrix rate and the achieved TFLOP/s of each
+network, and compares the optimised path (bf16, channels-last) with fp32 on lung2 with the demo checkpoint.
+
+Networks get random weights (speed does not depend on them) and the packaged MiniLM text encoder. FreqMedCLIP's
+ViT is BiomedCLIP's ViT-B/16 architecture built locally with random weights (no download). GFLOPs count a
+multiply-add as two operations (PyTorch's FLOP counter: convolutions and matrix products; FFTs, normalisation and
+element-wise work are not counted). Peak memory is the GPU's allocator peak on CUDA and the growth of the process's
+peak resident memory on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from TextSegLib.models import create_model, preset_config
-from TextSegLib.text import TextFeatures
+from TextSegLib.checkpoints import CheckpointInfo
+from TextSegLib.inference import InferenceEngine, LoadedModel, load_model
+from TextSegLib.models import create_model, get_spec, preset_config
+from TextSegLib.preprocessing import Preprocessing
+from TextSegLib.text import TextFeatures, load_text_encoder
+from TextSegLib.volumes import CanonicalTransform, Volume, read_volume, write_image
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "pyradiomics"
-
-# (label, architecture, preset, input side, text width)
-CONFIGS = {
-    "texlivernet-paper": ("texlivernet", "paper", 256, 768),
-    "texlivernet-small": ("texlivernet", "small", 256, 384),
-}
-
-
-def random_text(dim: int, batch: int, device: torch.device) -> TextFeatures:
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randn(1, 20, dim, generator=generator).to(device)
-    return TextFeatures(tokens, torch.ones(1, 20, dtype=torch.bool, device=device),
-                        torch.randn(1, dim, generator=generator).to(device)).expand(batch)
+PROMPT = "a large soft-tissue mass in the posterior left lower lung"
+NETWORKS = ("texlivernet-paper", "texlivernet-small", "mmrdl-paper", "mmrdl-small", "freqmedclip-paper",
+            "freqmedclip-small")
+BIOMEDCLIP_VISION = {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                     "timm_proj": "linear", "image_size": 224}
 
 
-def gflops_per_slice(model: torch.nn.Module, side: int, dim: int, device: torch.device) -> float:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory during a ``with`` block: CUDA allocator peak, or growth of the process's peak RSS (Linux)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.bytes = device, 0
+
+    @staticmethod
+    def _rss_peak() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set size
+            self.start = self._rss_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self.bytes = self._rss_peak() - self.start
+
+
+def vision_folder(root: Path) -> Path:
+    """BiomedCLIP's image-tower architecture as an open_clip local folder, without weights (random init)."""
+    folder = root / "biomedclip-vit-b16"
+    folder.mkdir(exist_ok=True)
+    text = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
+    config = {"model_cfg": {"embed_dim": 512, "vision_cfg": BIOMEDCLIP_VISION, "text_cfg": text}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def build(label: str, device: torch.device, scratch: Path) -> LoadedModel:
+    """A random-weight network of ``label`` with the MiniLM encoder, as the engine loads checkpoints."""
+    architecture, preset = label.rsplit("-", 1)
+    encoder = load_text_encoder("minilm", device=device)
+    overrides: dict = {"text_dim": encoder.dim}
+    base = preset_config(architecture, preset)
+    if hasattr(base, "pooled_dim"):
+        overrides["pooled_dim"] = encoder.pooled_dim
+    if architecture == "freqmedclip":
+        overrides["vision_source"] = f"local-dir:{vision_folder(scratch)}"
+    config = preset_config(architecture, preset, **overrides)
+    torch.manual_seed(0)
+    network = create_model(architecture, config).to(device).eval()
+    spec = get_spec(architecture)
+    info = CheckpointInfo(architecture=architecture, config={}, text_encoder={"source": "minilm"},
+                          preprocessing=dict(spec.default_preprocessing), name=label)
+    preprocessing = Preprocessing.from_metadata(spec.default_preprocessing,
+                                                channels=getattr(config, "in_channels", 1))
+    return LoadedModel(network, info, encoder, preprocessing, device)
+
+
+def gflops(loaded: LoadedModel) -> float:
+    size = loaded.preprocessing.size
+    image = torch.zeros(1, loaded.preprocessing.channels, *size, device=loaded.device)
+    text = loaded.text_encoder.encode([PROMPT])
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model(torch.zeros(1, model.config.in_channels, side, side, device=device), random_text(dim, 1, device))
+        loaded.network(image, text)
     return counter.get_total_flops() / 1e9
 
 
-def slices_per_second(model, side: int, dim: int, batch: int, device: torch.device, seconds: float) -> float:
-    x = torch.rand(batch, model.config.in_channels, side, side, device=device)
-    text = random_text(dim, batch, device)
+def naive_loop(loaded: LoadedModel, volume: Volume) -> float:
+    """Slices per second of the naive loop (see the module docstring)."""
+    device = loaded.device
+    canonical = CanonicalTransform.create(volume.direction, "LPS").forward(volume.array)
+    mapping = loaded.preprocessing.intensity_for("CT").mapping(canonical)
+    _synchronize(device)
+    started = time.perf_counter()
+    for index in range(canonical.shape[0]):
+        text = loaded.text_encoder.encode([PROMPT])  # no cache: re-encoded for every slice
+        raw = torch.from_numpy(np.ascontiguousarray(canonical[index], dtype=np.float32))[None].to(device)
+        with torch.no_grad():
+            x = loaded.preprocessing.prepare(raw, mapping)
+            logits = loaded.network(x, text)
+            probability = torch.sigmoid(F.interpolate(logits, size=canonical.shape[1:], mode="bilinear"))
+        probability.cpu()
+    _synchronize(device)
+    return canonical.shape[0] / (time.perf_counter() - started)
+
+
+def engine_rate(loaded: LoadedModel, volume: Volume, batch_size: int | None, compile: bool = False) -> float:
+    engine = InferenceEngine(loaded, batch_size=batch_size, compile=compile)
+    engine.segment(volume, PROMPT)  # warm-up: prompt cache, cuDNN autotuning, compilation
+    _synchronize(loaded.device)
+    started = time.perf_counter()
+    engine.segment(volume, PROMPT)
+    _synchronize(loaded.device)
+    return volume.array.shape[0] / (time.perf_counter() - started)
+
+
+def training_rate(loaded: LoadedModel, batch: int, seconds: float) -> float:
+    """Slices per second of forward, loss, backward and AdamW step on random slices (AMP on CUDA)."""
+    device = loaded.device
+    network = loaded.network
+    network.train()
+    loss_fn = get_spec(loaded.info.architecture).loss(network.config)
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-4)
+    images = torch.rand(batch, loaded.preprocessing.channels, *loaded.preprocessing.size, device=device)
+    targets = (torch.rand(batch, 1, *loaded.preprocessing.size, device=device) > 0.9).float()
+    text = loaded.text_encoder.encode([PROMPT]).expand(batch)
+    text = TextFeatures(text.tokens.contiguous(), text.mask.contiguous(), text.pooled.contiguous())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    with torch.inference_mode(), autocast:
-        model(x, text)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds or done < 2 * batch:
-            model(x, text)
+    done, started = -1, 0.0
+    while done < 0 or time.perf_counter() - started < seconds or done < 2 * batch:
+        with autocast:
+            losses = loss_fn(network.forward_train(images, text), targets)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        _synchronize(device)
+        if done < 0:  # the first step is a warm-up
+            done, started = 0, time.perf_counter()
+        else:
             done += batch
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        return done / (time.perf_counter() - started)
+    network.eval()
+    return done / (time.perf_counter() - started)
 
 
-def end_to_end_seconds(preset: str) -> float:
-    """Wall time of ``textseg segment`` on lung2 in a fresh process, with a random-weight checkpoint."""
-    from TextSegLib.checkpoints import save_checkpoint
+def bf16_matrix_rate(device: torch.device) -> float:
+    """Measured bf16 matrix-multiply TFLOP/s (8192 x 8192 products)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 20 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12
 
-    with tempfile.TemporaryDirectory() as folder:
-        model = create_model("texlivernet", preset_config("texlivernet", preset, text_dim=384))
-        checkpoint = Path(folder) / "model.safetensors"
-        save_checkpoint(checkpoint, model, architecture="texlivernet",
-                        text_encoder={"source": "minilm", "max_tokens": 128})
-        command = [str(Path(sys.executable).parent / "textseg"), "segment", str(DATA / "lung2_image.nrrd"),
-                   "-p", "a large soft-tissue mass in the posterior left lower lung", "-m", str(checkpoint),
-                   "-o", folder, "-q"]
-        started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        return time.perf_counter() - started
+
+def end_to_end(path: Path, model: str, device: torch.device, out: Path) -> float:
+    command = [str(Path(sys.executable).parent / "textseg"), "segment", str(path), "-p", PROMPT, "-m", model,
+               "-o", str(out), "-q", "--device", device.type]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def large_volume(lung2: Volume, folder: Path) -> Path:
+    """lung2 resampled (linear) to 300 slices of 1.02 mm: a 512 x 512 x 300 CT of real anatomy."""
+    import SimpleITK as sitk
+
+    image = lung2.to_sitk()
+    spacing = (image.GetSpacing()[0], image.GetSpacing()[1], image.GetSpacing()[2] * image.GetDepth() / 300)
+    resampled = sitk.Resample(image, (image.GetWidth(), image.GetHeight(), 300), sitk.Transform(),
+                              sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection(), -1024.0,
+                              sitk.sitkInt16)
+    path = folder / "lung2_300.nrrd"
+    write_image(path, sitk.GetArrayFromImage(resampled), Volume.from_sitk(resampled), compress=False)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
-    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated: " + ", ".join(NETWORKS))
+    parser.add_argument("--slices", type=int, default=16, help="lung2 slices for the throughput measurements")
+    parser.add_argument("--batch-sizes", default="1,2,4,8", help="engine batch sizes to sweep")
+    parser.add_argument("--seconds", type=float, default=5.0, help="timing window for training throughput")
+    parser.add_argument("--compile", action="store_true", help="also time the engine with torch.compile")
+    parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--model", default="demo-texlivernet-small", help="checkpoint for the end-to-end rows")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+                          "cpu" if args.device == "auto" else args.device)
+    lung2 = read_volume(DATA / "lung2_image.nrrd")
+    middle = lung2.array.shape[0] // 2
+    slab = Volume.from_sitk(lung2.to_sitk()[:, :, middle - args.slices // 2 : middle + (args.slices + 1) // 2])
+    figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                     f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__, "networks": {}}
+    if device.type == "cuda":
+        figures["bf16_matrix_tflops"] = bf16_matrix_rate(device)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    rows = []
-    for label in args.configs.split(","):
-        architecture, preset, side, dim = CONFIGS[label]
-        torch.manual_seed(0)
-        model = create_model(architecture, preset_config(architecture, preset, text_dim=dim)).to(device).eval()
-        params = sum(p.numel() for p in model.parameters())
-        flops = gflops_per_slice(model, side, dim, device)
-        rates = {b: slices_per_second(model, side, dim, b, device, args.seconds) for b in batch_sizes}
-        best = max(rates, key=rates.get)
-        row = {"config": label, "input": f"{side}x{side}", "device": str(device), "params_m": params / 1e6,
-               "gflops_per_slice": flops, "slices_per_s_batch1": rates.get(1),
-               "best_batch": best, "slices_per_s_best": rates[best], "rates": rates}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            slices_per_second(model, side, dim, best, device, 0.5)
-            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        rows.append(row)
-        print(f"measured {label}: {rates}", file=sys.stderr)
-    cores = torch.get_num_threads()
-    print(f"\nDevice: {device} ({cores} CPU threads), torch {torch.__version__}\n")
-    print("| network | input | params (M) | GFLOPs/slice | slices/s, batch 1 | slices/s, best batch |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        single = f"{row['slices_per_s_batch1']:.1f}" if row["slices_per_s_batch1"] else "-"
-        print(f"| {row['config']} | {row['input']} | {row['params_m']:.2f} | {row['gflops_per_slice']:.1f} | "
-              f"{single} | {row['slices_per_s_best']:.1f} (batch {row['best_batch']}) |")
-    result = {"device": str(device), "threads": cores, "rows": rows}
-    if not args.skip_end_to_end:
-        seconds = end_to_end_seconds("small")
-        result["end_to_end_lung2_small_s"] = seconds
-        print(f"\n`textseg segment` on lung2 (512 x 512 x 61), small TexLiverNet, fresh process: {seconds:.1f} s")
+    with tempfile.TemporaryDirectory() as scratch:
+        for label in args.networks.split(","):
+            loaded = build(label, device, Path(scratch))
+            row = {"params_m": sum(p.numel() for p in loaded.network.parameters()) / 1e6,
+                   "trainable_m": sum(p.numel() for p in loaded.network.parameters() if p.requires_grad) / 1e6,
+                   "gflops": gflops(loaded)}
+            with PeakMemory(device) as memory:
+                row["naive"] = naive_loop(loaded, slab)
+            row["naive_memory_mb"] = memory.bytes / 2**20
+            with PeakMemory(device) as memory:
+                row["engine"] = engine_rate(loaded, slab, None)
+            row["engine_memory_mb"] = memory.bytes / 2**20
+            row["ratio"] = row["engine"] / row["naive"]
+            row["sweep"] = {b: engine_rate(loaded, slab, b) for b in batch_sizes}
+            if args.compile:
+                row["engine_compiled"] = engine_rate(loaded, slab, None, compile=True)
+            if not args.skip_training:
+                row["training"] = training_rate(loaded, 16 if device.type == "cuda" else 4, args.seconds)
+            if device.type == "cuda":
+                row["tflops"] = row["gflops"] * max(row["engine"], *row["sweep"].values()) / 1e3
+            figures["networks"][label] = row
+            print(f"measured {label}", file=sys.stderr)
+            del loaded
+        if not args.skip_end_to_end:
+            out = Path(scratch) / "out"
+            model = load_model(args.model, device)
+            figures["end_to_end_lung2_s"] = end_to_end(DATA / "lung2_image.nrrd", args.model, device, out)
+            large = large_volume(lung2, Path(scratch))
+            figures["end_to_end_512x512x300_s"] = end_to_end(large, args.model, device, out)
+            volume = read_volume(large)
+            engine = InferenceEngine(model)
+            engine.segment(volume, PROMPT)
+            _synchronize(device)
+            started = time.perf_counter()
+            with PeakMemory(device) as memory:
+                engine.segment(volume, PROMPT)
+            _synchronize(device)
+            figures["engine_512x512x300_s"] = time.perf_counter() - started
+            figures["engine_512x512x300_memory_mb"] = memory.bytes / 2**20
+            figures["input_512x512x300_mb"] = volume.array.nbytes / 2**20
+            if device.type == "cuda":
+                fp32 = InferenceEngine(model, amp=False).segment(lung2, PROMPT, probability=True)
+                fast = InferenceEngine(model).segment(lung2, PROMPT, probability=True)
+                overlap = np.logical_and(fp32.mask, fast.mask).sum()
+                total = fp32.mask.sum() + fast.mask.sum()
+                figures["optimised_vs_fp32"] = {
+                    "dice": 1.0 if total == 0 else float(2 * overlap / total),
+                    "max_probability_difference": float(np.abs(fp32.probability - fast.probability).max()),
+                }
+    report(figures, batch_sizes)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def report(figures: dict, batch_sizes: list[int]) -> None:
+    print(f"\nDevice: {figures['device']}, torch {figures['torch']}\n")
+    gpu = "bf16_matrix_tflops" in figures
+    header = ("| network | params (M), trainable | GFLOPs/slice | naive slices/s | engine slices/s | engine/naive | "
+              + " | ".join(f"batch {b}" for b in batch_sizes) + " | peak memory naive / engine (MB) |")
+    extra = (" training slices/s |" if any("training" in r for r in figures["networks"].values()) else "")
+    extra += " TFLOP/s |" if gpu else ""
+    print(header + extra)
+    print("|---" * (header.count("|") - 1 + extra.count("|")) + "|")
+    for label, row in figures["networks"].items():
+        cells = [label, f"{row['params_m']:.2f}, {row['trainable_m']:.2f}", f"{row['gflops']:.1f}",
+                 f"{row['naive']:.2f}", f"{row['engine']:.2f}", f"{row['ratio']:.2f}",
+                 *[f"{row['sweep'][b]:.2f}" for b in batch_sizes],
+                 f"{row['naive_memory_mb']:.0f} / {row['engine_memory_mb']:.0f}"]
+        if "training" in row:
+            cells.append(f"{row['training']:.2f}")
+        if gpu:
+            cells.append(f"{row['tflops']:.1f}")
+        print("| " + " | ".join(cells) + " |")
+    if "engine_compiled" in next(iter(figures["networks"].values()), {}):
+        print("\nWith torch.compile: " + ", ".join(f"{k} {r['engine_compiled']:.2f} slices/s"
+                                                    for k, r in figures["networks"].items()))
+    if gpu:
+        print(f"\nMeasured bf16 matrix rate: {figures['bf16_matrix_tflops']:.0f} TFLOP/s")
+    if "end_to_end_lung2_s" in figures:
+        print(f"\n`textseg segment`, fresh process: lung2 (512 x 512 x 61) {figures['end_to_end_lung2_s']:.1f} s, "
+              f"512 x 512 x 300 {figures['end_to_end_512x512x300_s']:.1f} s; engine on 512 x 512 x 300 once "
+              f"loaded {figures['engine_512x512x300_s']:.2f} s, peak memory "
+              f"{figures['engine_512x512x300_memory_mb']:.0f} MB (input {figures['input_512x512x300_mb']:.0f} MB)")
+    if "optimised_vs_fp32" in figures:
+        check = figures["optimised_vs_fp32"]
+        print(f"Optimised path vs fp32 on lung2: mask Dice {check['dice']:.4f}, largest probability difference "
+              f"{check['max_probability_difference']:.4f}")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -286,3 +286,26 @@ def test_compiled_networks_match_eager_and_fall_back(monkeypatch):
     assert not wrapped.failed and short.shape == (3, 1, 16, 16)
     torch.testing.assert_close(full, network(images, text.expand(4)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(short, full[:3], atol=1e-5, rtol=1e-5)
+
+
+def test_batchnorm_folding_keeps_the_outputs(model):
+    import copy
+
+    from TextSegLib.inference import fold_batchnorm
+    from TextSegLib.text import TextFeatures
+
+    network = copy.deepcopy(model.network).eval()
+    folded = fold_batchnorm(copy.deepcopy(network))
+    def count(net: torch.nn.Module) -> int:
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+    assert count(folded) < count(network) // 2
+    text = TextFeatures(torch.randn(1, 6, 384), torch.ones(1, 6, dtype=torch.bool), torch.zeros(1, 384)).expand(2)
+    images = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(images, text), network(images, text), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(network.train())
+    engine = InferenceEngine(model)
+    assert engine._network(model) is InferenceEngine(model)._network(model)  # prepared once per model
+    assert count(engine._network(model)) == count(folded) and count(model.network) == count(network)

@@ -5,8 +5,10 @@ Data path (``DESIGN.md``):
 1. the volume's array is put in each model's canonical orientation (axis permutation and flips, a view);
 2. the prompt is encoded once per (text encoder, prompt) through the LRU cache;
 3. slices go to the device in batches and are normalised and resized there (``preprocessing.py``);
-4. batched forward under ``torch.inference_mode()``, autocast (bf16, or fp16 where bf16 is missing) on CUDA;
-   on CUDA out-of-memory the batch is halved and retried;
+4. batched forward under ``torch.inference_mode()`` through a copy of the network with BatchNorm folded into the
+   preceding convolutions; on CUDA with autocast (bf16, or fp16 where bf16 is missing), channels-last tensors,
+   cuDNN autotuning and pinned-memory copies overlapped with compute; the batch size comes from the free GPU
+   memory, and on out-of-memory the batch is halved and retried; ``torch.compile`` on request;
 5. logits are resized to each slice's own size, passed through the sigmoid, mapped back to the input
    orientation, averaged over the models of an ensemble, and thresholded.
 
@@ -17,11 +19,13 @@ so re-prompting the same volume only pays for the forward passes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +86,7 @@ class LoadedModel:
     text_encoder: TextEncoder
     preprocessing: Preprocessing
     device: torch.device
+    prepared: dict[bool, nn.Module] = field(default_factory=dict, repr=False)  # engine networks, by compile
 
     @property
     def id(self) -> str:
@@ -193,21 +198,22 @@ class InferenceEngine:
         self.amp = amp
         self.compile = compile
         self._per_slice_bytes: dict[str, int] = {}
-        self._networks: dict[str, nn.Module] = {}
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
     def _network(self, model: LoadedModel) -> nn.Module:
-        """The callable network for ``model``: channels-last on CUDA, compiled when asked (once per engine)."""
-        if model.id not in self._networks:
-            network = model.network
+        """The callable network for ``model``: a copy with every BatchNorm that follows a convolution folded into
+        it, channels-last on CUDA, compiled when asked. Kept on the loaded model, so every engine (every
+        re-prompt in Slicer) reuses it."""
+        if self.compile not in model.prepared:
+            network = fold_batchnorm(copy.deepcopy(model.network).eval())
             if self.device.type == "cuda":
                 network = network.to(memory_format=torch.channels_last)
             if self.compile:
                 mode = "reduce-overhead" if self.device.type == "cuda" else None
                 network = _CompiledOrEager(network, mode)
-            self._networks[model.id] = network
-        return self._networks[model.id]
+            model.prepared[self.compile] = network
+        return model.prepared[self.compile]
 
     def _autocast(self):
         if self.device.type == "cuda" and self.amp:
@@ -356,6 +362,25 @@ class InferenceEngine:
             logits = network(x, text.expand(x.shape[0]))
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
             return torch.sigmoid(logits)[:, 0]
+
+
+def fold_batchnorm(network: nn.Module) -> nn.Module:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` in an ``nn.Sequential`` into the
+    convolution's weights (the BatchNorm becomes an identity). Same outputs up to rounding, one pass fewer over
+    every such feature map. Modifies and returns ``network``, which must be in eval mode."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if network.training:
+        raise ValueError("fold_batchnorm needs a network in eval mode")
+    for module in network.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (name, first), (next_name, second) in pairwise(children):
+            if type(first) is nn.Conv2d and type(second) is nn.BatchNorm2d and second.track_running_stats:
+                setattr(module, name, fuse_conv_bn_eval(first, second))
+                setattr(module, next_name, nn.Identity())
+    return network
 
 
 class _CompiledOrEager(nn.Module):
