@@ -1,9 +1,10 @@
-# Set-up and checks. `make test` creates .venv, installs TextSeg with its test tools, runs ruff and pytest.
+# Set-up and checks. `make demo` creates .venv, installs TextSeg and runs the demo on the bundled real CT;
+# `make test` installs TextSeg with its test tools and runs ruff and pytest.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint benchmark
+.PHONY: install test lint benchmark demo
 
 $(BIN)/textseg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +13,9 @@ $(BIN)/textseg: pyproject.toml
 	touch $@
 
 install: $(BIN)/textseg
+
+demo: install
+	$(BIN)/textseg demo --output textseg-demo
 
 lint: install
 	$(BIN)/ruff check .
