@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = base.resolve(base.data.manifest)
     cases = read_manifest(manifest)
     chosen = args.cases.split(",") if args.cases else [c.case for c in cases]
-    output = Path(args.output)
+    output = Path(args.output).resolve()
     context = setup(base.train.device)
     rows = []
     for case in [c for c in cases if c.case in chosen]:
