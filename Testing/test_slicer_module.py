@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import ast
-import json
 import re
 import subprocess
 import sys
@@ -189,25 +188,6 @@ def test_the_module_follows_the_template_and_imports_nothing_heavy(tree):
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in MODULE.rglob("*.py")), ids=str)
 def test_the_module_files_compile(path):
     compile((REPO / path).read_text(), str(path), "exec")
-
-
-def test_the_slicer_tests_find_the_demonstration_case():
-    """``DEMO_FOLDERS`` of the Slicer logic test leads to a real case (the bundled one, or the shared data)."""
-    tree = ast.parse((MODULE / "Testing" / "Python" / "TextSegLogicTest.py").read_text())
-    constants = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
-                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-                 and isinstance(node.value, ast.Constant | ast.Tuple)}
-    found = []
-    for folder in (REPO / name for name in constants["DEMO_FOLDERS"]):
-        if (folder / "case.json").is_file():
-            case = json.loads((folder / "case.json").read_text())
-            found.append((folder / case["image"], folder / case["label"]))
-        elif (folder / f"{constants['FALLBACK_CASE']}_image.nrrd").is_file():
-            found.append((folder / f"{constants['FALLBACK_CASE']}_image.nrrd",
-                          folder / f"{constants['FALLBACK_CASE']}_label.nrrd"))
-    assert found, constants["DEMO_FOLDERS"]
-    image, label = found[0]
-    assert sitk.ReadImage(str(image)).GetSize() == sitk.ReadImage(str(label)).GetSize()
 
 
 # ---------------------------------------------------------------------------------------------------- CMake

@@ -100,29 +100,33 @@ class Volume:
         """Validate a SimpleITK image (scalar, 2D or 3D, not empty) and wrap it."""
         import SimpleITK as sitk
 
-        name = source or "The image"
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise VolumeError(
-                f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (a vector or colour image); "
-                "TextSeg segments scalar CT or MR volumes: convert it to a scalar volume first."
-            )
-        dimension = image.GetDimension()
-        if dimension == 4:
-            raise VolumeError(
-                f"{name} is 4D (a time series or several volumes in one file); extract one 3D volume first, "
-                "for example with Slicer's Sequences module."
-            )
-        if dimension == 2:
+        _check_layout(source or "The image", image.GetNumberOfComponentsPerPixel(), image.GetDimension(),
+                      image.GetSize())
+        if image.GetDimension() == 2:
             image = sitk.JoinSeries(image)
-        elif dimension != 3:
-            raise VolumeError(f"{name} has {dimension} dimensions; TextSeg segments 3D (or 2D) images.")
-        if 0 in image.GetSize():
-            raise VolumeError(f"{name} is empty (size {image.GetSize()}); there is nothing to segment.")
         array = sitk.GetArrayFromImage(image)
         if array.dtype == np.float64 or not np.issubdtype(array.dtype, np.number):
             array = array.astype(np.float32)
         direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
         return cls(array, tuple(image.GetSpacing()), tuple(image.GetOrigin()), direction, modality, source)
+
+
+def _check_layout(name: str, components: int, dimension: int, size: tuple[int, ...]) -> None:
+    """Refuse what TextSeg cannot segment: vector images, 4D (or other non 2D/3D) images, empty images."""
+    if components != 1:
+        raise VolumeError(
+            f"{name} has {components} values per voxel (a vector or colour image); "
+            "TextSeg segments scalar CT or MR volumes: convert it to a scalar volume first."
+        )
+    if dimension == 4:
+        raise VolumeError(
+            f"{name} is 4D (a time series or several volumes in one file); extract one 3D volume first, "
+            "for example with Slicer's Sequences module."
+        )
+    if dimension not in (2, 3):
+        raise VolumeError(f"{name} has {dimension} dimensions; TextSeg segments 3D (or 2D) images.")
+    if 0 in size:
+        raise VolumeError(f"{name} is empty (size {tuple(size)}); there is nothing to segment.")
 
 
 def _dicom_files(folder: Path) -> list[str]:
@@ -179,22 +183,7 @@ def check_volume_file(path: str | os.PathLike[str]) -> None:
     """Check from the file header alone that ``path`` is a readable scalar 2D/3D image (raises VolumeError)."""
     path = Path(path)
     reader = _read_sitk(path, header_only=True)
-    name = str(path)
-    if reader.GetNumberOfComponents() != 1:
-        raise VolumeError(
-            f"{name} has {reader.GetNumberOfComponents()} values per voxel (a vector or colour image); "
-            "TextSeg segments scalar CT or MR volumes: convert it to a scalar volume first."
-        )
-    dimension = reader.GetDimension()
-    if dimension == 4:
-        raise VolumeError(
-            f"{name} is 4D (a time series or several volumes in one file); extract one 3D volume first, "
-            "for example with Slicer's Sequences module."
-        )
-    if dimension not in (2, 3) and not path.is_dir():
-        raise VolumeError(f"{name} has {dimension} dimensions; TextSeg segments 3D (or 2D) images.")
-    if 0 in reader.GetSize():
-        raise VolumeError(f"{name} is empty (size {reader.GetSize()}); there is nothing to segment.")
+    _check_layout(str(path), reader.GetNumberOfComponents(), reader.GetDimension(), reader.GetSize())
 
 
 def read_volume(path: str | os.PathLike[str], modality: str | None = None) -> Volume:

@@ -1,13 +1,11 @@
 """TextSeg's logic in the real 3D Slicer application (run by ctest, or from Slicer's Python console).
 
-The demonstration case (lung2, a real CT with a lung mass) is segmented through ``TextSegLogic`` with the shipped
-demonstration model, or, while none ships, a small TexLiverNet made here with random weights. The tests check the
-segment against the engine's own mask on the volume's grid, its name, terminology and tags, that the user's
-segment survives and a re-run replaces its own segment, that a cancelled run adds nothing to the scene, and that
-bad input is refused with a clear message.
+The bundled demonstration case (lung2, a real CT with a lung mass, ``TextSegLib/data/demo``) is segmented through
+``TextSegLogic`` with the shipped demonstration model. The tests check the segment against the engine's own mask on
+the volume's grid, its name, terminology and tags, that the user's segment survives and a re-run replaces its own
+segment, that a cancelled run adds nothing to the scene, and that bad input is refused with a clear message.
 """
 
-import json
 import os
 import tempfile
 import time
@@ -16,77 +14,6 @@ from pathlib import Path
 import numpy as np
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
-
-# Where the demonstration case is looked for, relative to the repository; the first folder that has it wins
-# ($TEXTSEG_DATA and TextSegLib/data/demo of the installed module are tried before these). A folder holds either
-# TextSeg's bundled case (case.json naming the image, the label and the prompt) or the pyradiomics sample data
-# (FALLBACK_CASE_image.nrrd and FALLBACK_CASE_label.nrrd, segmented with FALLBACK_PROMPT).
-DEMO_FOLDERS = ("TextSegLib/data/demo", "../shared/data/pyradiomics")
-FALLBACK_CASE = "lung2"
-FALLBACK_PROMPT = "a large soft-tissue mass in the posterior left lower lung"
-# The shipped demonstration model, used when the catalogue has it; otherwise the tests make a small random one.
-DEMO_MODEL = "demo-texlivernet-small"
-REPOSITORY = Path(__file__).resolve().parents[3]
-
-
-def findDemoCase() -> dict:
-    """The demonstration case: ``{"image": Path, "label": Path, "prompt": str}`` (see ``DEMO_FOLDERS``)."""
-    import TextSegLib
-
-    candidates = [Path(os.environ["TEXTSEG_DATA"])] if os.environ.get("TEXTSEG_DATA") else []
-    candidates.append(Path(TextSegLib.__file__).resolve().parent / "data" / "demo")
-    candidates += [(REPOSITORY / folder).resolve() for folder in DEMO_FOLDERS]
-    for folder in candidates:
-        if (folder / "case.json").is_file():
-            case = json.loads((folder / "case.json").read_text())
-            return {"image": folder / case["image"], "label": folder / case["label"], "prompt": case["prompt"]}
-        if (folder / f"{FALLBACK_CASE}_image.nrrd").is_file():
-            return {"image": folder / f"{FALLBACK_CASE}_image.nrrd", "label": folder / f"{FALLBACK_CASE}_label.nrrd",
-                    "prompt": FALLBACK_PROMPT}
-    raise FileNotFoundError(f"The demonstration case was not found in {[str(c) for c in candidates]}.")
-
-
-def chooseModel(folder: Path, volumeArray: np.ndarray, prompt: str) -> Path:
-    """The shipped demonstration model if the catalogue has it, else a small random one made in ``folder``."""
-    from TextSegLib.checkpoints import Catalogue
-
-    for entry in Catalogue().entries():
-        if entry.id == DEMO_MODEL:
-            return entry.path
-    return makeSmallCheckpoint(folder / "small.safetensors", volumeArray, prompt)
-
-
-def makeSmallCheckpoint(path: Path, volumeArray: np.ndarray, prompt: str) -> Path:
-    """A small-preset TexLiverNet with random weights, calibrated on the case so that its mask is not empty.
-
-    BatchNorm statistics come from a pass over a few windowed slices with the prompt's MiniLM features, and the
-    output bias is shifted so that about a third of those voxels come out inside.
-    """
-    import torch
-
-    from TextSegLib.checkpoints import save_checkpoint
-    from TextSegLib.models import create_model, preset_config
-    from TextSegLib.text import load_text_encoder
-
-    torch.manual_seed(0)
-    network = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384))
-    depth = volumeArray.shape[0]
-    slices = volumeArray[depth // 3: 2 * depth // 3: max(1, depth // 24)].astype(np.float32)
-    images = torch.from_numpy(np.clip((slices + 200.0) / 400.0, 0.0, 1.0))[:, None]
-    images = torch.nn.functional.interpolate(images, size=(256, 256), mode="bilinear", antialias=True)
-    text = load_text_encoder({"source": "minilm", "max_tokens": network.config.max_text_tokens}) \
-        .encode_cached(prompt).expand(images.shape[0])
-    with torch.no_grad():
-        network.train()
-        network(images, text)
-        network.eval()
-        logits = network(images, text)
-        network.head.bias -= torch.quantile(logits.flatten()[::11], 0.67)
-    save_checkpoint(path, network, architecture="texlivernet",
-                    text_encoder={"source": "minilm", "max_tokens": network.config.max_text_tokens},
-                    name="TextSeg test model", description="random weights, for the module tests",
-                    example_prompts=[prompt])
-    return path
 
 
 def nodeIds() -> list:
@@ -107,11 +34,13 @@ class TextSegLogicTest(ScriptedLoadableModuleTest):
 
         self.logic = TextSegLogic()
         self.logic.ensureDependencies(askConfirmation=False)
-        self.case = findDemoCase()
+        from TextSegLib.checkpoints import Catalogue
+        from TextSegLib.demo import DEMO_MODEL, demo_case
+
+        self.case = demo_case()
         self.prompt = self.case["prompt"]
         self.volumeNode = slicer.util.loadVolume(str(self.case["image"]))
-        self.checkpoint = chooseModel(Path(self._temporary.name), slicer.util.arrayFromVolume(self.volumeNode),
-                                      self.prompt)
+        self.checkpoint = Catalogue().resolve(DEMO_MODEL)
 
     def tearDown(self) -> None:
         """Restore the models folder and remove the temporary files."""
