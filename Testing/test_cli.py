@@ -71,10 +71,10 @@ def test_segment_lung2_writes_segments_with_geometry_names_and_tags(tmp_path, ca
 def test_the_console_script_runs(tmp_path, slab, small_checkpoint):
     script = Path(sys.executable).parent / "textseg"
     assert script.exists(), "the textseg console script is not installed next to this Python"
-    version = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
+    version = subprocess.run([script, "--version"], capture_output=True, encoding="utf-8", errors="replace", check=True)
     assert version.stdout.strip() == f"textseg {__version__}"
     done = subprocess.run([script, "segment", slab, "-p", PROMPT, "-m", small_checkpoint, "-o", tmp_path],
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8", errors="replace")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "lung2_slab.seg.nrrd").is_file()
 

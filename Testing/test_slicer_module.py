@@ -278,9 +278,10 @@ def fake_slicer(tmp_path_factory) -> Path:
 
 def run_batch(fake_slicer: Path, *arguments) -> subprocess.CompletedProcess:
     script = MODULE / "Scripts" / "TextSegBatch.py"
-    return subprocess.run([sys.executable, str(script), *map(str, arguments)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script), *map(str, arguments)], capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=300,
                           env={"PYTHONPATH": str(fake_slicer), "PATH": "/usr/bin:/bin",
-                               "TEXTSEG_MODELS_DIR": str(fake_slicer / "models")}, timeout=300)
+                               "TEXTSEG_MODELS_DIR": str(fake_slicer / "models")})
 
 
 def test_the_headless_script_runs_textseg_segment(fake_slicer, tmp_path, data_dir, small_checkpoint):

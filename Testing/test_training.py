@@ -54,7 +54,8 @@ def run_training(args: list[str], processes: int = 1, timeout: int = 600) -> sub
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
         if processes > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, str(TRAIN), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run([*launcher, str(TRAIN), *args], capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 

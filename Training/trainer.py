@@ -180,7 +180,7 @@ class Trainer:
         if self.context.is_main:
             from tqdm import tqdm
 
-            progress = tqdm(total=batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
+            progress = tqdm(total=batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=None)
         self.optimizer.zero_grad(set_to_none=True)
         for index, batch in enumerate(self.loader):
             last_micro = (index + 1) % train.accumulation == 0 or index + 1 == batches
