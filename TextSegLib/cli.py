@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .evaluation import case_name
+from .volumes import case_name
 
 log = logging.getLogger("textseg")
 

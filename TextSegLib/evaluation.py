@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from .metrics import METRIC_NAMES, evaluate_case
+from .volumes import case_name
 
 __all__ = [
     "COLUMNS",
+    "case_name",
     "evaluate_manifest",
     "evaluate_pairs",
     "match_folders",
@@ -36,20 +38,10 @@ __all__ = [
 COLUMNS = ("case", *METRIC_NAMES)
 _LABELS = {"case": "case", "dice": "Dice", "iou": "IoU", "voe": "VOE", "ravd": "RAVD", "hd": "HD (mm)",
            "hd95": "HD95 (mm)", "assd": "ASSD (mm)"}
-IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
 
 
 class GridMismatchError(ValueError):
     """Prediction and reference are not on the same voxel grid."""
-
-
-def case_name(path: Path) -> str:
-    """File name without image suffixes (``lung2_image.nrrd`` -> ``lung2_image``); folder name for DICOM."""
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def read_mask(path: Path, segment: str | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:

@@ -28,6 +28,7 @@ __all__ = [
     "Volume",
     "VolumeError",
     "atomic_write",
+    "case_name",
     "check_volume_file",
     "guess_modality",
     "orientation_code",
@@ -35,6 +36,7 @@ __all__ = [
     "write_image",
 ]
 
+IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
 SUPPORTED = "NRRD (.nrrd, .nhdr), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) or a folder of one DICOM series"
 
 _AXIS_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
@@ -109,6 +111,15 @@ class Volume:
             array = array.astype(np.float32)
         direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
         return cls(array, tuple(image.GetSpacing()), tuple(image.GetOrigin()), direction, modality, source)
+
+
+def case_name(path: Path) -> str:
+    """File name without image suffixes (``lung2_image.nrrd`` -> ``lung2_image``); folder name for DICOM."""
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _check_layout(name: str, components: int, dimension: int, size: tuple[int, ...]) -> None:
