@@ -302,3 +302,19 @@ def test_leave_one_out_never_trains_on_the_held_out_case(tmp_path, data_dir, ann
         rows = list(csv.DictReader(handle))
     assert [row["case"] for row in rows] == ["brain2", "breast1", "mean"]
     assert "| **mean** |" in (tmp_path / "loo" / "loo.md").read_text()
+
+
+def test_leave_one_out_resumes_an_interrupted_fold_and_skips_a_finished_one(tmp_path, data_dir, annotations):
+    from Training.leave_one_out import main as leave_one_out
+
+    manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain2", "breast1"], annotations)
+    common = ["--config", str(CONFIGS / "demo.toml"), "--output", str(tmp_path / "loo"), "--cases", "brain2",
+              "--set", f"data.manifest=\"{manifest}\"", "--set", "data.slices=\"lesion\"", "--set", "train.epochs=2"]
+    log = tmp_path / "loo" / "brain2" / "log.csv"
+    assert leave_one_out([*common, "--set", "train.max_steps=1"]) == 0  # stands for a run cut off after epoch 1
+    assert len(log.read_text().splitlines()) == 2
+    assert leave_one_out([*common, "--set", "train.max_steps=2"]) == 0
+    assert [row["epoch"] for row in csv.DictReader(log.open())] == ["1", "2"]
+    assert load_model(tmp_path / "loo" / "brain2" / "model.safetensors", "cpu").info.training["epoch"] == 2
+    assert leave_one_out([*common, "--set", "train.max_steps=2"]) == 0
+    assert len(log.read_text().splitlines()) == 3

@@ -4,8 +4,9 @@
 
 Each fold trains in ``<output>/<case>/`` with the config's recipe on the other cases (no validation split, the last
 epoch is kept, so the held-out case influences nothing), then segments the held-out volume with its own text
-through the inference engine and compares with its label on the original grid. A fold whose model already exists
-is not trained again. Writes ``loo.csv`` and ``loo.md`` (per-case table and means) to ``<output>``.
+through the inference engine and compares with its label on the original grid. An interrupted fold resumes from its
+training state; a finished one is not trained again. Writes ``loo.csv`` and ``loo.md`` (per-case table and means)
+to ``<output>``.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                      "data.val_fraction=0.0", "export.select=\"last\""]
         config = load_config(args.config, overrides)
         checkpoint = fold / "model.safetensors"
-        if not checkpoint.is_file():
+        resume = (fold / "state" / "train.safetensors").is_file()
+        if resume or not checkpoint.is_file():
             print(f"[{case.case}] training on the other {len(cases) - 1} case(s) ...", file=sys.stderr)
-            Trainer(config, fold, context).fit()
+            Trainer(config, fold, context).fit(resume=resume)
         clear_model_cache()
         engine = InferenceEngine(load_model(checkpoint, context.device))
         rows += evaluation.evaluate_manifest(engine, [case])

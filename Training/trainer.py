@@ -316,6 +316,8 @@ class Trainer:
                 writer = None
         patience = config.train.early_stop_patience
         for epoch in range(progress["epoch"], config.train.epochs):
+            if config.train.max_steps is not None and progress["steps"] >= config.train.max_steps:
+                break  # a resumed run that had already finished
             started = time.perf_counter()
             train_metrics, progress["steps"] = self.train_epoch(epoch, progress["steps"])
             self.scheduler.step()
