@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from TextSegLib.models.blocks import (
     TextImageAgentAttention,
     channel_roll,
 )
-from TextSegLib.models.blocks.frequency import max_filter3x3
+from TextSegLib.models.blocks.frequency import hermitian_irfft2, max_filter3x3
 
 
 def check_shape_and_gradients(module: torch.nn.Module, *inputs: torch.Tensor, expected: tuple[int, ...]):
@@ -137,6 +138,23 @@ def test_sfpm_f_filters_the_high_frequencies():
         module.filter.fc2.bias.zero_()
     x = torch.randn(1, 4, 16, 16)
     torch.testing.assert_close(module(x), module.project(F.max_pool2d(x, 3, stride=1, padding=1)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(8, 10), (7, 9)])
+def test_hermitian_irfft2_keeps_the_real_part_of_each_row_transform(size):
+    """A non-Hermitian half spectrum is read as sum_k Re(Z_k e^(2 pi i k w / W)) with Z the inverse transform along
+    H and the edge columns counted once: written out in float64 here, independently of any FFT library."""
+    height, width = size
+    generator = torch.Generator().manual_seed(3)
+    half = torch.complex(torch.randn(2, height, width // 2 + 1, generator=generator, dtype=torch.float64),
+                         torch.randn(2, height, width // 2 + 1, generator=generator, dtype=torch.float64))
+    rows = np.fft.ifft(half.numpy(), axis=-2, norm="ortho")
+    k = np.arange(width // 2 + 1)
+    weight = np.where((k == 0) | ((width % 2 == 0) & (k == width // 2)), 1.0, 2.0)
+    phase = np.exp(2j * np.pi * np.outer(k, np.arange(width)) / width)
+    reference = np.einsum("bhk,kw->bhw", rows * weight, phase).real / np.sqrt(width)
+    np.testing.assert_allclose(hermitian_irfft2(half, size).numpy(), reference, atol=1e-12)
+    np.testing.assert_allclose(torch.fft.irfft2(half, s=size, norm="ortho").numpy(), reference, atol=1e-12)
 
 
 def test_max_filter_equals_max_pooling():

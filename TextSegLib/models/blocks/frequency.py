@@ -36,6 +36,30 @@ def max_filter3x3(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.maximum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
 
 
+def hermitian_irfft2(spectrum: torch.Tensor, size: tuple[int, int], norm: str = "ortho") -> torch.Tensor:
+    """``irfft2`` of a half spectrum that a filter may have made non-Hermitian, with one meaning on every device.
+
+    In an ``rfft2`` half spectrum ``(..., H, W // 2 + 1)`` the columns of frequency 0 and, for even ``W``, ``W / 2``
+    hold both a frequency and its mirror, so they must satisfy ``X[h] = conj(X[-h])`` along ``H``. A filtered
+    spectrum breaks that, and what ``irfft2`` then returns is left to the FFT library: PocketFFT (CPU) keeps the
+    real part of the column's inverse transform, which is the same as using the column's Hermitian part
+    ``(X[h] + conj(X[-h])) / 2``, while cuFFT differs. Projecting those columns onto their Hermitian part first
+    gives the CPU's result everywhere (so trained checkpoints keep their function) and valid input for cuFFT.
+
+    Shapes: complex ``(..., H, W // 2 + 1)`` -> real ``(..., H, W)`` with ``size = (H, W)``.
+    """
+    width = size[-1]
+    edges = [0, width // 2] if width % 2 == 0 else [0]
+    columns = []
+    for index in edges:
+        column = spectrum[..., index : index + 1]
+        mirrored = torch.roll(torch.flip(column, dims=[-2]), shifts=1, dims=-2).conj()  # X[(H - h) mod H]
+        columns.append((column + mirrored) / 2)
+    middle = spectrum[..., 1 : width // 2] if width % 2 == 0 else spectrum[..., 1:]
+    hermitian = torch.cat([columns[0], middle, *columns[1:]], dim=-1)
+    return torch.fft.irfft2(hermitian, s=size, norm=norm)
+
+
 class AdaptiveFrequencyFilter(nn.Module):
     """TexLiverNet's adaptive frequency filter ``G = Linear(StarReLU(Linear(.)))`` (Eq. 4).
 
@@ -73,7 +97,8 @@ class SpatialFrequencyPerceptionF(nn.Module):
 
     ``I_s = Conv1x1(MaxPool3x3(x))`` (stride 1, so the grid is kept) is the smoothed skip feature; the coarse
     high frequency is ``H_s = x - I_s``; the output is ``H = iFFT(G(FFT(H_s)) * FFT(H_s)) + I_s``. With ``G = 1``
-    the module returns ``x`` unchanged. The FFTs run in float32 also under autocast.
+    the module returns ``x`` unchanged. The FFTs run in float32 also under autocast; the inverse is
+:func:`hermitian_irfft2`, so CPU and GPU agree.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
     """
@@ -89,5 +114,5 @@ class SpatialFrequencyPerceptionF(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             high = high.float()
             spectrum = torch.fft.rfft2(high, norm="ortho")
-            enhanced = torch.fft.irfft2(self.filter(spectrum) * spectrum, s=high.shape[-2:], norm="ortho")
+            enhanced = hermitian_irfft2(self.filter(spectrum) * spectrum, high.shape[-2:])
         return enhanced.to(x.dtype) + smooth
