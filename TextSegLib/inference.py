@@ -20,6 +20,7 @@ so re-prompting the same volume only pays for the forward passes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -53,6 +54,11 @@ __all__ = [
 log = logging.getLogger("textseg")
 
 ProgressCallback = Callable[[int, int], None]
+
+
+# Largest batch the engine picks by itself on CUDA: on an H100 the benchmark's throughput is flat from 32 to 128
+# slices, and smaller batches leave neighbouring batches whose copies overlap with the compute.
+MAX_AUTO_BATCH = 64
 
 
 class CancelToken:
@@ -182,7 +188,8 @@ class InferenceEngine:
     Args:
         models: one or more loaded models (all on the same device).
         batch_size: slices per forward pass; None chooses one: 4 on CPU (the fastest in the benchmark), on CUDA
-            from the free memory and the measured peak memory of a two-slice forward pass.
+            from the free memory and the measured peak memory of a two-slice forward pass, at most
+            ``MAX_AUTO_BATCH``.
         amp: reduced precision where the hardware has it: autocast to bf16 on CUDA (fp16 where bf16 is missing),
             and to bf16 on CPUs with native bf16 instructions (AVX512-BF16 or AMX, through oneDNN). Masks agree
             with fp32 to a Dice above 0.99 (the benchmark checks it); ``amp=False`` computes in fp32.
@@ -242,11 +249,27 @@ class InferenceEngine:
             model.prepared[key] = network
         return model.prepared[key]
 
-    def _autocast(self):
+    @contextlib.contextmanager
+    def _precision(self):
+        """Autocast to the reduced precision; without it, IEEE fp32 also on CUDA, where cuDNN would otherwise
+        use TF32 tensor cores for convolutions (PyTorch's default, about 1e-3 relative error). The process's TF32
+        settings are restored afterwards."""
         dtype = self._amp_dtype
-        if dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=dtype)
+        if dtype is not None:
+            with torch.autocast(self.device.type, dtype=dtype):
+                yield
+            return
+        if self.device.type != "cuda":
+            with torch.autocast(self.device.type, enabled=False):
+                yield
+            return
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with torch.autocast("cuda", enabled=False):
+                yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
     def _initial_batch_size(self, model: LoadedModel, depth: int, text) -> int:
         if self.batch_size is not None:
@@ -255,13 +278,18 @@ class InferenceEngine:
             return min(4, depth)
         per_slice = self._bytes_per_slice(model, text)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return int(max(1, min(depth, 512, (0.6 * free) // per_slice)))
+        return int(max(1, min(depth, MAX_AUTO_BATCH, (0.6 * free) // per_slice)))
 
     def _bytes_per_slice(self, model: LoadedModel, text) -> int:
-        """Peak CUDA memory of one slice's forward pass, measured once per model with a batch of two."""
+        """Peak CUDA memory of one slice's forward pass, measured once per model with a batch of two.
+
+        The probe runs twice and only the second pass is measured: the first includes cuDNN's autotuning, whose
+        trial workspaces (gigabytes for the paper-width networks) would otherwise pass for activations and shrink
+        the batch to one or two slices."""
         if model.id not in self._per_slice_bytes:
             probe = torch.zeros((2, *model.preprocessing.size), device=self.device)
             identity = IntensityMapping(scale=1.0, offset=0.0, clip=None)
+            self._probabilities(model, probe, identity, text, model.preprocessing.size)
             torch.cuda.synchronize(self.device)
             baseline = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -382,7 +410,7 @@ class InferenceEngine:
         (on the CPU for CPU models)."""
         network = self._network(model)
         batch = slices.to(self.device, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._precision():
             x = model.preprocessing.prepare(batch, mapping)
             if self._channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
