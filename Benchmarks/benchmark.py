@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from TextSegLib.checkpoints import CheckpointInfo
+from TextSegLib.demo import DEMO_DIR
 from TextSegLib.inference import InferenceEngine, LoadedModel, load_model
 from TextSegLib.models import create_model, get_spec, preset_config
 from TextSegLib.preprocessing import Preprocessing
 from TextSegLib.text import TextFeatures, load_text_encoder
 from TextSegLib.volumes import CanonicalTransform, Volume, read_volume, write_image
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "pyradiomics"
+LUNG2 = DEMO_DIR / "lung2_image.nrrd"  # the real lung2 CT, packaged with TextSeg for the demo
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 NETWORKS = ("texlivernet-paper", "texlivernet-small", "mmrdl-paper", "mmrdl-small", "freqmedclip-paper",
             "freqmedclip-small")
@@ -202,34 +202,61 @@ def bf16_matrix_rate(device: torch.device) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12
 
 
+def stage(label: str, what: str, measure, *args) -> float:
+    """``measure(*args)``, with its figure and how long it took logged to stderr, so a long run shows progress."""
+    started = time.perf_counter()
+    value = measure(*args)
+    print(f"{label}: {what} {value:.2f} (measured in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    return value
+
+
 def end_to_end(path: Path, model: str, device: torch.device, out: Path) -> float:
     command = [str(Path(sys.executable).parent / "textseg"), "segment", str(path), "-p", PROMPT, "-m", model,
                "-o", str(out), "-q", "--device", device.type]
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode:
+        raise RuntimeError(f"textseg segment failed ({finished.returncode}): {finished.stderr.strip()[-2000:]}")
     return time.perf_counter() - started
 
 
-def large_volume(lung2: Volume, folder: Path) -> Path:
-    """lung2 resampled (linear) to 300 slices of 1.02 mm: a 512 x 512 x 300 CT of real anatomy."""
+def resampled(lung2: Volume, depth: int) -> Volume:
+    """lung2 resampled (linear) along its slices to ``depth`` slices: for 300, a 512 x 512 x 300 CT of real
+    anatomy with 1.02 mm slices."""
     import SimpleITK as sitk
 
     image = lung2.to_sitk()
-    spacing = (image.GetSpacing()[0], image.GetSpacing()[1], image.GetSpacing()[2] * image.GetDepth() / 300)
-    resampled = sitk.Resample(image, (image.GetWidth(), image.GetHeight(), 300), sitk.Transform(),
-                              sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection(), -1024.0,
-                              sitk.sitkInt16)
+    spacing = (image.GetSpacing()[0], image.GetSpacing()[1], image.GetSpacing()[2] * image.GetDepth() / depth)
+    return Volume.from_sitk(sitk.Resample(image, (image.GetWidth(), image.GetHeight(), depth), sitk.Transform(),
+                                          sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection(),
+                                          -1024.0, sitk.sitkInt16))
+
+
+def large_volume(lung2: Volume, folder: Path) -> Path:
+    """The 512 x 512 x 300 CT of :func:`resampled`, written as an uncompressed NRRD."""
+    volume = resampled(lung2, 300)
     path = folder / "lung2_300.nrrd"
-    write_image(path, sitk.GetArrayFromImage(resampled), Volume.from_sitk(resampled), compress=False)
+    write_image(path, volume.array, volume, compress=False)
     return path
+
+
+def throughput_volume(lung2: Volume, slices: int) -> Volume:
+    """The middle ``slices`` slices of lung2, or lung2 resampled to ``slices`` when it has fewer."""
+    depth = lung2.array.shape[0]
+    if slices > depth:
+        return resampled(lung2, slices)
+    middle = depth // 2
+    return Volume.from_sitk(lung2.to_sitk()[:, :, middle - slices // 2 : middle + (slices + 1) // 2])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated: " + ", ".join(NETWORKS))
-    parser.add_argument("--slices", type=int, default=16, help="lung2 slices for the throughput measurements")
-    parser.add_argument("--batch-sizes", default="1,2,4,8", help="engine batch sizes to sweep")
+    parser.add_argument("--slices", type=int, help="slices for the throughput measurements (default: 16 of "
+                        "lung2 on the CPU, 300 on CUDA: lung2 resampled)")
+    parser.add_argument("--batch-sizes", help="engine batch sizes to sweep (default: 1,2,4,8 on the CPU, "
+                        "8,32,128 on CUDA)")
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window for training throughput")
     parser.add_argument("--compile", action="store_true", help="also time the engine with torch.compile")
     parser.add_argument("--skip-training", action="store_true")
@@ -239,14 +266,14 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    lung2 = read_volume(DATA / "lung2_image.nrrd")
-    middle = lung2.array.shape[0] // 2
-    slab = Volume.from_sitk(lung2.to_sitk()[:, :, middle - args.slices // 2 : middle + (args.slices + 1) // 2])
+    cuda = device.type == "cuda"
+    lung2 = read_volume(LUNG2)
+    slab = throughput_volume(lung2, args.slices or (300 if cuda else 16))
     figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                      f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__, "networks": {}}
     if device.type == "cuda":
         figures["bf16_matrix_tflops"] = bf16_matrix_rate(device)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("8,32,128" if cuda else "1,2,4,8")).split(",")]
     with tempfile.TemporaryDirectory() as scratch:
         for label in args.networks.split(","):
             loaded = build(label, device, Path(scratch))
@@ -254,38 +281,42 @@ def main() -> None:
                    "trainable_m": sum(p.numel() for p in loaded.network.parameters() if p.requires_grad) / 1e6,
                    "gflops": gflops(loaded)}
             with PeakMemory(device) as memory:
-                row["naive"] = naive_loop(loaded, slab)
+                row["naive"] = stage(label, "naive slices/s", naive_loop, loaded, slab)
             row["naive_memory_mb"] = memory.bytes / 2**20
             with PeakMemory(device) as memory:
-                row["engine"] = engine_rate(loaded, slab, None)
+                row["engine"] = stage(label, "engine slices/s", engine_rate, loaded, slab, None)
             row["engine_memory_mb"] = memory.bytes / 2**20
             row["ratio"] = row["engine"] / row["naive"]
-            row["sweep"] = {b: engine_rate(loaded, slab, b) for b in batch_sizes}
+            row["sweep"] = {b: stage(label, f"batch {b} slices/s", engine_rate, loaded, slab, b)
+                            for b in batch_sizes}
             if args.compile:
-                row["engine_compiled"] = engine_rate(loaded, slab, None, compile=True)
+                row["engine_compiled"] = stage(label, "compiled slices/s", engine_rate, loaded, slab, None, True)
             if not args.skip_training:
-                row["training"] = training_rate(loaded, 16 if device.type == "cuda" else 4, args.seconds)
+                row["training"] = stage(label, "training slices/s", training_rate, loaded,
+                                        16 if device.type == "cuda" else 4, args.seconds)
             if device.type == "cuda":
                 row["tflops"] = row["gflops"] * max(row["engine"], *row["sweep"].values()) / 1e3
             figures["networks"][label] = row
-            print(f"measured {label}", file=sys.stderr)
             del loaded
         if not args.skip_end_to_end:
             out = Path(scratch) / "out"
             model = load_model(args.model, device)
-            figures["end_to_end_lung2_s"] = end_to_end(DATA / "lung2_image.nrrd", args.model, device, out)
+            figures["end_to_end_lung2_s"] = stage("textseg segment", "lung2 s", end_to_end, LUNG2, args.model,
+                                                  device, out)
             large = large_volume(lung2, Path(scratch))
-            figures["end_to_end_512x512x300_s"] = end_to_end(large, args.model, device, out)
+            figures["end_to_end_512x512x300_s"] = stage("textseg segment", "512 x 512 x 300 s", end_to_end,
+                                                        large, args.model, device, out)
             volume = read_volume(large)
             engine = InferenceEngine(model)
             engine.segment(volume, PROMPT)
             _synchronize(device)
             started = time.perf_counter()
-            with PeakMemory(device) as memory:
+            with PeakMemory(torch.device("cpu")) as host, PeakMemory(device) as memory:
                 engine.segment(volume, PROMPT)
             _synchronize(device)
             figures["engine_512x512x300_s"] = time.perf_counter() - started
             figures["engine_512x512x300_memory_mb"] = memory.bytes / 2**20
+            figures["engine_512x512x300_host_mb"] = host.bytes / 2**20
             figures["input_512x512x300_mb"] = volume.array.nbytes / 2**20
             if device.type == "cuda":
                 fp32 = InferenceEngine(model, amp=False).segment(lung2, PROMPT, probability=True)
@@ -329,7 +360,8 @@ def report(figures: dict, batch_sizes: list[int]) -> None:
         print(f"\n`textseg segment`, fresh process: lung2 (512 x 512 x 61) {figures['end_to_end_lung2_s']:.1f} s, "
               f"512 x 512 x 300 {figures['end_to_end_512x512x300_s']:.1f} s; engine on 512 x 512 x 300 once "
               f"loaded {figures['engine_512x512x300_s']:.2f} s, peak memory "
-              f"{figures['engine_512x512x300_memory_mb']:.0f} MB (input {figures['input_512x512x300_mb']:.0f} MB)")
+              f"{figures['engine_512x512x300_memory_mb']:.0f} MB, host memory growth "
+              f"{figures['engine_512x512x300_host_mb']:.0f} MB (input {figures['input_512x512x300_mb']:.0f} MB)")
     if "optimised_vs_fp32" in figures:
         check = figures["optimised_vs_fp32"]
         print(f"Optimised path vs fp32 on lung2: mask Dice {check['dice']:.4f}, largest probability difference "
