@@ -115,6 +115,17 @@ def second_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def assert_same_grid(written: Path, reference: Path) -> None:
+    """The image file ``written`` has exactly the size, spacing, origin and direction of ``reference``."""
+    import SimpleITK as sitk
+
+    out, ref = sitk.ReadImage(str(written)), sitk.ReadImage(str(reference))
+    assert out.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-6)
+
+
 def read_label(data_dir: Path, case: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Binary (K, J, I) lesion mask of a real case and its spacing in array-axis order."""
     import SimpleITK as sitk

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import read_label
+from conftest import assert_same_grid, read_label
 from safetensors.torch import load_file, save_file
 from test_checkpoints import rewrite_metadata
 
@@ -44,12 +44,7 @@ def test_segment_lung2_writes_segments_with_geometry_names_and_tags(tmp_path, ca
                            "--probability", "--batch-size", "16", "--device", "cpu", "-q"], capsys)
     assert code == 0, stdout
     assert f"Wrote {out}" in stdout and "'mass':" in stdout and "mL" in stdout
-    reference = sitk.ReadImage(str(data_dir / "lung2_image.nrrd"))
-    written = sitk.ReadImage(str(out))
-    assert written.GetSize() == reference.GetSize()
-    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-5)
-    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert_same_grid(out, data_dir / "lung2_image.nrrd")
     segmentation = slicerio.read_segmentation(str(out))
     assert [s["name"] for s in segmentation["segments"]] == ["mass", "nodule"]
     first, second = segmentation["segments"]
@@ -62,8 +57,8 @@ def test_segment_lung2_writes_segments_with_geometry_names_and_tags(tmp_path, ca
     assert first["tags"][TAG_CHECKPOINT] == file_sha256(small_checkpoint)
     probabilities = sorted(out.parent.glob("*.probability.nrrd"))
     assert [p.name for p in probabilities] == ["lung2.1-mass.probability.nrrd", "lung2.2-nodule.probability.nrrd"]
+    assert_same_grid(probabilities[0], data_dir / "lung2_image.nrrd")
     probability = sitk.ReadImage(str(probabilities[0]))
-    assert probability.GetSize() == reference.GetSize()
     mask = np.transpose(slicerio.segment_mask(segmentation, first), (2, 1, 0)) != 0
     np.testing.assert_array_equal(mask, sitk.GetArrayFromImage(probability) > 0.5)
 

@@ -18,7 +18,7 @@ import pywt
 import SimpleITK as sitk
 import slicerio
 import torch
-from conftest import TINY_TEXT_CFG, open_clip_folder
+from conftest import TINY_TEXT_CFG, assert_same_grid, open_clip_folder
 from test_blocks import check_shape_and_gradients
 
 from TextSegLib.checkpoints import load_checkpoint, save_checkpoint
@@ -664,11 +664,7 @@ def test_textseg_segment_lung2_with_a_freqmedclip_ensemble(checkpoints, data_dir
     for path in checkpoints:
         arguments += ["-m", path]
     assert main([str(a) for a in arguments]) == 0, capsys.readouterr().err
-    reference, written = sitk.ReadImage(str(source)), sitk.ReadImage(str(out))
-    assert written.GetSize() == reference.GetSize()
-    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-5)
-    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert_same_grid(out, source)
     (segment,) = slicerio.read_segmentation(str(out))["segments"]
     assert segment["name"] == "mass"
     assert decode_tag(segment["tags"][TAG_PROMPT]) == PROMPT

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import slicerio
 import torch
 import torch.nn.functional as F
-from conftest import DATA
+from conftest import DATA, assert_same_grid
 from test_blocks import check_shape_and_gradients
 
 from TextSegLib.checkpoints import file_sha256, load_checkpoint, read_checkpoint_info, save_checkpoint
@@ -583,12 +583,7 @@ def test_textseg_segment_with_an_mmrdl_checkpoint_on_lung2(tmp_path, capsys, dat
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert f"Wrote {out}" in stdout
-    reference = sitk.ReadImage(str(data_dir / "lung2_image.nrrd"))
-    written = sitk.ReadImage(str(out))
-    assert written.GetSize() == reference.GetSize()
-    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-5)
-    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert_same_grid(out, data_dir / "lung2_image.nrrd")
     segmentation = slicerio.read_segmentation(str(out))
     [segment] = segmentation["segments"]
     assert segment["name"] == PROMPT
