@@ -122,6 +122,23 @@ def test_adaptive_frequency_filter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+def test_adaptive_frequency_filter_equals_its_formula():
+    """G reads the 2C real inputs [Re X_1..Re X_C, Im X_1..Im X_C] at each frequency, whatever its memory layout."""
+    torch.manual_seed(0)
+    module = AdaptiveFrequencyFilter(3).eval()
+    torch.nn.init.normal_(module.fc2.weight, std=0.3)
+    torch.nn.init.normal_(module.norm.weight, mean=1.0, std=0.3)
+    spectrum = torch.fft.rfft2(torch.randn(2, 3, 6, 10))
+    stacked = torch.cat([spectrum.real, spectrum.imag], dim=1).permute(0, 2, 3, 1)  # (B, H, W_f, 2C)
+    normed = F.layer_norm(stacked, (6,), module.norm.weight, module.norm.bias, module.norm.eps)
+    hidden = normed @ module.fc1.weight[:, :, 0, 0].T + module.fc1.bias
+    hidden = module.act.scale * F.relu(hidden) ** 2 + module.act.bias
+    out = (hidden @ module.fc2.weight[:, :, 0, 0].T + module.fc2.bias).permute(0, 3, 1, 2)
+    expected = torch.complex(out[:, :3], out[:, 3:])
+    with torch.no_grad():
+        torch.testing.assert_close(module(spectrum), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_sfpm_f_is_identity_when_the_filter_is_one():
     module = SpatialFrequencyPerceptionF(4).eval()
     with torch.no_grad():
@@ -153,8 +170,12 @@ def test_hermitian_irfft2_keeps_the_real_part_of_each_row_transform(size):
     weight = np.where((k == 0) | ((width % 2 == 0) & (k == width // 2)), 1.0, 2.0)
     phase = np.exp(2j * np.pi * np.outer(k, np.arange(width)) / width)
     reference = np.einsum("bhk,kw->bhw", rows * weight, phase).real / np.sqrt(width)
+    original = half.clone()
     np.testing.assert_allclose(hermitian_irfft2(half, size).numpy(), reference, atol=1e-12)
+    assert torch.equal(half, original)  # a copy was projected
     np.testing.assert_allclose(torch.fft.irfft2(half, s=size, norm="ortho").numpy(), reference, atol=1e-12)
+    np.testing.assert_allclose(hermitian_irfft2(half, size, overwrite=True).numpy(), reference, atol=1e-12)
+    assert not torch.equal(half, original)  # the edge columns themselves were projected
 
 
 def test_max_filter_equals_max_pooling():

@@ -36,28 +36,30 @@ def max_filter3x3(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.maximum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
 
 
-def hermitian_irfft2(spectrum: torch.Tensor, size: tuple[int, int], norm: str = "ortho") -> torch.Tensor:
+def hermitian_irfft2(spectrum: torch.Tensor, size: tuple[int, int], norm: str = "ortho", *,
+                     overwrite: bool = False) -> torch.Tensor:
     """``irfft2`` of a half spectrum that a filter may have made non-Hermitian, with one meaning on every device.
 
     In an ``rfft2`` half spectrum ``(..., H, W // 2 + 1)`` the columns of frequency 0 and, for even ``W``, ``W / 2``
     hold both a frequency and its mirror, so they must satisfy ``X[h] = conj(X[-h])`` along ``H``. A filtered
-    spectrum breaks that, and what ``irfft2`` then returns is left to the FFT library: PocketFFT (CPU) keeps the
+    spectrum breaks that, and what ``irfft2`` then returns is left to the FFT library: PyTorch's CPU FFT keeps the
     real part of the column's inverse transform, which is the same as using the column's Hermitian part
     ``(X[h] + conj(X[-h])) / 2``, while cuFFT differs. Projecting those columns onto their Hermitian part first
     gives the CPU's result everywhere (so trained checkpoints keep their function) and valid input for cuFFT.
 
+    With ``overwrite=True`` the edge columns of ``spectrum`` itself are projected, which spares a copy of the whole
+    spectrum when it is a temporary.
+
     Shapes: complex ``(..., H, W // 2 + 1)`` -> real ``(..., H, W)`` with ``size = (H, W)``.
     """
+    if not overwrite:
+        spectrum = spectrum.clone()
     width = size[-1]
-    edges = [0, width // 2] if width % 2 == 0 else [0]
-    columns = []
-    for index in edges:
+    for index in [0, width // 2] if width % 2 == 0 else [0]:
         column = spectrum[..., index : index + 1]
         mirrored = torch.roll(torch.flip(column, dims=[-2]), shifts=1, dims=-2).conj()  # X[(H - h) mod H]
-        columns.append((column + mirrored) / 2)
-    middle = spectrum[..., 1 : width // 2] if width % 2 == 0 else spectrum[..., 1:]
-    hermitian = torch.cat([columns[0], middle, *columns[1:]], dim=-1)
-    return torch.fft.irfft2(hermitian, s=size, norm=norm)
+        spectrum[..., index : index + 1] = (column + mirrored) / 2
+    return torch.fft.irfft2(spectrum, s=size, norm=norm)
 
 
 class AdaptiveFrequencyFilter(nn.Module):
@@ -70,6 +72,10 @@ class AdaptiveFrequencyFilter(nn.Module):
     orthonormal FFT (an implementation choice; the paper gives no normalisation). The last layer starts near
     ``1 + 0j`` (small weights, unit real bias), so SFPM-f starts close to the identity and learns which
     frequencies to enhance.
+
+    The ``2C`` inputs are laid out channels-last (one copy out of the complex spectrum), where the LayerNorm and
+    the two 1x1 convolutions need no further copies, and the filter is handed back as a contiguous complex tensor
+    (one more copy), ready to multiply the spectrum.
 
     Shapes: complex ``(B, C, H, W_f) -> (B, C, H, W_f)`` complex filter.
     """
@@ -87,9 +93,12 @@ class AdaptiveFrequencyFilter(nn.Module):
             self.fc2.bias[:channels] = 1.0
 
     def forward(self, spectrum: torch.Tensor) -> torch.Tensor:
-        stacked = torch.cat([spectrum.real, spectrum.imag], dim=1)
-        real, imag = self.fc2(self.act(self.fc1(self.norm(stacked)))).chunk(2, dim=1)
-        return torch.complex(real, imag)
+        batch, channels, height, width = spectrum.shape
+        # (B, C, H, W_f, 2) -> (B, H, W_f, 2, C) in memory, seen as (B, 2C, H, W_f): real parts first, then imaginary
+        pairs = torch.view_as_real(spectrum).permute(0, 2, 3, 4, 1).reshape(batch, height, width, 2 * channels)
+        filtered = self.fc2(self.act(self.fc1(self.norm(pairs.permute(0, 3, 1, 2)))))
+        pairs = filtered.permute(0, 2, 3, 1).reshape(batch, height, width, 2, channels)
+        return torch.view_as_complex(pairs.permute(0, 4, 1, 2, 3).contiguous())
 
 
 class SpatialFrequencyPerceptionF(nn.Module):
@@ -97,8 +106,10 @@ class SpatialFrequencyPerceptionF(nn.Module):
 
     ``I_s = Conv1x1(MaxPool3x3(x))`` (stride 1, so the grid is kept) is the smoothed skip feature; the coarse
     high frequency is ``H_s = x - I_s``; the output is ``H = iFFT(G(FFT(H_s)) * FFT(H_s)) + I_s``. With ``G = 1``
-    the module returns ``x`` unchanged. The FFTs run in float32 also under autocast; the inverse is
-:func:`hermitian_irfft2`, so CPU and GPU agree.
+    the module returns ``x`` unchanged. The FFTs and the filter run in float32 also under autocast, on a contiguous
+    ``(B, C, H, W)`` copy of ``H_s`` whatever the memory format of ``x`` (the FFT wants each plane contiguous); the
+    inverse is :func:`hermitian_irfft2`, so CPU and GPU agree. The output keeps the memory format of
+    ``I_s``.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
     """
@@ -112,7 +123,7 @@ class SpatialFrequencyPerceptionF(nn.Module):
         smooth = self.project(max_filter3x3(x))
         high = x - smooth
         with torch.autocast(device_type=x.device.type, enabled=False):
-            high = high.float()
+            high = high.float().contiguous()
             spectrum = torch.fft.rfft2(high, norm="ortho")
-            enhanced = hermitian_irfft2(self.filter(spectrum) * spectrum, high.shape[-2:])
-        return enhanced.to(x.dtype) + smooth
+            enhanced = hermitian_irfft2(self.filter(spectrum) * spectrum, high.shape[-2:], overwrite=True)
+        return smooth + enhanced.to(x.dtype)
