@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import slicerio
 import torch
 
-from TextSegLib.inference import CancelToken, InferenceEngine, load_model, resolve_device
+from TextSegLib.inference import BatchTuner, CancelToken, InferenceEngine, load_model, resolve_device
 from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
 from TextSegLib.text import PROMPT_CACHE
 from TextSegLib.volumes import Volume
@@ -64,6 +64,61 @@ def test_lung2_output_keeps_the_input_grid_and_writes_a_correct_seg_nrrd(lung2, 
     assert segment["tags"][TAG_CHECKPOINT] == model.info.sha256
     mask = slicerio.segment_mask(segmentation, segment)
     np.testing.assert_array_equal(np.transpose(mask, (2, 1, 0)).astype(bool), result.mask.astype(bool))
+
+
+def run_tuner(seconds_per_slice: dict[int, float]) -> tuple[list[int], int]:
+    """The sizes a tuner asks for when a batch of ``b`` slices takes ``b * seconds_per_slice[b]``, and its choice."""
+    tuner, asked = BatchTuner(), []
+    while not tuner.finished:
+        asked.append(tuner.size)
+        tuner.record(tuner.size, tuner.size * seconds_per_slice[tuner.size])
+    return asked, tuner.size
+
+
+def test_batch_tuner_times_the_second_batch_of_each_size_and_stops_at_the_first_slower_one():
+    asked, chosen = run_tuner({1: 1.0, 2: 0.5, 4: 0.6, 8: 0.1})
+    assert asked == [1, 1, 2, 2, 4, 4] and chosen == 2  # 8 is never tried once 4 was slower than 2
+    asked, chosen = run_tuner({1: 1.0, 2: 0.9, 4: 0.8, 8: 0.7})
+    assert asked == [1, 1, 2, 2, 4, 4, 8, 8] and chosen == 8
+    asked, chosen = run_tuner({1: 0.3, 2: 0.4, 4: 0.1, 8: 0.1})
+    assert asked == [1, 1, 2, 2] and chosen == 1
+
+
+def test_batch_tuner_ignores_the_first_batch_of_a_size_and_short_batches():
+    tuner = BatchTuner()
+    assert not tuner.record(1, 100.0)  # oneDNN set-up: not counted
+    assert not tuner.record(1, 1.0)
+    assert tuner.size == 2
+    assert not tuner.record(1, 0.001)  # a volume's last, shorter batch
+    assert tuner.size == 2
+    assert not tuner.record(2, 100.0)
+    assert tuner.record(2, 4.0) and tuner.size == 1  # 2 s per slice against 1 s
+
+
+def test_cpu_engine_times_its_batch_size_once_per_model(lung2, small_checkpoint):
+    """32 slices are enough for the whole search (at most 1+1+2+2+4+4+8+8 = 30)."""
+    volume = Volume.from_sitk(lung2.to_sitk()[:, :, 14:46])
+    model = load_model(small_checkpoint, "cpu")
+    model.cpu_batch.clear()
+    sizes = []
+    original = InferenceEngine._probabilities
+
+    def recording(self, loaded, slices, *args):
+        sizes.append(slices.shape[0])
+        return original(self, loaded, slices, *args)
+
+    engine = InferenceEngine(model, amp=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InferenceEngine, "_probabilities", recording)
+        tuned = engine.segment(volume, PROMPT, probability=True)
+        assert sizes[:4] == [1, 1, 2, 2] and sum(sizes) == 32
+        chosen = model.cpu_batch[("None", False)]
+        assert chosen in BatchTuner.CANDIDATES
+        sizes.clear()
+        InferenceEngine(model, amp=False).segment(volume, PROMPT)  # a re-prompt: no timing again
+        assert sizes == [chosen] * (32 // chosen)
+    single = InferenceEngine(model, batch_size=1, amp=False).segment(volume, PROMPT, probability=True)
+    np.testing.assert_allclose(tuned.probability, single.probability, atol=1e-5, rtol=0)
 
 
 def test_batched_equals_one_slice_at_a_time(lung2_slab, model):

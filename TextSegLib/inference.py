@@ -41,6 +41,7 @@ from .text import TextEncoder, TextFeatures, load_text_encoder, validate_prompt
 from .volumes import CanonicalTransform, Volume, guess_modality
 
 __all__ = [
+    "BatchTuner",
     "CancelToken",
     "InferenceEngine",
     "LoadedModel",
@@ -103,6 +104,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     device: torch.device
     prepared: dict[tuple[bool, bool], nn.Module] = field(default_factory=dict, repr=False)  # engine networks
+    cpu_batch: dict[tuple[str, bool], int] = field(default_factory=dict, repr=False)  # timed CPU batch sizes
 
     @property
     def id(self) -> str:
@@ -187,8 +189,10 @@ class InferenceEngine:
 
     Args:
         models: one or more loaded models (all on the same device).
-        batch_size: slices per forward pass; None chooses one: 4 on CPU (the fastest in the benchmark), on CUDA
-            from the free memory and the measured peak memory of a two-slice forward pass, at most
+        batch_size: slices per forward pass; None chooses one. On the CPU it is timed on the first slices of the
+            first volume (see :class:`BatchTuner`; the best size ranges from 1 to 8 with the network's width, as
+            the cache holds more or fewer slices' feature maps) and kept on the loaded model for later runs. On
+            CUDA it comes from the free memory and the measured peak memory of a two-slice forward pass, at most
             ``MAX_AUTO_BATCH``.
         amp: reduced precision where the hardware has it: autocast to bf16 on CUDA (fp16 where bf16 is missing),
             and to bf16 on CPUs with native bf16 instructions (AVX512-BF16 or AMX, through oneDNN). Masks agree
@@ -275,10 +279,20 @@ class InferenceEngine:
         if self.batch_size is not None:
             return min(self.batch_size, depth)
         if self.device.type != "cuda":
-            return min(4, depth)
+            return min(model.cpu_batch.get(self._cpu_batch_key, BatchTuner.CANDIDATES[0]), depth)
         per_slice = self._bytes_per_slice(model, text)
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(max(1, min(depth, MAX_AUTO_BATCH, (0.6 * free) // per_slice)))
+
+    @property
+    def _cpu_batch_key(self) -> tuple[str, bool]:
+        return str(self._amp_dtype), self.compile
+
+    def _tuner(self, model: LoadedModel) -> BatchTuner | None:
+        """A tuner when the CPU batch size is to be chosen and has not been timed for this model yet."""
+        if self.device.type == "cuda" or self.batch_size is not None or self._cpu_batch_key in model.cpu_batch:
+            return None
+        return BatchTuner()
 
     def _bytes_per_slice(self, model: LoadedModel, text) -> int:
         """Peak CUDA memory of one slice's forward pass, measured once per model with a batch of two.
@@ -368,17 +382,25 @@ class InferenceEngine:
         text = model.text_encoder.encode_cached(prompt)
         output = np.empty((depth, height, width), dtype=np.float32)
         batch_size = self._initial_batch_size(model, depth, text)
+        tuner = self._tuner(model)
         pipeline = self._pipeline(canonical, output)
         start = 0
         while start < depth:
             if cancel is not None and cancel.cancelled:
                 return None
+            if tuner is not None:
+                batch_size = tuner.size
             stop = min(start + batch_size, depth)
             try:
                 if pipeline is None:
+                    began = time.perf_counter()
                     batch = torch.from_numpy(np.ascontiguousarray(canonical[start:stop], dtype=np.float32))
                     probabilities = self._probabilities(model, batch, mapping, text, (height, width))
                     output[start:stop] = probabilities.numpy()
+                    if tuner is not None and tuner.record(stop - start, time.perf_counter() - began):
+                        batch_size = model.cpu_batch[self._cpu_batch_key] = tuner.size
+                        log.info("CPU batch size for %s: %d slices", model.id, batch_size)
+                        tuner = None
                 else:
                     pipeline.run(start, stop, batch_size, lambda batch: self._probabilities(
                         model, batch, mapping, text, (height, width)))
@@ -417,6 +439,46 @@ class InferenceEngine:
             logits = network(x, text.expand(x.shape[0]))
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
             return torch.sigmoid(logits)[:, 0]
+
+
+class BatchTuner:
+    """Chooses the CPU batch size by timing real batches at the start of a run.
+
+    Each candidate size (1, 2, 4, 8, in that order) computes two batches; the second is timed, because the first at
+    a new shape also pays oneDNN's set-up for it. The first candidate that is slower per slice than the best so far
+    ends the search (larger batches only add to the feature maps that no longer fit the cache), as does the last
+    candidate. The slices are part of the volume, so nothing is computed twice; a volume too short to finish the
+    search is simply done at the sizes tried, and the next run goes on searching.
+    """
+
+    CANDIDATES = (1, 2, 4, 8)
+
+    def __init__(self) -> None:
+        self._index = 0
+        self._timed = False
+        self._best: tuple[float, int] | None = None  # (seconds per slice, size)
+        self.finished = False
+
+    @property
+    def size(self) -> int:
+        """The batch size to run next (the chosen one once :attr:`finished`)."""
+        return self._best[1] if self.finished and self._best else self.CANDIDATES[self._index]
+
+    def record(self, slices: int, seconds: float) -> bool:
+        """Report that a batch of ``slices`` took ``seconds``; True once the choice is made."""
+        if self.finished or slices != self.CANDIDATES[self._index]:
+            return self.finished  # a volume's last, shorter batch says nothing about the size
+        if not self._timed:
+            self._timed = True
+            return False
+        per_slice = seconds / slices
+        slower = self._best is not None and per_slice >= self._best[0]
+        if not slower:
+            self._best = (per_slice, slices)
+        self._index += 1
+        self._timed = False
+        self.finished = slower or self._index == len(self.CANDIDATES)
+        return self.finished
 
 
 def fold_batchnorm(network: nn.Module) -> nn.Module:
