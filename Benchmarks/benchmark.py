@@ -17,8 +17,9 @@ network, and compares the optimised path (bf16, channels-last) with fp32 on lung
 Networks get random weights (speed does not depend on them) and the packaged MiniLM text encoder. FreqMedCLIP's
 ViT is BiomedCLIP's ViT-B/16 architecture built locally with random weights (no download). GFLOPs count a
 multiply-add as two operations (PyTorch's FLOP counter: convolutions and matrix products; FFTs, normalisation and
-element-wise work are not counted). Peak memory is the GPU's allocator peak on CUDA and the growth of the process's
-peak resident memory on the CPU.
+element-wise work are not counted). Peak memory is the GPU's allocator peak on CUDA; on the CPU it is the growth of
+the peak resident memory of a fresh process over one run (after building the network), because in a long-lived
+process freed memory is reused and later runs would read as nothing.
 """
 
 from __future__ import annotations
@@ -89,6 +90,32 @@ class PeakMemory:
             self.bytes = self._rss_peak() - self.start
 
 
+def cpu_memory_in_fresh_process(label: str, what: str, slices: int) -> float:
+    """MB of peak resident memory growth of one run of ``what`` (``naive`` or ``engine:<batch>``) of ``label`` in
+    a new process: see :func:`memory_probe`."""
+    command = [sys.executable, __file__, "--memory-probe", f"{label}:{what}", "--slices", str(slices)]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode:
+        raise RuntimeError(f"memory probe failed: {finished.stderr.strip()[-2000:]}")
+    return float(finished.stdout.split()[-1]) / 2**20
+
+
+def memory_probe(spec: str, slices: int) -> None:
+    """Build ``label`` on the CPU, then print the growth of the peak resident memory over one naive loop or one
+    engine run with the given batch size (``label:naive`` or ``label:engine:<batch>``)."""
+    label, what, *batch = spec.split(":")
+    with tempfile.TemporaryDirectory() as scratch:
+        loaded = build(label, torch.device("cpu"), Path(scratch))
+        slab = throughput_volume(read_volume(LUNG2), slices)
+        loaded.text_encoder.encode_cached(PROMPT)
+        with PeakMemory(torch.device("cpu")) as memory:
+            if what == "naive":
+                naive_loop(loaded, slab)
+            else:
+                InferenceEngine(loaded, batch_size=int(batch[0])).segment(slab, PROMPT)
+    print(memory.bytes)
+
+
 def vision_folder(root: Path) -> Path:
     """BiomedCLIP's image-tower architecture as an open_clip local folder, without weights (random init)."""
     folder = root / "biomedclip-vit-b16"
@@ -150,8 +177,13 @@ def naive_loop(loaded: LoadedModel, volume: Volume) -> float:
 
 
 def engine_rate(loaded: LoadedModel, volume: Volume, batch_size: int | None, compile: bool = False) -> float:
+    """Slices per second of the engine once warm: the prompt cached, cuDNN autotuned, compiled, and on the CPU the
+    batch size timed (a short volume may need a few runs for that, as in an interactive session)."""
     engine = InferenceEngine(loaded, batch_size=batch_size, compile=compile)
-    engine.segment(volume, PROMPT)  # warm-up: prompt cache, cuDNN autotuning, compilation
+    for _ in range(4):
+        engine.segment(volume, PROMPT)
+        if loaded.device.type == "cuda" or engine.chosen_batch_size(loaded) is not None:
+            break
     _synchronize(loaded.device)
     started = time.perf_counter()
     engine.segment(volume, PROMPT)
@@ -263,7 +295,11 @@ def main() -> None:
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--model", default="demo-texlivernet-small", help="checkpoint for the end-to-end rows")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one CPU memory figure
     args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args.slices)
+        return
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
@@ -280,12 +316,17 @@ def main() -> None:
             row = {"params_m": sum(p.numel() for p in loaded.network.parameters()) / 1e6,
                    "trainable_m": sum(p.numel() for p in loaded.network.parameters() if p.requires_grad) / 1e6,
                    "gflops": gflops(loaded)}
-            with PeakMemory(device) as memory:
+            with PeakMemory(device) as memory:  # on the CPU replaced below by a fresh process's figure
                 row["naive"] = stage(label, "naive slices/s", naive_loop, loaded, slab)
             row["naive_memory_mb"] = memory.bytes / 2**20
             with PeakMemory(device) as memory:
                 row["engine"] = stage(label, "engine slices/s", engine_rate, loaded, slab, None)
             row["engine_memory_mb"] = memory.bytes / 2**20
+            row["engine_batch"] = InferenceEngine(loaded).chosen_batch_size(loaded)  # timed on the CPU
+            if not cuda:
+                row["naive_memory_mb"] = cpu_memory_in_fresh_process(label, "naive", slab.array.shape[0])
+                row["engine_memory_mb"] = cpu_memory_in_fresh_process(label, f"engine:{row['engine_batch']}",
+                                                                      slab.array.shape[0])
             row["ratio"] = row["engine"] / row["naive"]
             row["sweep"] = {b: stage(label, f"batch {b} slices/s", engine_rate, loaded, slab, b)
                             for b in batch_sizes}
@@ -335,7 +376,8 @@ def main() -> None:
 def report(figures: dict, batch_sizes: list[int]) -> None:
     print(f"\nDevice: {figures['device']}, torch {figures['torch']}\n")
     gpu = "bf16_matrix_tflops" in figures
-    header = ("| network | params (M), trainable | GFLOPs/slice | naive slices/s | engine slices/s | engine/naive | "
+    header = ("| network | params (M), trainable | GFLOPs/slice | naive slices/s | engine slices/s (batch) | "
+              "engine/naive | "
               + " | ".join(f"batch {b}" for b in batch_sizes) + " | peak memory naive / engine (MB) |")
     extra = (" training slices/s |" if any("training" in r for r in figures["networks"].values()) else "")
     extra += " TFLOP/s |" if gpu else ""
@@ -343,7 +385,8 @@ def report(figures: dict, batch_sizes: list[int]) -> None:
     print("|---" * (header.count("|") - 1 + extra.count("|")) + "|")
     for label, row in figures["networks"].items():
         cells = [label, f"{row['params_m']:.2f}, {row['trainable_m']:.2f}", f"{row['gflops']:.1f}",
-                 f"{row['naive']:.2f}", f"{row['engine']:.2f}", f"{row['ratio']:.2f}",
+                 f"{row['naive']:.2f}", f"{row['engine']:.2f} ({row.get('engine_batch') or 'auto'})",
+                 f"{row['ratio']:.2f}",
                  *[f"{row['sweep'][b]:.2f}" for b in batch_sizes],
                  f"{row['naive_memory_mb']:.0f} / {row['engine_memory_mb']:.0f}"]
         if "training" in row:

@@ -93,6 +93,7 @@ def test_batch_tuner_ignores_the_first_batch_of_a_size_and_short_batches():
     assert tuner.size == 2
     assert not tuner.record(2, 100.0)
     assert tuner.record(2, 4.0) and tuner.size == 1  # 2 s per slice against 1 s
+    assert not tuner.record(1, 1.0) and tuner.size == 1  # the choice stands
 
 
 def test_cpu_engine_times_its_batch_size_once_per_model(lung2, small_checkpoint):
@@ -108,11 +109,12 @@ def test_cpu_engine_times_its_batch_size_once_per_model(lung2, small_checkpoint)
         return original(self, loaded, slices, *args)
 
     engine = InferenceEngine(model, amp=False)
+    assert engine.chosen_batch_size(model) is None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(InferenceEngine, "_probabilities", recording)
         tuned = engine.segment(volume, PROMPT, probability=True)
         assert sizes[:4] == [1, 1, 2, 2] and sum(sizes) == 32
-        chosen = model.cpu_batch[("None", False)]
+        chosen = engine.chosen_batch_size(model)
         assert chosen in BatchTuner.CANDIDATES
         sizes.clear()
         InferenceEngine(model, amp=False).segment(volume, PROMPT)  # a re-prompt: no timing again

@@ -104,7 +104,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     device: torch.device
     prepared: dict[tuple[bool, bool], nn.Module] = field(default_factory=dict, repr=False)  # engine networks
-    cpu_batch: dict[tuple[str, bool], int] = field(default_factory=dict, repr=False)  # timed CPU batch sizes
+    cpu_batch: dict[tuple[str, bool], BatchTuner] = field(default_factory=dict, repr=False)  # CPU batch timing
 
     @property
     def id(self) -> str:
@@ -279,7 +279,7 @@ class InferenceEngine:
         if self.batch_size is not None:
             return min(self.batch_size, depth)
         if self.device.type != "cuda":
-            return min(model.cpu_batch.get(self._cpu_batch_key, BatchTuner.CANDIDATES[0]), depth)
+            return min(self._tuner(model).size, depth)
         per_slice = self._bytes_per_slice(model, text)
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(max(1, min(depth, MAX_AUTO_BATCH, (0.6 * free) // per_slice)))
@@ -289,10 +289,19 @@ class InferenceEngine:
         return str(self._amp_dtype), self.compile
 
     def _tuner(self, model: LoadedModel) -> BatchTuner | None:
-        """A tuner when the CPU batch size is to be chosen and has not been timed for this model yet."""
-        if self.device.type == "cuda" or self.batch_size is not None or self._cpu_batch_key in model.cpu_batch:
+        """The model's CPU batch tuner for this engine's precision (shared by every engine of the model), or None
+        when the batch size is given or the device is CUDA."""
+        if self.device.type == "cuda" or self.batch_size is not None:
             return None
-        return BatchTuner()
+        return model.cpu_batch.setdefault(self._cpu_batch_key, BatchTuner())
+
+    def chosen_batch_size(self, model: LoadedModel) -> int | None:
+        """The batch size this engine runs ``model`` with once it is known: the given one, the timed one on the CPU
+        after the search, None before (and on CUDA, where it is derived from the free memory at each run)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        tuner = self._tuner(model)
+        return tuner.size if tuner is not None and tuner.finished else None
 
     def _bytes_per_slice(self, model: LoadedModel, text) -> int:
         """Peak CUDA memory of one slice's forward pass, measured once per model with a batch of two.
@@ -389,7 +398,7 @@ class InferenceEngine:
             if cancel is not None and cancel.cancelled:
                 return None
             if tuner is not None:
-                batch_size = tuner.size
+                batch_size = tuner.size  # the next size to time, or the chosen one
             stop = min(start + batch_size, depth)
             try:
                 if pipeline is None:
@@ -398,9 +407,7 @@ class InferenceEngine:
                     probabilities = self._probabilities(model, batch, mapping, text, (height, width))
                     output[start:stop] = probabilities.numpy()
                     if tuner is not None and tuner.record(stop - start, time.perf_counter() - began):
-                        batch_size = model.cpu_batch[self._cpu_batch_key] = tuner.size
-                        log.info("CPU batch size for %s: %d slices", model.id, batch_size)
-                        tuner = None
+                        log.info("CPU batch size for %s: %d slices", model.id, tuner.size)
                 else:
                     pipeline.run(start, stop, batch_size, lambda batch: self._probabilities(
                         model, batch, mapping, text, (height, width)))
@@ -448,7 +455,7 @@ class BatchTuner:
     a new shape also pays oneDNN's set-up for it. The first candidate that is slower per slice than the best so far
     ends the search (larger batches only add to the feature maps that no longer fit the cache), as does the last
     candidate. The slices are part of the volume, so nothing is computed twice; a volume too short to finish the
-    search is simply done at the sizes tried, and the next run goes on searching.
+    search leaves it where it stopped, and the next run (the model keeps its tuner) goes on from there.
     """
 
     CANDIDATES = (1, 2, 4, 8)
@@ -465,9 +472,9 @@ class BatchTuner:
         return self._best[1] if self.finished and self._best else self.CANDIDATES[self._index]
 
     def record(self, slices: int, seconds: float) -> bool:
-        """Report that a batch of ``slices`` took ``seconds``; True once the choice is made."""
+        """Report that a batch of ``slices`` took ``seconds``; True when this report completed the choice."""
         if self.finished or slices != self.CANDIDATES[self._index]:
-            return self.finished  # a volume's last, shorter batch says nothing about the size
+            return False  # done already, or a volume's last, shorter batch, which says nothing about the size
         if not self._timed:
             self._timed = True
             return False
