@@ -8,7 +8,8 @@ Data path (``DESIGN.md``):
 4. batched forward under ``torch.inference_mode()`` through a copy of the network with BatchNorm folded into the
    preceding convolutions; on CUDA with autocast (bf16, or fp16 where bf16 is missing), channels-last tensors,
    cuDNN autotuning and pinned-memory copies overlapped with compute, the batch size from the free GPU memory,
-   and on out-of-memory the batch halved and retried; on CPUs with native bf16, bf16 and channels-last;
+   and on out-of-memory the batch halved and retried; on the CPU the batch size timed on the first slices, and
+   on CPUs with native bf16, bf16 and channels-last;
    ``torch.compile`` on request;
 5. logits are resized to each slice's own size, passed through the sigmoid, mapped back to the input
    orientation, averaged over the models of an ensemble, and thresholded.
