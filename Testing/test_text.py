@@ -321,10 +321,10 @@ def test_built_in_bert_refuses_incomplete_weights(bert_folder, tmp_path):
 
     query = "encoder.layer.0.attention.self.query.weight"
     missing = _edited_copy(bert_folder, tmp_path / "missing", drop=[query])
-    with pytest.raises(TextEncoderUnavailableError, match=rf"1 missing: {query}.*save_pretrained"):
+    with pytest.raises(TextEncoderUnavailableError, match=rf"1 missing \({query}\).*save_pretrained"):
         load_text_encoder(f"hf:{missing}")  # a BERT folder: never handed to transformers' random initialisation
     wrong = _edited_copy(bert_folder, tmp_path / "wrong", reshape=[query])
-    with pytest.raises(TextEncoderUnavailableError, match=r"wrong shape: .*query.weight \(31, 32\) \(expected"):
+    with pytest.raises(TextEncoderUnavailableError, match=r"of the wrong shape \(.*query.weight \(31, 32\) \(expected"):
         BertTextEncoder("test", wrong)
     no_weights = tmp_path / "no-weights"
     shutil.copytree(bert_folder, no_weights)

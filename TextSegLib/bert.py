@@ -247,6 +247,8 @@ def load_bert_network(folder: Path, arch: BertArchitecture) -> BertNetwork:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .checkpoints import describe_key_problems
+
     path = folder / "model.safetensors"
     try:
         checkpoint = load_file(str(path))
@@ -270,13 +272,10 @@ def load_bert_network(folder: Path, arch: BertArchitecture) -> BertNetwork:
             weights[ours] = tensor.float() if tensor.is_floating_point() else tensor
     missing = [bert_checkpoint_name(name) for name in expected if name not in weights]
     if unknown or wrong_shape or missing:
-        problems = []
-        for label, names in (("missing", missing), ("unexpected", unknown), ("of the wrong shape", wrong_shape)):
-            if names:
-                listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-                problems.append(f"{len(names)} {label}: {listed}")
+        problems = describe_key_problems(
+            (("missing", missing), ("unexpected", unknown), ("of the wrong shape", wrong_shape)), shown=3)
         raise TextEncoderUnavailableError(
-            f"The weights in {path} do not fit the BERT described by its config.json ({'; '.join(problems)}). "
+            f"The weights in {path} do not fit the BERT described by its config.json: {problems}. "
             "Give a folder written by save_pretrained() of a BERT model (config.json, tokenizer.json and the "
             "complete model.safetensors), or copy the model folder again."
         )

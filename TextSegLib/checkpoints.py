@@ -269,6 +269,17 @@ def load_checkpoint(
     return model.to(device).eval(), info
 
 
+def describe_key_problems(groups: Iterable[tuple[str, list[str]]], shown: int = 5) -> str:
+    """``"2 missing (a, b); 1 unexpected (c)"`` for the non-empty ``(label, keys)`` groups of a weights mismatch,
+    naming at most ``shown`` keys per group."""
+    problems = []
+    for label, keys in groups:
+        if keys:
+            listed = ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+            problems.append(f"{len(keys)} {label} ({listed})")
+    return "; ".join(problems)
+
+
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], info: CheckpointInfo) -> None:
     expected = model.state_dict()
     external = tuple(info.external_weights)
@@ -278,14 +289,11 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], info: Checkpoi
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or mis_shaped:
-        problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", mis_shaped)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                problems.append(f"{len(keys)} {label} ({shown})")
+        problems = describe_key_problems(
+            (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", mis_shaped)))
         raise CheckpointError(
             f"{_where(info.path)} does not fit the {info.architecture} architecture it names: "
-            f"{'; '.join(problems)}. It was saved from a different network or a different TextSeg version."
+            f"{problems}. It was saved from a different network or a different TextSeg version."
         )
     model.load_state_dict(state, strict=not external)
 
