@@ -1,12 +1,13 @@
-"""The Slicer module's files agree with each other, without the Slicer application.
+"""The Slicer module's files agree with each other and with Slicer's own rules, without the Slicer application.
 
 - ``TextSeg.ui`` and ``TextSeg.py``: every widget the code reaches exists with the class its name promises, every
-  parameter-node field is bound to exactly one widget that can represent it, every connected slot exists;
-- ``TextSeg.py`` (and the module's other Python files) compile, and ``TextSeg.py`` imports nothing heavy at module
-  level;
+  parameter-node field is bound to exactly one widget, and the connector Slicer picks for that widget and type
+  (by Slicer's own order and rules, ``guiConnectors.py``) accepts it; every connected slot exists;
+- ``TextSeg.py`` (and the module's other Python files) compile, ``TextSeg.py`` parses on Python 3.9 (so that Slicer
+  5.8 and older can show which Slicer TextSeg needs) and imports nothing heavy at module level;
 - the module's CMake lists every file under ``TextSeg/Resources`` and registers the tests; the extension's CMake
   carries the metadata and packages TextSegLib; the icons are 128 x 128;
-- the packages the module pip-installs are pyproject.toml's pins;
+- the packages the module pip-installs are minimum versions that pyproject.toml's pins satisfy;
 - the headless script hands its command line to ``textseg segment`` and exits with its exit code.
 """
 
@@ -44,8 +45,8 @@ NAMING = {
     "ProgressBar": {"QProgressBar"},
 }
 # Light modules TextSeg.py may import when Slicer loads it (torch and TextSegLib come later, lazily).
-LIGHT_IMPORTS = {"__future__", "importlib", "logging", "math", "re", "sys", "threading", "collections",
-                 "pathlib", "typing", "ctk", "qt", "slicer", "vtk"}
+LIGHT_IMPORTS = {"__future__", "importlib", "logging", "math", "shutil", "sys", "time", "collections",
+                 "pathlib", "typing", "qt", "slicer", "vtk"}
 # pyproject.toml dependencies the module does not pip-install: torch and torchvision come from the PyTorch
 # extension, numpy and SimpleITK are part of Slicer.
 NOT_PIP_INSTALLED = {"torch", "torchvision", "numpy", "SimpleITK"}
@@ -112,41 +113,88 @@ def test_every_widget_the_code_reaches_exists_with_the_class_its_name_promises(t
             assert widget["class"] in expected_classes(name), (name, widget["class"])
 
 
-def test_every_parameter_is_bound_to_one_widget_that_can_represent_it(tree, ui):
+# Slicer's GUI connectors in the order Slicer registers them, read from
+# Base/Python/slicer/parameterNodeWrapper/guiConnectors.py (identical at v5.10.0, v5.12.3 and master): the widget
+# classes and value types each one's canRepresent() accepts, and what its create() then demands of the annotation.
+# connectGui() takes the first connector whose canRepresent() is true (connectors a module registers come after
+# these), so a widget/type pair that an earlier connector claims never reaches a later one.
+SLICER_CONNECTORS = (
+    ("QCheckBoxToBoolConnector", {"QCheckBox", "ctkCheckBox"}, {"bool"}, None),
+    ("QCheckablePushButtonToBoolConnector", {"QPushButton"}, {"bool"}, None),
+    ("ctkCheckablePushButtonToBoolConnector", {"ctkCheckablePushButton"}, {"bool"}, None),
+    ("QSliderOrSpinBoxToIntConnector", {"QSlider", "QSpinBox"}, {"int"}, "bounded"),
+    ("QDoubleSpinBoxCtkSliderWidgetToFloatIntConnector",
+     {"QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "ctkDoubleSlider", "ctkDoubleSpinBox",
+      "qMRMLSpinBox"}, {"float", "int"}, "bounded"),
+    ("QComboBoxToStringableConnector", {"QComboBox", "ctkComboBox"}, {"int", "float", "str", "bool"}, "Choice"),
+    ("QLineEditToStrConnector", {"QLineEdit"}, {"str"}, None),
+    ("QLabelToStrConnector", {"QLabel"}, {"str"}, None),
+    ("QTextEditPlainTextToStrConnector", {"QTextEdit"}, {"str"}, None),
+    ("qMRMLNodeComboBoxToNodeConnector", {"qMRMLNodeComboBox"}, {"node"}, None),
+)
+# Widgets whose connector raises in its constructor when the value is unbounded.
+NEEDS_BOUNDS = {"QSlider", "ctkSliderWidget", "qMRMLSliderWidget"}
+
+
+def slicer_connector(widget_class: str, annotation: str) -> str:
+    """The connector Slicer creates for a widget bound to a field annotated ``annotation``; raises AssertionError
+    with Slicer's reason where Slicer's connectGui() would raise."""
+    base = re.match(r"(?:Annotated\[)?(\w+)", annotation).group(1)
+    kind = "node" if base.startswith("vtkMRML") else base
+    for name, widgets, types, demands in SLICER_CONNECTORS:
+        if widget_class in widgets and kind in types:
+            if demands == "Choice":
+                assert "Choice(" in annotation, f"{name} requires the Choice annotation to be used"
+            if demands == "bounded" and widget_class in NEEDS_BOUNDS:
+                assert "WithinRange(" in annotation, f"{name}: a {widget_class} needs a bounded {base}"
+            return name
+    raise AssertionError(f"Unable to create GUI connector from {annotation} to {widget_class}")
+
+
+def test_slicer_would_refuse_the_binding_that_broke_the_panel():
+    """The model chooser as it was bound (a ctkComboBox for a plain str) fails in Slicer's create()."""
+    with pytest.raises(AssertionError, match="requires the Choice annotation"):
+        slicer_connector("ctkComboBox", "str")
+    with pytest.raises(AssertionError, match="needs a bounded float"):
+        slicer_connector("ctkSliderWidget", "float")
+    assert slicer_connector("QComboBox", "Annotated[str, Choice(list(DEVICES))]") == "QComboBoxToStringableConnector"
+
+
+def test_every_parameter_is_bound_once_and_slicer_picks_a_connector_that_accepts_it(tree, ui):
     fields = parameter_fields(tree)
     assert set(fields) == {"inputVolume", "modelId", "prompt", "segmentName", "outputSegmentation", "device",
-                           "batchSize", "threshold", "probabilityVolume"}
+                           "batchSize", "threshold", "probabilityVolume", "serverUrl"}
     bound: dict[str, list[str]] = {}
     for name, widget in ui.items():
         parameter = widget["properties"].get("SlicerParameterName")
         if parameter is not None:
             bound.setdefault(parameter, []).append(name)
-    assert set(bound) == set(fields), "every field bound, and no widget bound to a field that does not exist"
+    by_hand = {"modelId"}  # see test_the_model_chooser_is_bound_by_hand
+    assert set(bound) == set(fields) - by_hand, "every field bound, and no widget bound to a field that does not exist"
+    chosen = {}
     for field, annotation in fields.items():
+        if field in by_hand:
+            continue
         assert len(bound[field]) == 1, f"{field} is bound to {bound[field]}"
         widget = ui[bound[field][0]]
-        kind = widget["class"]
+        chosen[field] = slicer_connector(widget["class"], annotation)
         if annotation.startswith("vtkMRML"):
-            assert kind == "qMRMLNodeComboBox" and widget["properties"]["nodeTypes"] == [annotation], field
-        elif "Choice(" in annotation:
-            assert kind == "QComboBox", field
-        elif annotation == "str":
-            # QLineEdit by Slicer's connector, ctkComboBox (item data) by TextSeg's own connector.
-            assert kind in {"QLineEdit", "ctkComboBox"}, field
-        elif re.match(r"(Annotated\[)?int\b", annotation):
-            assert kind == "QSpinBox", field
-        elif re.match(r"(Annotated\[)?float\b", annotation):
-            assert kind in {"ctkSliderWidget", "QDoubleSpinBox"}, field
-        else:
-            pytest.fail(f"no widget rule for {field}: {annotation}")
+            assert widget["properties"]["nodeTypes"] == [annotation], field
+    assert chosen["device"] == "QComboBoxToStringableConnector"
+    assert chosen["threshold"] == "QDoubleSpinBoxCtkSliderWidgetToFloatIntConnector"
+    assert chosen["serverUrl"] == chosen["prompt"] == "QLineEditToStrConnector"
     assert ui["batchSizeSpinBox"]["properties"]["specialValueText"] == "automatic"
 
 
-def test_the_item_data_connector_is_registered_for_the_model_chooser(tree, ui):
-    connector = class_node(tree, "TextSegItemDataComboBoxConnector")
-    assert [ast.unparse(d) for d in connector.decorator_list] == ["parameterNodeGuiConnector"]
-    assert "ctk.ctkComboBox" in ast.unparse(connector)
+def test_the_model_chooser_is_bound_by_hand(tree, ui):
+    """Its items show names and carry catalogue IDs: no Slicer connector reads item data, so no
+    SlicerParameterName; the widget writes the ID into the parameter node and reads it back."""
     assert ui["modelComboBox"]["class"] == "ctkComboBox"
+    assert "SlicerParameterName" not in ui["modelComboBox"]["properties"]
+    source = ast.unparse(class_node(tree, "TextSegWidget"))
+    assert "self.ui.modelComboBox.connect('currentIndexChanged(int)', self.onModelChosen)" in source
+    assert "self._parameterNode.modelId = modelId" in source
+    assert "combo.findData(parameters.modelId)" in source
 
 
 def test_connected_slots_exist_and_the_ui_file_is_the_one_loaded(tree):
@@ -188,6 +236,13 @@ def test_the_module_follows_the_template_and_imports_nothing_heavy(tree):
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in MODULE.rglob("*.py")), ids=str)
 def test_the_module_files_compile(path):
     compile((REPO / path).read_text(), str(path), "exec")
+
+
+def test_the_module_parses_on_the_python_of_older_slicers():
+    """Slicer 5.8 ships Python 3.9: TextSeg.py must load there to say which Slicer it needs."""
+    ast.parse(SOURCE.read_text(), str(SOURCE), feature_version=(3, 9))
+    with pytest.raises(SyntaxError):
+        ast.parse("match x:\n    case 1:\n        pass\n", feature_version=(3, 9))
 
 
 # ---------------------------------------------------------------------------------------------------- CMake
@@ -241,14 +296,23 @@ def test_icons_are_128_pixels_square(path):
         assert len(icon.convert("RGB").getcolors(maxcolors=1 << 16)) > 100, "a drawn icon, not a flat square"
 
 
-def test_the_pip_installed_packages_are_the_pyproject_pins():
+def test_the_pip_installed_packages_are_minimums_the_pyproject_pins_satisfy():
+    from packaging.requirements import Requirement
+
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    expected = {d.replace(" ", "") for d in dependencies if re.split(r"[=<>]", d)[0] not in NOT_PIP_INSTALLED}
+    pins = {Requirement(d).name.lower(): Requirement(d) for d in dependencies}
     lines = (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
-    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
-    assert listed == expected
-    for line in listed:
-        assert re.fullmatch(r"[A-Za-z0-9_.\-]+(==|>=)[0-9][0-9A-Za-z.+]*", line), line
+    listed = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    assert {r.name.lower() for r in listed} == set(pins) - {n.lower() for n in NOT_PIP_INSTALLED}
+    for requirement in listed:
+        assert [spec.operator for spec in requirement.specifier] == [">="], requirement
+        pin = pins[requirement.name.lower()]
+        pinned = [spec.version for spec in pin.specifier if spec.operator == "=="]
+        if pinned:
+            assert requirement.specifier.contains(pinned[0]), (requirement, pin)
+            assert next(iter(requirement.specifier)).version == pinned[0], (requirement, pin)
+        else:
+            assert requirement.specifier == pin.specifier, (requirement, pin)
 
 
 # ------------------------------------------------------------------------------------------------ headless

@@ -5,14 +5,20 @@ Slicer parts:
 
 - ``TextSeg``: module metadata, help and the papers to cite;
 - ``TextSegParameterNode``: the user's choices, saved with the scene;
-- ``TextSegWidget``: the panel (``Resources/UI/TextSeg.ui``); Apply runs the engine on a worker thread, turns into
-  Cancel, and a timer on the main thread reads the progress (Qt widgets and MRML nodes are only touched there);
+- ``TextSegWidget``: the panel (``Resources/UI/TextSeg.ui``); Apply sends the volume to the segmentation worker,
+  turns into Cancel, and a timer on the main thread polls the worker (Qt widgets and MRML nodes are only touched
+  there);
 - ``TextSegLogic``: dependency installation, the model catalogue, ``process()`` for the Python console and batch
   scripts, and the two halves of a background run (``startProcessing`` / ``finishProcessing``);
 - ``TextSegTest``: panel tests for the real application (the logic tests are in ``Testing/Python``).
 
-Nothing heavy is imported when Slicer loads the module: torch and the networks are imported after the dependencies
-are installed, the first time they are needed.
+Segmentation never runs in Slicer's own process: Slicer's main thread holds the GIL while it idles in the Qt event
+loop, so a Python thread there barely runs. A worker process (``TextSegLib.worker``: ``textseg serve`` started on
+this computer on first use, or a TextSeg server given under Advanced) keeps the models and encoded prompts loaded
+between runs; a crash or out-of-memory there is reported and the next run starts a fresh worker.
+
+This file must parse on Python 3.9 (Slicer 5.8 and older) so that it can say which Slicer it needs instead of
+failing on a syntax error; TextSegLib (Python 3.11 and later) is only imported once that check has passed.
 """
 
 from __future__ import annotations
@@ -20,28 +26,20 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
-import re
+import shutil
 import sys
-import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import ctk
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import (
-    Choice,
-    GuiConnector,
-    WithinRange,
-    parameterNodeGuiConnector,
-    parameterNodeWrapper,
-    unannotatedType,
-)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -51,18 +49,19 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 if TYPE_CHECKING:
-    from TextSegLib.checkpoints import CatalogueEntry
-    from TextSegLib.inference import SegmentationResult
     from TextSegLib.volumes import Volume
+    from TextSegLib.worker import Job, ModelChoice, RemoteWorker
 
 MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 TORCH_REQUIREMENTS = ("torch>=2.5", "torchvision>=0.20")
+MINIMUM_SLICER = (5, 10)
+MINIMUM_PYTHON = (3, 11)
 RECENT_PROMPTS_KEY = "TextSeg/RecentPrompts"
+SERVER_TOKEN_KEY = "TextSeg/ServerToken"
 RECENT_PROMPTS_LIMIT = 15
+POLL_INTERVAL_MS = 100
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
-MINIMUM_FREE_GPU_BYTES = 2 << 30
-GPU_BYTES_PER_CHECKPOINT_BYTE = 4
 
 
 def _addSourceTreeToPath() -> None:
@@ -74,6 +73,21 @@ def _addSourceTreeToPath() -> None:
 
 
 _addSourceTreeToPath()
+
+
+def unsupportedReason() -> str:
+    """Why this Slicer cannot run TextSeg ("" when it can): TextSeg needs Slicer 5.10 or later.
+
+    Slicer 5.10 is the first release with Python 3.11 or later (``Slicer_REQUIRED_PYTHON_VERSION`` in Slicer's
+    top-level CMakeLists.txt: 3.9.10 up to 5.8, 3.12.10 from 5.10).
+    """
+    slicerVersion = (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+    if slicerVersion >= MINIMUM_SLICER and sys.version_info[:2] >= MINIMUM_PYTHON:
+        return ""
+    return _("TextSeg needs 3D Slicer {minimum} or later (with Python {python} or later); this is Slicer {slicer} "
+             "with Python {current}. Install a newer 3D Slicer from download.slicer.org.").format(
+                 minimum=".".join(map(str, MINIMUM_SLICER)), python=".".join(map(str, MINIMUM_PYTHON)),
+                 slicer=".".join(map(str, slicerVersion)), current=".".join(map(str, sys.version_info[:2])))
 
 
 #
@@ -104,7 +118,8 @@ Python packages. While it runs, Apply turns into <b>Cancel</b>; cancelling leave
 <p>Each prompt gives one segment, named after the prompt, with standard terminology where the prompt names a known
 structure, and tags recording the prompt, the model and the checkpoint's SHA-256. Running the same prompt again
 replaces its own segment; other segments are never changed. Advanced: device (auto, CPU or GPU; the CPU is used
-when the GPU lacks memory), batch size, threshold, and an optional probability volume.</p>
+when the GPU lacks memory), batch size, threshold, an optional probability volume, and the address of a TextSeg
+server (<code>textseg serve</code>) to segment on another computer, for example a GPU server.</p>
 <p>Python console: <code>slicer.util.getModuleLogic("TextSeg").process(volumeNode, segmentationNode,
 "a large soft-tissue mass in the posterior left lower lung", "my-model")</code> returns the segment ID.
 Batch: <code>Slicer --no-main-window --python-script TextSegBatch.py -- &lt;textseg segment options&gt;</code>.</p>
@@ -131,57 +146,12 @@ the pyradiomics sample data (BSD-3-Clause).
 #
 
 
-@parameterNodeGuiConnector
-class TextSegItemDataComboBoxConnector(GuiConnector):
-    """Binds a ``ctkComboBox`` whose items carry string data (TextSeg's model IDs) to a ``str`` parameter.
-
-    The items shown (model names) differ from the stored values (catalogue IDs) and the list is refilled while the
-    module runs, so the connector reads and writes item data rather than the text. An ID not in the list leaves the
-    box without a current item.
-    """
-
-    @staticmethod
-    def canRepresent(widget: qt.QWidget, datatype: object) -> bool:
-        """A ctkComboBox bound to a str."""
-        return type(widget) is ctk.ctkComboBox and unannotatedType(datatype) is str
-
-    @staticmethod
-    def create(widget: qt.QWidget, datatype: object) -> TextSegItemDataComboBoxConnector | None:
-        """The connector for ``widget``, or None when it cannot represent ``datatype``."""
-        if TextSegItemDataComboBoxConnector.canRepresent(widget, datatype):
-            return TextSegItemDataComboBoxConnector(widget)
-        return None
-
-    def __init__(self, widget: ctk.ctkComboBox) -> None:
-        super().__init__()
-        self._widget = widget
-
-    def _connect(self) -> None:
-        self._widget.currentIndexChanged.connect(self.changed)
-
-    def _disconnect(self) -> None:
-        self._widget.currentIndexChanged.disconnect(self.changed)
-
-    def widget(self) -> ctk.ctkComboBox:
-        """The bound combo box."""
-        return self._widget
-
-    def read(self) -> str:
-        """ID of the current item ("" when there is none)."""
-        index = self._widget.currentIndex
-        return str(self._widget.itemData(index) or "") if index >= 0 else ""
-
-    def write(self, value: str) -> None:
-        """Select the item whose data is ``value``."""
-        self._widget.currentIndex = self._widget.findData(value)
-
-
 @parameterNodeWrapper
 class TextSegParameterNode:
     """The user's choices in the panel (saved with the scene).
 
     inputVolume: the volume to segment.
-    modelId: catalogue ID of the model.
+    modelId: catalogue ID of the model (the model chooser is bound by hand, see ``TextSegWidget.onModelChosen``).
     prompt: what to segment.
     segmentName: name of the segment ("" = the prompt).
     outputSegmentation: segmentation that receives the segment (None = create one).
@@ -189,6 +159,7 @@ class TextSegParameterNode:
     batchSize: slices per forward pass (0 = chosen for the device).
     threshold: probability above which a voxel is inside.
     probabilityVolume: volume that receives the probability map (None = none).
+    serverUrl: address of a TextSeg server ("" = a worker process on this computer).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -200,6 +171,7 @@ class TextSegParameterNode:
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     probabilityVolume: vtkMRMLScalarVolumeNode
+    serverUrl: str = ""
 
 
 #
@@ -223,8 +195,15 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._dependenciesReady = False
 
     def setup(self) -> None:
-        """Build the panel from the .ui file and connect it."""
+        """Build the panel from the .ui file and connect it (or say which Slicer TextSeg needs)."""
         ScriptedLoadableModuleWidget.setup(self)
+        reason = unsupportedReason()
+        if reason:
+            label = qt.QLabel(reason)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/TextSeg.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -232,7 +211,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = TextSegLogic()
 
         self._runTimer = qt.QTimer()
-        self._runTimer.setInterval(100)
+        self._runTimer.setInterval(POLL_INTERVAL_MS)
         self._runTimer.connect("timeout()", self._pollRun)
         self._promptMenu = qt.QMenu(self.ui.promptMenuButton)
         self._promptMenu.connect("aboutToShow()", self._fillPromptMenu)
@@ -242,13 +221,19 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._promptCompleter.setCaseSensitivity(qt.Qt.CaseInsensitive)
         self.ui.promptLineEdit.setCompleter(self._promptCompleter)
         self.ui.progressBar.hide()
+        self.ui.serverTokenLineEdit.text = str(qt.QSettings().value(SERVER_TOKEN_KEY) or "")
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
-        self.ui.modelComboBox.connect("activated(int)", self.onModelChosen)
+        # The model chooser shows names and stores catalogue IDs (item data), so it is bound by hand: Slicer's own
+        # QComboBoxToStringableConnector claims every QComboBox/ctkComboBox bound to a str and requires a Choice
+        # annotation (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, v5.10.0 to v5.12.3 and master).
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
         self.ui.promptLineEdit.connect("returnPressed()", self.onPromptReturnPressed)
+        self.ui.serverLineEdit.connect("editingFinished()", self.refreshModels)
+        self.ui.serverTokenLineEdit.connect("editingFinished()", self.onServerTokenEdited)
 
         self.initializeParameterNode()
         self.refreshModels()
@@ -257,11 +242,14 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         if self._run is not None:
             self._run.cancel()
-        self._runTimer.stop()
+        if self._runTimer is not None:
+            self._runTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
+        if self.logic is None:
+            return
         self.initializeParameterNode()
         self.refreshModels()
 
@@ -302,9 +290,19 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
             self._updateGui()
 
+    def _serverToken(self) -> str:
+        return self.ui.serverTokenLineEdit.text.strip()
+
+    def onServerTokenEdited(self) -> None:
+        """Keep the server token in the application settings (never in the scene), then list the server's models."""
+        qt.QSettings().setValue(SERVER_TOKEN_KEY, self._serverToken())
+        self.refreshModels()
+
     def refreshModels(self) -> None:
-        """Fill the model chooser from the catalogue (once the dependencies are installed)."""
-        self._dependenciesReady = not self.logic.missingDependencies()
+        """Fill the model chooser from the catalogue of the worker that will segment."""
+        parameters = self._parameterNode
+        server = parameters.serverUrl.strip() if parameters else ""
+        self._dependenciesReady = bool(server) or not self.logic.missingDependencies()
         combo = self.ui.modelComboBox
         if not self._dependenciesReady:
             combo.defaultText = _("Press Apply to install TextSeg's dependencies")
@@ -312,41 +310,43 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateGui()
             return
         try:
-            entries = self.logic.catalogueEntries()
+            choices = self.logic.modelChoices(server, self._serverToken())
         except Exception as error:
-            logging.exception("TextSeg could not read its model catalogue")
+            logging.warning("TextSeg could not read its model catalogue: %s", error)
             self._setStatus(_("The model catalogue could not be read: {error}").format(error=error), warning=True)
-            entries = []
-        self._models = {entry.id: entry for entry in entries}
+            choices = []
+        self._models = {choice.id: choice for choice in choices}
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for entry in entries:
-            combo.addItem(entry.title if entry.title == entry.id else f"{entry.title} ({entry.id})", entry.id)
-        combo.defaultText = _("No model installed: use Import...") if not entries else ""
+        for choice in choices:
+            combo.addItem(choice.title if choice.title == choice.id else f"{choice.title} ({choice.id})", choice.id)
+        combo.defaultText = _("No model installed: use Import...") if not choices else ""
+        if parameters and parameters.modelId not in self._models and choices:
+            parameters.modelId = choices[0].id
         combo.blockSignals(wasBlocked)
-        if self._parameterNode:
-            if self._parameterNode.modelId not in self._models and entries:
-                self._parameterNode.modelId = entries[0].id
-            combo.currentIndex = combo.findData(self._parameterNode.modelId)
         self._updateGui()
 
     def _updateGui(self, caller: vtk.vtkObject | None = None, event: int | None = None) -> None:
-        """Model description, terminology preview, Apply button state."""
+        """Model chooser and description, terminology preview, Apply button state."""
         parameters = self._parameterNode
-        entry = self._models.get(parameters.modelId) if parameters else None
-        if entry is None:
+        combo = self.ui.modelComboBox
+        index = combo.findData(parameters.modelId) if parameters else -1
+        if combo.currentIndex != index:
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = index
+            combo.blockSignals(wasBlocked)
+        choice = self._models.get(parameters.modelId) if parameters else None
+        if choice is None:
             self.ui.modelDescriptionLabel.text = ""
         else:
-            lines = [entry.info.description or entry.architecture_title]
-            if entry.info.example_prompts:
-                lines.append(_("For example: {prompt}").format(prompt=entry.info.example_prompts[0]))
+            lines = [choice.description or choice.architecture]
+            if choice.example_prompts:
+                lines.append(_("For example: {prompt}").format(prompt=choice.example_prompts[0]))
             self.ui.modelDescriptionLabel.text = "\n".join(lines)
         prompt = parameters.prompt.strip() if parameters else ""
-        if prompt:
-            from TextSegLib.terminology import terminology_for_prompt
-
+        if prompt and self._dependenciesReady:
             self.ui.terminologyLabel.text = _("Terminology: {label}").format(
-                label=terminology_for_prompt(prompt).label)
+                label=self.logic.terminologyLabel(prompt))
         else:
             self.ui.terminologyLabel.text = ""
         self.ui.segmentNameLineEdit.placeholderText = prompt or _("the prompt")
@@ -359,7 +359,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             section.enabled = self._run is None
         if self._run is not None:
             button.text = _("Cancel")
-            button.toolTip = _("Stop after the current batch of slices; nothing is added to the scene.")
+            button.toolTip = _("Stop segmenting; nothing is added to the scene.")
             button.enabled = not self._run.cancelled
             return
         button.text = _("Apply")
@@ -387,9 +387,9 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Example prompts of the chosen model, then the recent prompts."""
         menu = self._promptMenu
         menu.clear()
-        entry = self._models.get(self._parameterNode.modelId) if self._parameterNode else None
+        choice = self._models.get(self._parameterNode.modelId) if self._parameterNode else None
         sections = [
-            (_("Examples"), entry.info.example_prompts if entry else []),
+            (_("Examples"), list(choice.example_prompts) if choice else []),
             (_("Recent"), self.logic.recentPrompts()),
         ]
         for title, prompts in sections:
@@ -407,10 +407,15 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.prompt = prompt
 
     def onModelChosen(self, index: int) -> None:
-        """The user picked a model: the threshold follows the model's own."""
-        entry = self._models.get(str(self.ui.modelComboBox.itemData(index) or ""))
-        if entry is not None and self._parameterNode:
-            self._parameterNode.threshold = min(0.99, max(0.01, float(entry.info.threshold)))
+        """The user picked a model: store its ID; the threshold follows the model's own."""
+        if not self._parameterNode:
+            return
+        modelId = str(self.ui.modelComboBox.itemData(index) or "") if index >= 0 else ""
+        choice = self._models.get(modelId)
+        with slicer.util.NodeModify(self._parameterNode):
+            self._parameterNode.modelId = modelId
+            if choice is not None:
+                self._parameterNode.threshold = min(0.99, max(0.01, float(choice.threshold)))
 
     def onPromptReturnPressed(self) -> None:
         """Return in the prompt box works as Apply."""
@@ -434,8 +439,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Apply: install the dependencies if needed, else start segmenting. Cancel: stop the run."""
         if self._run is not None:
             self._run.cancel()
-            self._setStatus(_("Cancelling after the current batch..."))
-            self._updateApplyButton()
+            self._finishRun()
             return
         if not self._dependenciesReady:
             with slicer.util.tryWithErrorDisplay(_("TextSeg's dependencies could not be installed."), waitCursor=True):
@@ -449,38 +453,49 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameters.inputVolume, parameters.prompt, parameters.modelId,
                 segmentName=parameters.segmentName, device=parameters.device, batchSize=parameters.batchSize,
                 threshold=parameters.threshold, probability=parameters.probabilityVolume is not None,
+                server=parameters.serverUrl, token=self._serverToken(),
             )
             self._run = run
             self._runOutputs = (parameters.outputSegmentation, parameters.probabilityVolume)
-            run.start()
             self._runTimer.start()
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
-            status = _("Segmenting on {device}...").format(device=run.device.upper())
-            self._setStatus(" ".join([status, *run.notes]), warning=bool(run.notes))
+            self._setStatus(_("Segmenting on {where}...").format(where=run.where))
             self._updateApplyButton()
 
     def _pollRun(self) -> None:
         """Timer on the main thread: show the worker's progress; store the result when it has finished."""
-        run = self._run
-        done, total = run.progress
+        try:
+            finished = self._run.poll()
+        except Exception as error:
+            self._finishRun(error)
+            return
+        done, total = self._run.progress
         self.ui.progressBar.maximum = max(total, 1)
         self.ui.progressBar.value = done
-        if not run.finished:
-            return
+        if finished:
+            self._finishRun()
+
+    def _finishRun(self, error: Exception | None = None) -> None:
+        """The run ended (finished, cancelled or failed): update the panel and store the result, if any."""
+        run, self._run = self._run, None
         self._runTimer.stop()
-        self._run = None
         self.ui.progressBar.hide()
         self._updateApplyButton()
         segmentationNode, probabilityVolume = self._runOutputs
         self._runOutputs = (None, None)
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Segmentation failed; the scene was not changed."),
-                                                 waitCursor=True):
-                outcome = self.logic.finishProcessing(run, segmentationNode, probabilityVolume)
-        except Exception as error:
+        if error is None:
+            try:
+                with slicer.util.tryWithErrorDisplay(_("Segmentation failed; the scene was not changed."),
+                                                     waitCursor=True):
+                    outcome = self.logic.finishProcessing(run, segmentationNode, probabilityVolume)
+            except Exception as failure:
+                error = failure
+        else:
+            slicer.util.errorDisplay(_("Segmentation failed; the scene was not changed.") + "\n\n" + str(error))
+        if error is not None:
             self._setStatus(_("Failed: {error}").format(error=error), warning=True)
-            raise
+            return
         if outcome is None:
             self._setStatus(_("Cancelled; nothing was added."))
             return
@@ -489,7 +504,8 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.outputSegmentation = segmentationNode
         self.logic.addRecentPrompt(run.prompt)
         self._recentPrompts.setStringList(self.logic.recentPrompts())
-        self._setStatus(self.logic.describeResult(run, segmentationNode, segmentId), warning=bool(run.notes))
+        description, warned = self.logic.describeResult(run, segmentationNode, segmentId)
+        self._setStatus(description, warning=warned)
 
 
 #
@@ -498,96 +514,49 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class TextSegRun:
-    """One segmentation: the engine runs in :meth:`run` (on a worker thread after :meth:`start`).
+    """One segmentation sent to the worker, and what the scene needs to store its result.
 
-    Only plain Python state is shared with the main thread: the progress (under a lock), the cancel token, and
-    the outcome once ``finished`` is set. MRML nodes are read before the run starts and written after it ends, on
-    the main thread, by :meth:`TextSegLogic.finishProcessing`.
+    Everything here is polled from the main thread: :meth:`poll` asks the worker for the job's state (a quick
+    request), :meth:`cancel` returns at once. MRML nodes are read before the run starts and written after it ends,
+    by :meth:`TextSegLogic.finishProcessing`.
     """
 
-    def __init__(self, inputVolume: vtkMRMLScalarVolumeNode, volume: Volume, prompt: str,
-                 modelPaths: Sequence[Path], device: str,
-                 batchSize: int | None, threshold: float | None, probability: bool, segmentName: str,
-                 notes: Sequence[str] = ()) -> None:
-        from TextSegLib.inference import CancelToken
-
+    def __init__(self, inputVolume: vtkMRMLScalarVolumeNode, volume: Volume, prompt: str, segmentName: str,
+                 worker: RemoteWorker, job: Job) -> None:
         self.inputVolume = inputVolume
         self.volume = volume
         self.prompt = prompt
-        self.modelPaths = list(modelPaths)
-        self.device = device
-        self.batchSize = batchSize
-        self.threshold = threshold
-        self.probability = probability
         self.segmentName = segmentName
-        self.notes = list(notes)
+        self.worker = worker
+        self.job = job
+        self.progress = (0, 0)
         self.result = None
-        self.error = None
-        self._cancelToken = CancelToken()
-        self._lock = threading.Lock()
-        self._progress = (0, 0)
-        self._finished = threading.Event()
-        self._outOfMemoryNote = _("The GPU ran out of memory; TextSeg used the CPU instead.")
+        self.notes = []
 
     @property
-    def progress(self) -> tuple[int, int]:
-        """Slices done and slices in all (0, 0 before the first batch)."""
-        with self._lock:
-            return self._progress
-
-    @property
-    def finished(self) -> bool:
-        """True once the run has ended (result, cancel or error)."""
-        return self._finished.is_set()
+    def where(self) -> str:
+        """Where the run segments, for the status line."""
+        return self.worker.describe()
 
     @property
     def cancelled(self) -> bool:
         """True once cancel was asked for."""
-        return self._cancelToken.cancelled
+        return self.job.cancelled
 
     def cancel(self) -> None:
-        """Ask the engine to stop before its next batch (any thread)."""
-        self._cancelToken.cancel()
+        """Stop the run; the worker is told and nothing will be stored."""
+        self.job.cancel()
 
-    def start(self) -> None:
-        """Run on a worker thread."""
-        threading.Thread(target=self.run, name="TextSeg inference", daemon=True).start()
+    def poll(self) -> bool:
+        """Ask the worker how far the run is; True once it has ended (raises when the worker failed)."""
+        status = self.job.status()
+        self.progress = (status.done, status.total)
+        return status.finished
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the run has ended; False on timeout."""
-        return self._finished.wait(timeout)
-
-    def run(self) -> None:
-        """Load the models and segment; on CUDA out-of-memory, run again on the CPU."""
-        import torch
-
-        try:
-            try:
-                self.result = self._segment(self.device)
-            except torch.OutOfMemoryError:
-                if self.device == "cpu":
-                    raise
-                torch.cuda.empty_cache()
-                self.notes.append(self._outOfMemoryNote)
-                logging.warning("TextSeg: out of GPU memory, running on the CPU")
-                self.device = "cpu"
-                self.result = self._segment("cpu")
-        except Exception as error:
-            self.error = error
-        finally:
-            self._finished.set()
-
-    def _report(self, done: int, total: int) -> None:
-        with self._lock:
-            self._progress = (done, total)
-
-    def _segment(self, device: str) -> SegmentationResult | None:
-        from TextSegLib.inference import InferenceEngine, load_model
-
-        models = [load_model(path, device) for path in self.modelPaths]
-        engine = InferenceEngine(models, batch_size=self.batchSize)
-        return engine.segment(self.volume, self.prompt, threshold=self.threshold, probability=self.probability,
-                              progress=self._report, cancel=self._cancelToken, modality=self.volume.modality)
+    def wait(self, interval: float = POLL_INTERVAL_MS / 1000.0) -> None:
+        """Block until the run has ended (console and batch use)."""
+        while not self.poll():
+            time.sleep(interval)
 
 
 #
@@ -609,27 +578,22 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def requirements() -> list[str]:
-        """Python packages TextSeg installs with pip (pinned as in pyproject.toml; torch comes from PyTorch)."""
+        """Python packages TextSeg installs with pip: minimum versions, so that other extensions sharing Slicer's
+        Python keep theirs where they satisfy ours (torch and torchvision come from the PyTorch extension)."""
         lines = REQUIREMENTS_FILE.read_text().splitlines()
         return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
     @staticmethod
     def _satisfied(requirement: str) -> bool:
-        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(==|>=)\s*([0-9][0-9A-Za-z.+]*)", requirement)
-        if match is None:
-            raise ValueError(f"TextSeg cannot read the requirement {requirement!r} in {REQUIREMENTS_FILE}")
-        name, operator, wanted = match.groups()
+        """Whether an installed distribution satisfies ``requirement`` (PEP 440, through ``packaging``)."""
+        from packaging.requirements import Requirement
+
+        parsed = Requirement(requirement)
         try:
-            installed = importlib.metadata.version(name)
+            installed = importlib.metadata.version(parsed.name)
         except importlib.metadata.PackageNotFoundError:
             return False
-
-        def release(version: str) -> tuple[int, ...]:
-            return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
-
-        if operator == "==":
-            return release(installed) == release(wanted)
-        return release(installed) >= release(wanted)
+        return parsed.specifier.contains(installed, prereleases=True)
 
     def missingDependencies(self) -> list[str]:
         """Requirements not yet satisfied, torch and torchvision first (reads package metadata, imports nothing)."""
@@ -648,6 +612,9 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         mode nothing is asked. Raises RuntimeError when the user declines, when the PyTorch extension is missing or
         too old a torch is already loaded, and when packages are still missing afterwards.
         """
+        reason = unsupportedReason()
+        if reason:
+            raise RuntimeError(reason)
         missing = self.missingDependencies()
         if not missing:
             return
@@ -663,13 +630,30 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         if torchMissing:
             self._installTorch()
         if packages:
-            logging.info("TextSeg: installing %s", " ".join(packages))
-            slicer.util.pip_install(packages)
+            self._pipInstall(packages)
         importlib.invalidate_caches()
         still = self.missingDependencies()
         if still:
             raise RuntimeError(_("These packages are still missing after installation: {packages}. Restart Slicer "
                                  "and press Apply again.").format(packages=", ".join(still)))
+
+    @staticmethod
+    def _pipInstall(packages: list[str]) -> None:
+        """pip-install ``packages`` (requirement strings) into Slicer's Python.
+
+        Slicer 5.12 and later: ``slicer.packaging.pip_ensure`` (Base/Python/slicer/packaging.py), which also offers
+        a restart when an already imported package was updated; the user was asked already, and tests need the
+        packages, so neither its prompt nor its testing-mode skip is used. Slicer 5.10: ``slicer.util.pip_install``.
+        """
+        logging.info("TextSeg: installing %s", " ".join(packages))
+        try:
+            from slicer import packaging as slicerPackaging
+        except ImportError:
+            slicerPackaging = None
+        if slicerPackaging is not None and hasattr(slicerPackaging, "pip_ensure"):
+            slicerPackaging.pip_ensure(packages, prompt_install=False, requester="TextSeg", skip_in_testing=False)
+        else:
+            slicer.util.pip_install(packages)
 
     @staticmethod
     def _installTorch() -> None:
@@ -683,27 +667,48 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
                                  "in the PyTorch Utils module, restart Slicer and press Apply again.").format(
                                      requirement=TORCH_REQUIREMENTS[0]))
         logging.info("TextSeg: installing PyTorch through the PyTorch extension")
-        torchRequirement = TORCH_REQUIREMENTS[0].removeprefix("torch")
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                              torchVersionRequirement=torchRequirement)
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENTS[0].removeprefix("torch"),
+            torchvisionVersionRequirement=TORCH_REQUIREMENTS[1].removeprefix("torchvision"))
         if torch is None:
             raise RuntimeError(_("PyTorch was not installed; TextSeg cannot run without it."))
 
     # ------------------------------------------------------------------------------------------- catalogue
 
     @staticmethod
-    def catalogueEntries() -> list[CatalogueEntry]:
-        """Models the user can pick: shipped with TextSeg and imported (``CatalogueEntry`` objects)."""
-        from TextSegLib.checkpoints import Catalogue
+    def worker(server: str = "", token: str = "") -> RemoteWorker:
+        """The worker that segments: a TextSeg server at ``server``, or (empty) a worker process on this computer
+        run by Slicer's ``PythonSlicer`` (found on PATH as ``slicer.util._executePythonModule`` finds it,
+        Base/Python/slicer/util.py). The same worker, with its loaded models, serves every run."""
+        from TextSegLib.worker import shared_worker
 
-        return Catalogue().entries()
+        python = None if server else (shutil.which("PythonSlicer") or sys.executable)
+        return shared_worker(server.strip() or None, token.strip() or None, python)
 
     @staticmethod
-    def importModel(path: str) -> CatalogueEntry:
+    def modelChoices(server: str = "", token: str = "") -> list[ModelChoice]:
+        """Models the user can pick: this computer's catalogue (shipped and imported), or the server's."""
+        from TextSegLib.worker import ModelChoice
+
+        if server.strip():
+            return TextSegLogic.worker(server, token).models()
+        from TextSegLib.checkpoints import Catalogue
+
+        return [ModelChoice.from_entry(entry) for entry in Catalogue().entries()]
+
+    @staticmethod
+    def importModel(path: str):
         """Check a checkpoint file fully and copy it into the user's models folder; return its catalogue entry."""
         from TextSegLib.checkpoints import Catalogue
 
         return Catalogue().import_model(path)
+
+    @staticmethod
+    def terminologyLabel(prompt: str) -> str:
+        """What the segment for ``prompt`` will be called in Slicer's terminology (e.g. "Mass in Left Lung")."""
+        from TextSegLib.terminology import terminology_for_prompt
+
+        return terminology_for_prompt(prompt).label
 
     # ------------------------------------------------------------------------------------------ recent prompts
 
@@ -723,80 +728,49 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------------------- processing
 
-    @staticmethod
-    def chooseDevice(device: str, modelPaths: Sequence[Path]) -> tuple[str, list[str]]:
-        """Device to run on ("cpu" or "cuda") and warnings for the user.
-
-        ``device`` is "auto", "CPU" or "GPU" (or "cpu", "cuda"). A GPU with less free memory than the models
-        need (an estimate from their file sizes, at least ``MINIMUM_FREE_GPU_BYTES``) is not used: TextSeg warns
-        and runs on the CPU.
-        """
-        import torch
-
-        wanted = DEVICES.get(device, device)
-        if wanted not in ("auto", "cpu", "cuda"):
-            raise ValueError(_("Unknown device {device!r}: use auto, CPU or GPU.").format(device=device))
-        if wanted == "cpu":
-            return "cpu", []
-        if not torch.cuda.is_available():
-            if wanted == "cuda":
-                return "cpu", [_("No usable GPU was found; TextSeg runs on the CPU.")]
-            return "cpu", []
-        free, _total = torch.cuda.mem_get_info()
-        needed = max(MINIMUM_FREE_GPU_BYTES,
-                     GPU_BYTES_PER_CHECKPOINT_BYTE * sum(Path(path).stat().st_size for path in modelPaths))
-        if free < needed:
-            message = _("The GPU has {free:.1f} GB free, TextSeg needs about {needed:.1f} GB: it runs on the CPU "
-                        "(slower).").format(free=free / 2**30, needed=needed / 2**30)
-            logging.warning("TextSeg: %s", message)
-            return "cpu", [message]
-        return "cuda", []
-
     def startProcessing(self, inputVolume: vtkMRMLScalarVolumeNode | None, prompt: str,
                         modelId: str | Sequence[str], segmentName: str = "", device: str = "auto",
-                        batchSize: int | None = None, threshold: float | None = None, probability: bool = False,
-                        modality: str | None = None) -> TextSegRun:
-        """Check the inputs and prepare a run (main thread); call ``start()`` or ``run()`` on what it returns.
+                        batchSize: int | None = None, threshold: float | None = None,
+                        probability: bool = False, modality: str | None = None, server: str = "",
+                        token: str = "") -> TextSegRun:
+        """Check the inputs and send the volume to the worker (main thread); poll what it returns.
 
-        Arguments as for :meth:`process`; ``probability`` asks for the probability map. The volume's voxels are
+        Arguments as for :meth:`process`; ``probability`` asks for the probability map, ``server``/``token`` name a
+        TextSeg server (empty: a worker process on this computer, started on first use). The volume's voxels are
         copied now, so the run does not read MRML nodes. Raises ValueError on bad input.
         """
-        from TextSegLib.checkpoints import Catalogue
         from TextSegLib.segmentations import volume_from_node
-        from TextSegLib.text import validate_prompt
+        from TextSegLib.worker import SegmentRequest
 
-        prompt = validate_prompt(prompt)
+        reason = unsupportedReason()
+        if reason:
+            raise RuntimeError(reason)
         modelIds = [modelId] if isinstance(modelId, str) else list(modelId)
         if not modelIds or not all(modelIds):
             raise ValueError(_("No model chosen: pick one from the catalogue or import a checkpoint."))
-        if batchSize is not None and batchSize < 0:
-            raise ValueError(_("The batch size must be at least 1 (0 chooses it automatically)."))
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            raise ValueError(_("The threshold must lie between 0 and 1."))
-        if modality not in (None, "CT", "MR"):
-            raise ValueError(_("The modality must be CT or MR."))
+        wanted = DEVICES.get(device, device)
+        request = SegmentRequest(prompt if isinstance(prompt, str) else "", [str(m) for m in modelIds], wanted,
+                                 batchSize or None, threshold, probability, modality).validate()
         volume = volume_from_node(inputVolume, modality)
-        catalogue = Catalogue()
-        modelPaths = [catalogue.resolve(item) for item in modelIds]
-        resolvedDevice, notes = self.chooseDevice(device, modelPaths)
-        return TextSegRun(inputVolume, volume, prompt, modelPaths, resolvedDevice, batchSize or None, threshold,
-                          probability, " ".join(segmentName.split()), notes)
+        worker = self.worker(server, token)
+        job = worker.submit(volume, request)
+        return TextSegRun(inputVolume, volume, " ".join(prompt.split()), " ".join(segmentName.split()), worker, job)
 
     def finishProcessing(self, run: TextSegRun, segmentationNode: vtkMRMLSegmentationNode | None = None,
                          probabilityVolume: vtkMRMLScalarVolumeNode | None = None,
-                         showResult: bool = True) -> tuple[vtkMRMLSegmentationNode, str] | None:
+                         showResult: bool = True) -> tuple | None:
         """Store a finished run's result in the scene (main thread); None when it was cancelled.
 
-        ``segmentationNode`` None creates a segmentation named after the volume. Re-raises the run's error. On any
-        error nothing stays in the scene: a segmentation created here is removed again.
-        Returns ``(segmentationNode, segmentId)``.
+        ``segmentationNode`` None creates a segmentation named after the volume. Raises the worker's error (a
+        ``ValueError`` for refused input). On any error nothing stays in the scene: a segmentation created here is
+        removed again. Returns ``(segmentationNode, segmentId)``.
         """
         from TextSegLib.segmentations import store_result, update_volume_node
 
-        if run.error is not None:
-            raise run.error
-        if run.result is None:
+        result = run.result = run.job.result()
+        if result is None:
             return None
+        run.notes = list(result.notes)
         inputVolume = run.inputVolume
         for node in (inputVolume, segmentationNode, probabilityVolume):
             if node is not None and not slicer.mrmlScene.IsNodePresent(node):
@@ -807,46 +781,53 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
             segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} TextSeg"))
         try:
-            segmentId = store_result(segmentationNode, inputVolume, run.result, run.segmentName or None)
+            segmentId = store_result(segmentationNode, inputVolume, result, run.segmentName or None)
         except Exception:
             if created:
                 slicer.mrmlScene.RemoveNode(segmentationNode)
             raise
-        if probabilityVolume is not None and run.result.probability is not None:
-            update_volume_node(probabilityVolume, run.result.probability, inputVolume)
+        if probabilityVolume is not None and result.probability is not None:
+            update_volume_node(probabilityVolume, result.probability, inputVolume)
             probabilityVolume.CreateDefaultDisplayNodes()
         if showResult:
-            self.showResult(inputVolume, segmentationNode, segmentId)
+            run.notes.extend(self.showResult(inputVolume, segmentationNode, segmentId))
         return segmentationNode, segmentId
 
     @staticmethod
     def showResult(inputVolume: vtkMRMLScalarVolumeNode, segmentationNode: vtkMRMLSegmentationNode,
-                   segmentId: str) -> None:
-        """Show the segment in the slice views (over the input volume) and in 3D."""
+                   segmentId: str) -> list[str]:
+        """Show the segment in the slice views (over the input volume) and in 3D; return warnings for the user."""
+        from TextSegLib.segmentations import show_closed_surface
+
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.GetDisplayNode().SetSegmentVisibility(segmentId, True)
-        segmentationNode.CreateClosedSurfaceRepresentation()
+        warnings = show_closed_surface(segmentationNode)
         if slicer.app.layoutManager() is not None:
             slicer.util.setSliceViewerLayers(background=inputVolume)
+        return warnings
 
     @staticmethod
-    def describeResult(run: TextSegRun, segmentationNode: vtkMRMLSegmentationNode, segmentId: str) -> str:
-        """One line for the status: the segment, its volume, the time and any warning."""
+    def describeResult(run: TextSegRun, segmentationNode: vtkMRMLSegmentationNode,
+                       segmentId: str) -> tuple[str, bool]:
+        """One line for the status (the segment, its volume, the time, the device and any warning), and whether it
+        carries a warning."""
         result = run.result
         millilitres = result.voxel_count * math.prod(run.volume.spacing) / 1000.0
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         text = _("{name}: {voxels} voxels ({ml:.1f} mL) in {seconds:.1f} s on {device}.").format(
             name=segment.GetName(), voxels=result.voxel_count, ml=millilitres, seconds=result.seconds,
-            device=run.device.upper())
+            device=(result.device or "?").upper())
+        notes = list(run.notes)
         if result.empty:
-            text += " " + _("Nothing was found above the threshold: the segment is empty.")
-        return " ".join([text, *run.notes])
+            notes.append(_("Nothing was found above the threshold: the segment is empty."))
+        return " ".join([text, *notes]), bool(notes)
 
     def process(self, inputVolume: vtkMRMLScalarVolumeNode | None,
-                segmentationNode: vtkMRMLSegmentationNode | None, prompt: str, modelId: str | Sequence[str],
-                segmentName: str | None = None, device: str = "auto", batchSize: int | None = None,
-                threshold: float | None = None, probabilityVolume: vtkMRMLScalarVolumeNode | None = None,
-                modality: str | None = None, showResult: bool = True) -> str:
+                segmentationNode: vtkMRMLSegmentationNode | None, prompt: str,
+                modelId: str | Sequence[str], segmentName: str | None = None, device: str = "auto",
+                batchSize: int | None = None, threshold: float | None = None,
+                probabilityVolume: vtkMRMLScalarVolumeNode | None = None, modality: str | None = None,
+                showResult: bool = True, server: str = "", token: str = "") -> str:
         """Segment ``inputVolume`` for ``prompt`` and return the ID of the segment added to ``segmentationNode``.
 
         Runs synchronously (Python console, batch scripts, tests)::
@@ -869,19 +850,23 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
             probabilityVolume: scalar volume node that receives the probability map, or None.
             modality: "CT" or "MR" (default: guessed from the intensities).
             showResult: show the segment in the slice views and in 3D.
+            server: address of a TextSeg server (default: a worker process on this computer).
+            token: the server's token.
 
         Raises:
             ValueError: a missing or empty input, an empty prompt, an unknown model, a bad threshold or batch size.
+            RuntimeError: the worker failed (for example it ran out of memory); the scene is unchanged.
         """
         if segmentationNode is None:
             raise ValueError(_("No segmentation node: pass the segmentation that should receive the segment."))
-        self.ensureDependencies(askConfirmation=True)
+        if not server:
+            self.ensureDependencies(askConfirmation=True)
         run = self.startProcessing(inputVolume, prompt, modelId, segmentName or "", device, batchSize, threshold,
-                                   probabilityVolume is not None, modality)
-        run.run()
+                                   probabilityVolume is not None, modality, server, token)
+        run.wait()
+        outcome = self.finishProcessing(run, segmentationNode, probabilityVolume, showResult)
         for note in run.notes:
             logging.warning("TextSeg: %s", note)
-        outcome = self.finishProcessing(run, segmentationNode, probabilityVolume, showResult)
         return outcome[1]
 
 
@@ -908,6 +893,7 @@ class TextSegTest(ScriptedLoadableModuleTest):
         self.test_ApplyStateFollowsTheInputs()
 
     def _widget(self) -> TextSegWidget:
+        """The panel, opened as a user opens it."""
         slicer.util.selectModule("TextSeg")
         return slicer.util.getModuleWidget("TextSeg")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import numpy as np
 
 from . import __version__
 from .volumes import case_name
+from .worker import DEFAULT_MAX_REQUEST_MB
 
 log = logging.getLogger("textseg")
 
@@ -113,9 +115,44 @@ def _progress_bar(total: int, label: str, quiet: bool):
     return tqdm(total=total, desc=label, unit="slice", disable=quiet or None, leave=False, file=sys.stderr)
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
+def _segmenter(args: argparse.Namespace):
+    """``(segment(volume, prompt, progress) -> result, description)``: in this process, or on ``--server``."""
+    if args.server:
+        from .worker import RemoteWorker, SegmentRequest, WorkerError
+
+        worker = RemoteWorker(args.server, args.token or os.environ.get("TEXTSEG_TOKEN"))
+        worker.health()
+
+        def remote(volume, prompt: str, progress):
+            request = SegmentRequest(prompt, list(args.model), args.device, args.batch_size, args.threshold,
+                                     args.probability, args.modality, args.fp32)
+            job = worker.submit(volume, request)
+            try:
+                result = job.wait(progress)
+            except KeyboardInterrupt:
+                job.cancel()
+                raise
+            if result is None:
+                raise WorkerError("The job was cancelled on the server; nothing was written.")
+            return result
+
+        return remote, f"{'+'.join(args.model)} on {worker.describe()}"
+
     from .checkpoints import Catalogue
     from .inference import InferenceEngine, load_model
+
+    catalogue = Catalogue(args.models_dir)
+    models = [load_model(name, args.device, catalogue) for name in args.model]
+    engine = InferenceEngine(models, batch_size=args.batch_size, amp=not args.fp32, compile=args.compile)
+
+    def local(volume, prompt: str, progress):
+        return engine.segment(volume, prompt, threshold=args.threshold, probability=args.probability,
+                              progress=progress, modality=args.modality)
+
+    return local, f"{'+'.join(m.id for m in models)} on {engine.device}"
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
     from .segmentations import segment_for_result, write_seg_nrrd
     from .text import validate_prompt
     from .volumes import check_volume_file, read_volume, write_image
@@ -132,11 +169,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise UsageError("--threshold must lie between 0 and 1.")
 
-    catalogue = Catalogue(args.models_dir)
-    models = [load_model(name, args.device, catalogue) for name in args.model]
-    engine = InferenceEngine(models, batch_size=args.batch_size, amp=not args.fp32, compile=args.compile)
-    model_label = "+".join(m.id for m in models)
-    print(f"Model {model_label} on {engine.device}", file=sys.stderr)
+    segment, where = _segmenter(args)
+    print(f"Model {where}", file=sys.stderr)
 
     for source, target in zip(inputs, outputs, strict=True):
         volume = read_volume(source, modality=args.modality)
@@ -147,10 +181,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 bar.total = total
                 bar.n = done
                 bar.refresh()
-            result = engine.segment(volume, prompt, threshold=args.threshold, probability=args.probability,
-                                    progress=report, modality=args.modality)
+            result = segment(volume, prompt, report)
             bar.close()
-            assert result is not None  # no cancel token is passed
+            assert result is not None  # nothing cancels a command-line run
             segments.append(segment_for_result(result, name, index))
             if args.probability:
                 probabilities.append((name, result.probability))
@@ -166,6 +199,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
             path = target.with_name(f"{case_name(target)}.{number}-{_slug(name)}.probability.nrrd")
             write_image(path, probability, volume)
             print(f"Wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    try:
+        serve(args.host, args.port, args.token, args.max_request_mb, args.models_dir, args.ready_line,
+              args.exit_with_stdin)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return 0
 
 
@@ -267,8 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "CPU has it; masks agree to Dice > 0.99)")
     segment.add_argument("--compile", action="store_true", help="torch.compile the networks first (tens of "
                          "seconds; pays off for many or large volumes)")
+    segment.add_argument("--server", help="segment on a TextSeg worker service (`textseg serve`) at this URL, "
+                         "e.g. http://gpu-server:8765; models are the server's")
+    segment.add_argument("--token", help="the server's token (default: $TEXTSEG_TOKEN)")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=cmd_segment)
+
+    serve = sub.add_parser("serve", help="run the segmentation worker as an HTTP service (for 3D Slicer on another "
+                           "computer, or `textseg segment --server`)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer "
+                       "only; any other address needs --token)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    serve.add_argument("--token", help="token every client must send (default: $TEXTSEG_TOKEN)")
+    serve.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
+                       help=f"largest request accepted, in MB (default {DEFAULT_MAX_REQUEST_MB})")
+    serve.add_argument("--ready-line", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser("evaluate", help="compare predictions with references (files, folders, or a "
                               "dataset manifest segmented by a model)")

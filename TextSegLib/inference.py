@@ -38,6 +38,7 @@ from torch import nn
 
 from .checkpoints import Catalogue, CheckpointError, CheckpointInfo, load_checkpoint
 from .preprocessing import IntensityMapping, Preprocessing
+from .results import CancelToken, SegmentationResult
 from .text import TextEncoder, TextFeatures, load_text_encoder, validate_prompt
 from .volumes import CanonicalTransform, Volume, guess_modality
 
@@ -47,6 +48,7 @@ __all__ = [
     "InferenceEngine",
     "LoadedModel",
     "SegmentationResult",
+    "choose_device",
     "clear_model_cache",
     "cpu_has_native_bf16",
     "load_model",
@@ -61,20 +63,6 @@ ProgressCallback = Callable[[int, int], None]
 # Largest batch the engine picks by itself on CUDA: on an H100 the benchmark's throughput is flat from 32 to 128
 # slices, and smaller batches leave neighbouring batches whose copies overlap with the compute.
 MAX_AUTO_BATCH = 64
-
-
-class CancelToken:
-    """Set from any thread to stop a run between batches."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -93,6 +81,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("No CUDA GPU is available here; use the device 'cpu' or 'auto'.")
     return device
+
+
+MINIMUM_FREE_GPU_BYTES = 2 << 30
+GPU_BYTES_PER_CHECKPOINT_BYTE = 4
+
+
+def choose_device(device: str, model_paths: Sequence[str | Path]) -> tuple[str, list[str]]:
+    """Device to run on (``"cpu"``, ``"cuda"`` or ``"cuda:N"``) and warnings for the user.
+
+    ``device`` is ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``. A GPU with less free memory than the models need (an
+    estimate from their file sizes, at least ``MINIMUM_FREE_GPU_BYTES``) is not used: the CPU is, with a warning;
+    so is the CPU when ``"cuda"`` is asked for where there is no GPU.
+    """
+    if device == "cpu":
+        return "cpu", []
+    if not torch.cuda.is_available():
+        return "cpu", ([] if device == "auto" else ["No usable GPU was found; TextSeg runs on the CPU."])
+    target = torch.device("cuda" if device == "auto" else device)
+    free, _total = torch.cuda.mem_get_info(target)
+    needed = max(MINIMUM_FREE_GPU_BYTES,
+                 GPU_BYTES_PER_CHECKPOINT_BYTE * sum(Path(path).stat().st_size for path in model_paths))
+    if free < needed:
+        message = (f"The GPU has {free / 2**30:.1f} GB free, TextSeg needs about {needed / 2**30:.1f} GB: it runs "
+                   "on the CPU (slower).")
+        log.warning("%s", message)
+        return "cpu", [message]
+    return str(target), []
 
 
 @dataclass
@@ -152,37 +167,6 @@ def clear_model_cache() -> None:
     """Forget loaded models (frees their memory)."""
     with _MODELS_LOCK:
         _MODELS.clear()
-
-
-@dataclass
-class SegmentationResult:
-    """What one prompt produced on one volume.
-
-    Attributes:
-        mask: ``(K, J, I)`` uint8, 1 inside, on the input volume's grid.
-        probability: ``(K, J, I)`` float32 in ``[0, 1]`` (mean over the ensemble) or None if not asked for.
-        prompt: the prompt as encoded (white space normalised).
-        models: infos of the checkpoints used.
-        threshold: probability above which a voxel is inside.
-        seconds: wall time of the run.
-    """
-
-    mask: np.ndarray
-    probability: np.ndarray | None
-    prompt: str
-    models: list[CheckpointInfo]
-    threshold: float
-    seconds: float
-    modality: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def voxel_count(self) -> int:
-        return int(np.count_nonzero(self.mask))
-
-    @property
-    def empty(self) -> bool:
-        return self.voxel_count == 0
 
 
 class InferenceEngine:
@@ -362,6 +346,7 @@ class InferenceEngine:
             threshold=threshold,
             seconds=time.perf_counter() - started,
             modality=modality,
+            device=str(self.device),
         )
 
     @staticmethod

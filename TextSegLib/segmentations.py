@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkOrientedImageData, vtkSegment
     from vtk import vtkMatrix4x4
 
-    from .inference import SegmentationResult
+    from .results import SegmentationResult
 
 __all__ = [
     "TAG_CHECKPOINT",
@@ -55,6 +55,7 @@ __all__ = [
     "put_segment",
     "segment_for_result",
     "segment_tag",
+    "show_closed_surface",
     "store_result",
     "update_volume_node",
     "volume_from_node",
@@ -357,3 +358,20 @@ def update_volume_node(volume_node: vtkMRMLScalarVolumeNode, array: np.ndarray,
     volume_node.SetAndObserveImageData(image)
     volume_node.SetIJKToRASMatrix(_numpy_to_matrix(_ijk_to_ras(reference_node)))
     volume_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+
+
+def show_closed_surface(segmentation_node: vtkMRMLSegmentationNode) -> list[str]:
+    """Make the closed surfaces the 3D views draw segments with; return a warning when they cannot be made.
+
+    ``vtkMRMLSegmentationNode::CreateClosedSurfaceRepresentation`` returns false when the segmentation has no
+    conversion path from its labelmaps to closed surfaces (a Slicer without the Segmentations module's converter
+    rules); the segments then show in the slice views only.
+    """
+    import slicer
+
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    if segmentation_node.CreateClosedSurfaceRepresentation() and \
+            segmentation_node.GetSegmentation().ContainsRepresentation(surface):
+        return []
+    return [f"The segments of {_node_name(segmentation_node)!r} cannot be shown in 3D here (no conversion from "
+            "labelmaps to closed surfaces); they show in the slice views."]
