@@ -39,7 +39,7 @@ from TextSegLib.segmentations import (
     volume_from_node,
     write_seg_nrrd,
 )
-from TextSegLib.terminology import terminology_for_prompt
+from TextSegLib.terminology import FINDINGS, terminology_for_prompt
 from TextSegLib.volumes import VolumeError
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
@@ -413,33 +413,43 @@ def test_update_volume_node_puts_a_probability_on_the_volume_grid(scene, volume_
 # ----------------------------------------------------------------------------------------------- terminology
 
 
-@pytest.mark.parametrize(("prompt", "label", "category"), [
-    ("a large soft-tissue mass in the posterior left lower lung", "Mass in Left Lung", "Morphologically Altered"),
-    ("a small solid nodule in the right upper lung near the mediastinum", "Nodule in Right Lung", "Morphologically"),
-    ("a contrast-enhancing lesion in the left cerebral hemisphere with irregular margins", "Lesion in Brain",
-     "Morphologically"),
-    ("a small enhancing mass in the right breast", "Mass in Right Breast", "Morphologically"),
-    ("a moderately low-density shadow in the upper right lobe of the liver with blurred margins", "Lesion in Liver",
-     "Morphologically"),
-    ("hepatic tumour", "Neoplasm in Liver", "Morphologically"),
-    ("brain tumor", "Neoplasm in Brain", "Morphologically"),
-    ("Liver", "Liver", "Anatomical Structure"),
-    ("the left kidney", "Left Kidney", "Anatomical Structure"),
-    ("both lungs, left and right", "Lung", "Anatomical Structure"),
-    ("pancreas", "Pancreas", "Anatomical Structure"),
-    ("a lesion in the liver near the right kidney", "Lesion in Liver", "Morphologically"),
-    ("lung nodules", "Nodule in Lung", "Morphologically"),
-    ("metastases", "Neoplasm", "Morphologically"),
-    ("the gall bladder", "Gallbladder", "Anatomical Structure"),
-    ("a cystic structure", "Tissue", "Tissue"),
-    ("massive oedema", "Tissue", "Tissue"),
+GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
+DICOM_MASTER = "Segmentation category and type - DICOM master list"
+
+
+@pytest.mark.parametrize(("prompt", "label", "category", "context"), [
+    ("a large soft-tissue mass in the posterior left lower lung", "Mass in Left Lung", "Morphologically Altered",
+     GENERAL_ANATOMY),
+    ("a small solid nodule in the right upper lung near the mediastinum", "Nodule in Right Lung", "Morphologically",
+     DICOM_MASTER),
+    ("a contrast-enhancing lesion in the left cerebral hemisphere with irregular margins", "Mass in Brain",
+     "Morphologically", GENERAL_ANATOMY),
+    ("a small enhancing mass in the right breast", "Mass in Right Breast", "Morphologically", GENERAL_ANATOMY),
+    ("a moderately low-density shadow in the upper right lobe of the liver with blurred margins", "Mass in Liver",
+     "Morphologically", GENERAL_ANATOMY),
+    ("hepatic tumour", "Neoplasm in Liver", "Morphologically", DICOM_MASTER),
+    ("brain tumor", "Neoplasm in Brain", "Morphologically", DICOM_MASTER),
+    ("bilateral pulmonary infection, two infected areas", "Inflammation in Lung", "Morphologically", DICOM_MASTER),
+    ("a nodular lesion", "Nodule", "Morphologically", DICOM_MASTER),
+    ("Liver", "Liver", "Anatomical Structure", GENERAL_ANATOMY),
+    ("the left kidney", "Left Kidney", "Anatomical Structure", GENERAL_ANATOMY),
+    ("the right breast", "Right Breast", "Anatomical Structure", DICOM_MASTER),
+    ("both lungs, left and right", "Lung", "Anatomical Structure", GENERAL_ANATOMY),
+    ("pancreas", "Pancreas", "Anatomical Structure", GENERAL_ANATOMY),
+    ("the urinary bladder", "Bladder", "Anatomical Structure", GENERAL_ANATOMY),
+    ("a lesion in the liver near the right kidney", "Mass in Liver", "Morphologically", GENERAL_ANATOMY),
+    ("lung nodules", "Nodule in Lung", "Morphologically", DICOM_MASTER),
+    ("metastases", "Neoplasm", "Morphologically", DICOM_MASTER),
+    ("the gall bladder", "Gallbladder", "Anatomical Structure", GENERAL_ANATOMY),
+    ("a cystic structure", "Tissue", "Tissue", GENERAL_ANATOMY),
+    ("massive oedema", "Tissue", "Tissue", GENERAL_ANATOMY),
 ])
-def test_prompts_map_to_standard_terminology(prompt, label, category):
+def test_prompts_map_to_standard_terminology(prompt, label, category, context):
     entry = terminology_for_prompt(prompt)
     assert entry.label == label
     assert entry.category.meaning.startswith(category)
     parsed = terminology_entry_from_string(entry.to_slicer())
-    assert parsed["contextName"] == "Segmentation category and type - 3D Slicer General Anatomy list"
+    assert parsed["contextName"] == context
     assert parsed["category"] == [entry.category.scheme, entry.category.value, entry.category.meaning]
     assert parsed["type"] == [entry.type.scheme, entry.type.value, entry.type.meaning]
     assert terminology_entry_to_string(parsed) == entry.to_slicer()
@@ -450,4 +460,4 @@ def test_every_real_case_prompt_names_its_organ(annotations):
     for case, row in annotations.items():
         entry = terminology_for_prompt(row["prompt"])
         assert entry.region is not None and entry.region.meaning == organs[case], case
-        assert entry.type.value in {"4147007", "27925004", "52988006", "108369006"}, case
+        assert entry.type in {finding.code for finding in FINDINGS}, case
