@@ -52,6 +52,7 @@ __all__ = [
     "clear_model_cache",
     "cpu_has_native_bf16",
     "load_model",
+    "loaded_model_ids",
     "resolve_device",
 ]
 
@@ -161,6 +162,12 @@ def load_model(
     with _MODELS_LOCK:
         _MODELS[key] = loaded
     return loaded
+
+
+def loaded_model_ids() -> list[str]:
+    """Ids of the models held in memory (for a worker's health report)."""
+    with _MODELS_LOCK:
+        return [model.id for model in _MODELS.values()]
 
 
 def clear_model_cache() -> None:

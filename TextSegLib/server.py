@@ -41,6 +41,7 @@ from .worker import (
     SegmentRequest,
     decode_request,
     encode_result,
+    too_large,
 )
 
 __all__ = ["JobManager", "create_app", "serve"]
@@ -226,7 +227,16 @@ def create_app(token: str | None, max_request_bytes: int, jobs: JobManager):
 
     @app.get(f"{prefix}/health")
     def health() -> dict[str, Any]:
-        return {"protocol": PROTOCOL_VERSION, "textseg": __version__, "busy": jobs.busy()}
+        answer = {"protocol": PROTOCOL_VERSION, "textseg": __version__, "busy": jobs.busy(),
+                  "max_request_bytes": max_request_bytes, "models_loaded": [], "prompts_encoded": 0,
+                  "prompts_reused": 0}
+        if "TextSegLib.inference" in sys.modules:  # nothing is loaded before the first job
+            from .inference import loaded_model_ids
+            from .text import PROMPT_CACHE
+
+            answer.update(models_loaded=loaded_model_ids(), prompts_encoded=PROMPT_CACHE.misses,
+                          prompts_reused=PROMPT_CACHE.hits)
+        return answer
 
     @app.get(f"{prefix}/models")
     def models() -> list[dict[str, Any]]:
@@ -236,15 +246,14 @@ def create_app(token: str | None, max_request_bytes: int, jobs: JobManager):
 
     @app.post(f"{prefix}/jobs")
     async def submit(request: Request):
-        limit_text = f"the limit is {max_request_bytes / 2**20:.0f} MB (--max-request-mb)"
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
-            return error(413, f"The request has {int(declared) / 2**20:.0f} MB; {limit_text}.")
+            return error(413, too_large(int(declared), max_request_bytes))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_request_bytes:
-                return error(413, f"The request is larger than {limit_text}.")
+                return error(413, too_large(size, max_request_bytes))
             chunks.append(chunk)
         try:
             volume, segment_request = decode_request(b"".join(chunks))

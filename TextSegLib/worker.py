@@ -11,7 +11,9 @@ Protocol, version 1 (every path starts with ``/v1``; every request carries ``Aut
 the worker has a token; errors are JSON ``{"error": "<one line for the user>"}`` with a 4xx/5xx status):
 
 ``GET /v1/health``
-    ``{"protocol": 1, "textseg": "<version>", "busy": <jobs queued or running>}``.
+    ``{"protocol": 1, "textseg": "<version>", "busy": <jobs queued or running>, "max_request_bytes": <limit>,
+    "models_loaded": [ids],
+    "prompts_encoded": <prompts encoded so far>, "prompts_reused": <encodings taken from the cache>}``.
 ``GET /v1/models``
     The worker's catalogue: ``[{"id", "title", "architecture", "description", "example_prompts", "threshold"}]``.
 ``POST /v1/jobs``
@@ -142,6 +144,12 @@ class SegmentRequest:
         if not isinstance(self.probability, bool) or not isinstance(self.fp32, bool):
             raise ProtocolError("probability and fp32 must be true or false.")
         return self
+
+
+def too_large(size: int, limit: int) -> str:
+    """The message for a request of ``size`` bytes over a worker's ``limit``."""
+    return (f"The volume is too large for this worker: the request has {size / 2**20:.1f} MB, the limit is "
+            f"{limit / 2**20:.1f} MB (textseg serve --max-request-mb).")
 
 
 # ------------------------------------------------------------------------------------------------------ frames
@@ -344,7 +352,12 @@ class RemoteWorker:
         try:
             body = encode_request(volume, request)
         except ProtocolError as error:
-            raise WorkerError(str(error)) from None
+            raise WorkerInputError(str(error)) from None
+        # Asked first, so that a wrong token or a volume over the limit is said before the upload, not as a
+        # connection the worker closes in the middle of it.
+        limit = self.health().get("max_request_bytes")
+        if limit is not None and len(body) > limit:
+            raise WorkerInputError(too_large(len(body), limit))
         answer = json.loads(self.request("POST", "/jobs", body, timeout=TRANSFER_TIMEOUT).decode("utf-8"))
         return Job(self, answer["job"], volume.array.shape)
 

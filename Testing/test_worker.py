@@ -1,0 +1,263 @@
+"""The segmentation worker (``textseg serve``) over real HTTP on 127.0.0.1, and its protocol.
+
+Every server here is a real ``textseg serve`` process listening on 127.0.0.1 (at a free port): started by
+:class:`LocalWorker` as 3D Slicer starts it, or by the command line. Nothing listens beyond the loopback address.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from TextSegLib.inference import InferenceEngine, load_model
+from TextSegLib.results import SegmentationResult
+from TextSegLib.volumes import Volume, read_volume
+from TextSegLib.worker import (
+    READY_LINE,
+    LocalWorker,
+    ProtocolError,
+    RemoteWorker,
+    SegmentRequest,
+    WorkerError,
+    WorkerInputError,
+    decode_request,
+    decode_result,
+    encode_request,
+    encode_result,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a large soft-tissue mass in the posterior left lower lung"
+
+
+@pytest.fixture(scope="module")
+def slab(data_dir) -> Volume:
+    """Six real lung2 slices through the mass."""
+    volume = read_volume(data_dir / "lung2_image.nrrd")
+    origin = np.asarray(volume.origin) + np.asarray(volume.direction)[:, 2] * volume.spacing[2] * 26
+    return Volume(np.ascontiguousarray(volume.array[26:32]), volume.spacing, tuple(origin), volume.direction, None,
+                  "lung2 slab")
+
+
+@pytest.fixture(scope="module")
+def expected(slab, small_checkpoint) -> SegmentationResult:
+    result = InferenceEngine(load_model(small_checkpoint, "cpu")).segment(slab, PROMPT, probability=True)
+    assert 0 < result.voxel_count < result.mask.size
+    return result
+
+
+@pytest.fixture(scope="module")
+def worker():
+    """A worker process as Slicer starts it (loopback, random token), stopped at the end."""
+    local = LocalWorker()
+    local.start()
+    yield local
+    local.stop()
+
+
+def request(small_checkpoint, **fields) -> SegmentRequest:
+    return SegmentRequest(PROMPT, [str(small_checkpoint)], "cpu", **fields)
+
+
+def serve(*arguments: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``textseg serve`` on a free port; returns the process and its URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "TextSegLib.cli", "serve", "--port", "0", "--ready-line", "--exit-with-stdin",
+         *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        env={**os.environ, **(env or {})})
+    line = process.stdout.readline().decode()
+    assert line.startswith(READY_LINE), process.stderr.read().decode()
+    return process, line.split()[1]
+
+
+def test_requests_and_results_survive_the_wire(slab, expected):
+    volume, decoded = decode_request(encode_request(slab, SegmentRequest("the liver", ["m"], threshold=0.3)))
+    np.testing.assert_array_equal(volume.array, slab.array)
+    assert volume.array.dtype == slab.array.dtype
+    assert volume.spacing == slab.spacing and volume.origin == slab.origin
+    np.testing.assert_array_equal(volume.direction, slab.direction)
+    assert decoded == SegmentRequest("the liver", ["m"], threshold=0.3)
+    result = decode_result(encode_result(expected))
+    np.testing.assert_array_equal(result.mask, expected.mask)
+    np.testing.assert_array_equal(result.probability, expected.probability)
+    assert [(m.id, m.sha256) for m in result.models] == [(m.id, m.sha256) for m in expected.models]
+    assert (result.prompt, result.threshold, result.device) == (expected.prompt, expected.threshold, "cpu")
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"not a frame", "not a TextSeg frame"),
+    (b"TSEG\xff\x00\x00\x00{}", "cut short"),
+    (b"TSEG\x02\x00\x00\x00{}", "Protocol version None"),
+])
+def test_malformed_frames_are_named(body, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode_request(body)
+
+
+def test_the_worker_segments_as_the_engine_does_and_reports_progress(worker, slab, expected, small_checkpoint):
+    seen = []
+    job = worker.submit(slab, request(small_checkpoint, probability=True, batch_size=2))
+    result = job.wait(progress=lambda done, total: seen.append((done, total)))
+    np.testing.assert_array_equal(result.mask, expected.mask)
+    np.testing.assert_allclose(result.probability, expected.probability, atol=1e-6)
+    assert seen[-1] == (6, 6) and len(set(seen)) >= 2
+    assert result.device == "cpu" and [m.sha256 for m in result.models] == [m.sha256 for m in expected.models]
+    assert worker.health()["protocol"] == 1
+
+
+def test_re_prompting_reuses_the_loaded_model_and_encoded_prompts(worker, slab, small_checkpoint):
+    worker.submit(slab, request(small_checkpoint)).wait()
+    before = worker.health()
+    worker.submit(slab, SegmentRequest("the left lung", [str(small_checkpoint)], "cpu")).wait()
+    worker.submit(slab, SegmentRequest("the left lung", [str(small_checkpoint)], "cpu")).wait()
+    after = worker.health()
+    assert after["models_loaded"] == before["models_loaded"] == [small_checkpoint.name.removesuffix(".safetensors")]
+    assert after["prompts_encoded"] == before["prompts_encoded"] + 1
+    assert after["prompts_reused"] >= before["prompts_reused"] + 1
+
+
+def test_cancel_stops_the_job_and_it_has_no_result(worker, data_dir, small_checkpoint):
+    volume = read_volume(data_dir / "lung2_image.nrrd")
+    job = worker.submit(volume, request(small_checkpoint, batch_size=1))
+    deadline = time.monotonic() + 120
+    while job.status().done == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    started = time.monotonic()
+    job.cancel()
+    assert job.result() is None and time.monotonic() - started < 2.0
+    plain = RemoteWorker(worker.url, worker.token)
+    while plain.json("GET", f"/jobs/{job.id}")["state"] == "running":
+        time.sleep(0.05)
+    state = plain.json("GET", f"/jobs/{job.id}")
+    assert state["state"] == "cancelled" and state["done"] < state["total"] == 61
+    with pytest.raises(WorkerInputError, match="The job is cancelled"):
+        plain.request("GET", f"/jobs/{job.id}/result")
+
+
+def test_a_wrong_or_missing_token_is_refused(worker, slab, small_checkpoint):
+    for token in ("not-the-token", None):
+        with pytest.raises(WorkerError, match="refused the token"):
+            RemoteWorker(worker.url, token).submit(slab, request(small_checkpoint))
+    assert worker.health()["busy"] == 0
+
+
+def test_malformed_and_wrongly_sized_requests_are_refused_with_400(worker, slab, small_checkpoint):
+    client = RemoteWorker(worker.url, worker.token)
+    with pytest.raises(WorkerInputError, match="Malformed request: The body is not a TextSeg frame"):
+        client.request("POST", "/jobs", b"hello")
+    body = bytearray(encode_request(slab, request(small_checkpoint)))
+    with pytest.raises(WorkerInputError, match="bytes of voxels"):
+        client.request("POST", "/jobs", bytes(body[:-10]))
+    header = json.dumps({"protocol": 1, "request": {"prompt": PROMPT, "models": ["x"], "threshold": 2},
+                         "volume": {}}).encode()
+    with pytest.raises(WorkerInputError, match="threshold must lie between 0 and 1"):
+        client.request("POST", "/jobs", b"TSEG" + len(header).to_bytes(4, "little") + header)
+    with pytest.raises(WorkerError, match="No job '0123' on this worker"):
+        client.json("GET", "/jobs/0123")
+
+
+def test_refused_input_in_a_job_comes_back_as_a_value_error(worker, slab, small_checkpoint):
+    for fields, message in (({"prompt": "   "}, "The prompt is empty"), ({"models": ["no-such-model"]},
+                                                                           "No model named 'no-such-model'")):
+        job = worker.submit(slab, SegmentRequest(**{"prompt": PROMPT, "models": [str(small_checkpoint)],
+                                                    "device": "cpu", **fields}))
+        with pytest.raises(WorkerInputError, match=message):
+            job.wait()
+
+
+def test_an_oversized_request_is_refused_before_it_is_read(slab, small_checkpoint):
+    process, url = serve("--max-request-mb", "0.1", env={"TEXTSEG_TOKEN": "secret"})
+    try:
+        client = RemoteWorker(url, "secret")
+        with pytest.raises(WorkerInputError, match=r"too large for this worker: the request has 0\.1 MB, the limit"):
+            client.submit(Volume(slab.array[:1, :256, :256].copy(), slab.spacing, slab.origin, slab.direction),
+                          request(small_checkpoint))
+        connection = http.client.HTTPConnection(*url.removeprefix("http://").split(":"))
+        connection.putrequest("POST", "/v1/jobs")
+        connection.putheader("Authorization", "Bearer secret")
+        connection.putheader("Content-Length", str(10**12))
+        connection.endheaders()
+        answer = connection.getresponse()
+        assert answer.status == 413 and "the limit is 0.1 MB" in json.loads(answer.read())["error"]
+    finally:
+        process.stdin.close()
+        process.wait(10)
+
+
+def test_two_clients_at_once_both_get_their_own_result(worker, slab, expected, small_checkpoint):
+    results: dict[str, SegmentationResult] = {}
+
+    def client(name: str, prompt: str) -> None:
+        results[name] = RemoteWorker(worker.url, worker.token).submit(
+            slab, SegmentRequest(prompt, [str(small_checkpoint)], "cpu")).wait()
+
+    threads = [threading.Thread(target=client, args=(name, prompt))
+               for name, prompt in (("first", PROMPT), ("second", "the right lung"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    np.testing.assert_array_equal(results["first"].mask, expected.mask)
+    assert results["second"].prompt == "the right lung"
+    assert not np.array_equal(results["second"].mask, results["first"].mask)
+
+
+def test_listening_beyond_this_computer_needs_a_token():
+    done = subprocess.run([sys.executable, "-m", "TextSegLib.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, encoding="utf-8", cwd=REPO, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "TEXTSEG_TOKEN"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "textseg: error: Listening on 0.0.0.0 lets other computers in: give a token with --token or $TEXTSEG_TOKEN "
+        "(clients pass the same token)."]
+
+
+def test_a_server_refuses_file_paths_from_other_computers(slab, small_checkpoint):
+    from TextSegLib.server import JobManager
+
+    manager = JobManager(allow_paths=False)
+    job_id = manager.submit(slab, request(small_checkpoint))
+    deadline = time.monotonic() + 60
+    while manager.status(manager.get(job_id))["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    status = manager.status(manager.get(job_id))
+    assert status["state"] == "failed" and status["input_error"]
+    assert status["error"].startswith(f"No model named {str(small_checkpoint)!r} on this server")
+
+
+def test_textseg_segment_on_a_server_writes_what_it_writes_in_process(tmp_path, slab, small_checkpoint):
+    image = tmp_path / "slab.nrrd"
+    sitk.WriteImage(slab.to_sitk(), str(image))
+    process, url = serve(env={"TEXTSEG_TOKEN": "secret"})
+    try:
+        outputs = {}
+        for how, extra in (("local", []), ("server", ["--server", url, "--token", "secret"])):
+            outputs[how] = tmp_path / f"{how}.seg.nrrd"
+            done = subprocess.run([sys.executable, "-m", "TextSegLib.cli", "segment", str(image), "-p", PROMPT,
+                                   "-m", str(small_checkpoint), "--device", "cpu", "-q", "-o", str(outputs[how]),
+                                   *extra], capture_output=True, encoding="utf-8", cwd=REPO, timeout=300)
+            assert done.returncode == 0, done.stderr
+        refused = subprocess.run([sys.executable, "-m", "TextSegLib.cli", "segment", str(image), "-p", PROMPT,
+                                  "-m", str(small_checkpoint), "-q", "-o", str(tmp_path / "x.seg.nrrd"), "--server",
+                                  url], capture_output=True, encoding="utf-8", cwd=REPO, timeout=300)
+        assert refused.returncode == 1 and not (tmp_path / "x.seg.nrrd").exists()
+        assert refused.stderr.strip().splitlines()[-1].startswith("textseg: error: The TextSeg server refused")
+    finally:
+        process.stdin.close()
+        process.wait(10)
+    local, remote = (slicerio.read_segmentation(str(outputs[how])) for how in ("local", "server"))
+    np.testing.assert_array_equal(local["voxels"], remote["voxels"])
+    assert local["segments"][0]["tags"] == remote["segments"][0]["tags"]
