@@ -18,6 +18,7 @@ from TextSegLib.checkpoints import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
+    metadata_digest,
     read_checkpoint_info,
     save_checkpoint,
     weights_digest,
@@ -79,13 +80,16 @@ register(ModelSpec(name="tinynet-test", config_class=TinyConfig, builder=TinyNet
                                                                                   "high": 1}}}))
 
 
-def rewrite_metadata(source, target, **changes):
-    """Copy a checkpoint with some metadata fields changed (weights untouched)."""
+def rewrite_metadata(source, target, sign=True, **changes):
+    """Copy a checkpoint with some metadata fields changed (weights untouched). ``sign`` records the digest of the
+    changed settings, as saving a model with them would; without it the copy is a tampered file."""
     from safetensors import safe_open
 
     with safe_open(str(source), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["textseg"])
     metadata.update(changes)
+    if sign:
+        metadata["digest"] = metadata_digest(metadata)
     save_file(load_file(str(source)), str(target), metadata={"textseg": json.dumps(metadata)})
 
 
@@ -139,7 +143,7 @@ def test_missing_truncated_and_foreign_files(tmp_path, small_checkpoint):
         load_checkpoint(foreign)
     pickle = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2)}, pickle)
-    with pytest.raises(CheckpointError, match="damaged or incomplete"):
+    with pytest.raises(CheckpointError, match="PyTorch pickle"):
         load_checkpoint(pickle)
 
 
