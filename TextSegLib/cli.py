@@ -69,7 +69,7 @@ def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Path], overwrite: b
     for path in outputs:
         resolved = path.resolve()
         if resolved in taken:
-            raise UsageError(f"The output {str(path)!r} is an input; choose another output name.")
+            raise UsageError(f"The output {str(path)!r} would overwrite an input; choose another output name.")
         if resolved in seen:
             raise UsageError(f"{str(path)!r} is given for two outputs; give distinct names.")
         seen.add(resolved)
@@ -136,7 +136,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def _output_paths(inputs: Sequence[Path], output: Path | None) -> list[Path]:
     if output is not None and any(output.resolve() == path.resolve() for path in inputs):
-        raise UsageError(f"--output {str(output)!r} is an input; name a new .seg.nrrd file or a folder.")
+        raise UsageError(f"--output {str(output)!r} would overwrite its input; name a new .seg.nrrd file or a folder.")
     if len(inputs) == 1 and output is not None and output.name.endswith(".seg.nrrd"):
         return [output]
     folder = output or Path.cwd()
