@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import __version__
-from .common import TextSegTypeError, atomic_write, first_line
+from .common import TextSegTypeError, TextSegValueError, atomic_write, first_line
 from .terminology import terminology_for_prompt
 from .volumes import Volume, VolumeError, check_volume
 
@@ -126,9 +126,9 @@ def _check_text(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise TextSegTypeError(f"The {what} must be a str, not {type(value).__name__}.")
     if not value.strip():
-        raise ValueError(f"The {what} is empty; give it a name.")
+        raise TextSegValueError(f"The {what} is empty; give it a name.")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError(f"The {what} {value!r} holds a line break or another control character; remove it.")
+        raise TextSegValueError(f"The {what} {value!r} holds a line break or another control character; remove it.")
     return value
 
 
@@ -160,7 +160,9 @@ def write_seg_nrrd(path: str | os.PathLike[str], segments: Sequence[SegmentSpec]
     for number, spec in enumerate(segments, start=1):
         name = _check_text(spec.name, "segment name")
         if spec.mask.shape != reference.array.shape:
-            raise ValueError(f"segment {name!r} has shape {spec.mask.shape}, the volume {reference.array.shape}")
+            raise TextSegValueError(
+                f"The segment {name!r} has shape {spec.mask.shape}, the volume {reference.array.shape}; make the "
+                "mask on the volume's grid.")
         fields = {
             "id": f"Segment_{number}",
             "name": ascii_field(name),
