@@ -21,6 +21,7 @@ from TextSegLib.checkpoints import (
     metadata_digest,
     read_checkpoint_info,
     save_checkpoint,
+    sign_checkpoint,
     weights_digest,
 )
 from TextSegLib.models import ModelSpec, PretrainedUnavailableError, register
@@ -250,3 +251,32 @@ def test_header_only_reading_is_fast_and_complete(small_checkpoint):
     info = read_checkpoint_info(small_checkpoint, with_sha256=False)
     assert info.sha256 is None and info.text_encoder == {"source": "minilm", "max_tokens": 128}
     assert read_checkpoint_info(small_checkpoint).sha256 == file_sha256(small_checkpoint)
+
+
+def test_settings_are_covered_by_the_digest_and_old_files_can_be_signed(tmp_path, small_checkpoint):
+    """Edited settings are refused; a format-1 file (weights digest only) is refused until signed, and signing is
+    reproducible (the same bytes twice) and refuses weights that do not match their recorded digest."""
+    edited = tmp_path / "edited.safetensors"
+    rewrite_metadata(small_checkpoint, edited, sign=False, threshold=0.1)
+    with pytest.raises(CheckpointError, match="was modified after it was saved"):
+        read_checkpoint_info(edited)
+    old = tmp_path / "old.safetensors"
+    rewrite_metadata(small_checkpoint, old, sign=False, format_version=1, digest=None)
+    with pytest.raises(CheckpointError, match=r"python -m TextSegLib\.checkpoints sign"):
+        load_checkpoint(old)
+    first, second = sign_checkpoint(old, tmp_path / "a.safetensors"), sign_checkpoint(old, tmp_path / "b.safetensors")
+    assert first.sha256 == second.sha256
+    model, info = load_checkpoint(tmp_path / "a.safetensors")
+    assert info.digest == read_checkpoint_info(small_checkpoint).digest  # the same settings, the same digest
+    assert weights_digest(model.state_dict()) == info.weights_sha256
+    broken = tmp_path / "broken.safetensors"
+    rewrite_metadata(small_checkpoint, broken, sign=False, format_version=1, weights_sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="do not match"):
+        sign_checkpoint(broken)
+
+
+def test_the_shipped_demo_checkpoint_is_signed():
+    from TextSegLib.checkpoints import SHIPPED_MODELS_DIR
+
+    _, info = load_checkpoint(SHIPPED_MODELS_DIR / "demo-texlivernet-small.safetensors")
+    assert info.digest and info.threshold == 0.5 and info.orientation == "LPS"

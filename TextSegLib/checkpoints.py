@@ -482,8 +482,13 @@ class Catalogue:
         )
 
     def import_model(self, path: str | os.PathLike[str], model_id: str | None = None) -> CatalogueEntry:
-        """Check a checkpoint fully (weights included) and copy it into the user's models folder."""
-        entry_id = check_model_id(model_id if model_id is not None else Path(path).name.removesuffix(".safetensors"))
+        """Check a checkpoint fully (weights included) and copy it into the user's models folder under ``model_id``
+        (default: the file name, with anything but letters, digits, ``_``, ``-``, ``+`` and ``.`` made ``-``).
+        Raises :class:`CheckpointError` for an id that is not a plain name (see :func:`check_model_id`) or is
+        taken."""
+        if model_id is None:  # the file name, made a plain name
+            model_id = re.sub(r"[^\w.+-]+", "-", Path(path).name.removesuffix(".safetensors")).strip("-.") or "model"
+        entry_id = check_model_id(model_id)
         load_checkpoint(path)
         target = self.user_dir / f"{entry_id}.safetensors"
         if any(entry.id == entry_id for entry in self.entries()) or target.exists():
