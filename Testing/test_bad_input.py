@@ -641,3 +641,29 @@ def test_a_file_slicer_writes_with_such_names_reads_back_exactly(tmp_path):
     read = read_seg_nrrd(tmp_path / "slicer.seg.nrrd")
     assert [s["name"] for s in read["segments"]] == NAMES
     assert [decode_tag(s["tags"][TAG_PROMPT]) for s in read["segments"]] == NAMES
+
+
+def test_a_dicom_series_with_a_missing_slice_gives_one_warning_line(world, tmp_path, capfd):
+    """ITK warns about the gap in several lines on the process's stderr; textseg says it in one line."""
+    brain = sitk.ReadImage(str(i(world, "brain.nrrd")))
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    orientation = "\\".join(map(str, brain.GetDirection()[0:9:3] + brain.GetDirection()[1:9:3]))
+    for k in (0, 1, 3):  # slice 2 is missing
+        item = sitk.Cast(brain[:, :, k], sitk.sitkInt16)
+        for tag, value in (("0008|0060", "MR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0013", str(k)),
+                           ("0020|0037", orientation),
+                           ("0020|0032", "\\".join(map(str, brain.TransformIndexToPhysicalPoint((0, 0, k)))))):
+            item.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k}.dcm"))
+        writer.Execute(item)
+    capfd.readouterr()
+    assert main(["segment", str(folder), "-p", PROMPT, "-m", str(m(world, "good")), "-o",
+                 str(tmp_path / "d.seg.nrrd"), "--device", "cpu", "-q"]) == 0
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"textseg: WARNING: The DICOM series in {folder} has unevenly spaced slices (6.5 to 13 mm "
+                          "apart; slices missing?); it is segmented as if they were "), err

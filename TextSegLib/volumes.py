@@ -219,6 +219,7 @@ def _read_sitk(path: Path, header_only: bool):
             image = reader.Execute()
             if reader.HasMetaDataKey(0, "0008|0060"):
                 image.SetMetaData("0008|0060", reader.GetMetaData(0, "0008|0060").strip())
+            _warn_uneven_slices(path, reader, image)
             return image
         if header_only:
             reader = sitk.ImageFileReader()
@@ -230,6 +231,24 @@ def _read_sitk(path: Path, header_only: bool):
         raise VolumeError(
             f"Cannot read {str(path)!r}: it is not an image TextSeg can read ({SUPPORTED}), or it is damaged."
         ) from error
+
+
+def _warn_uneven_slices(folder: Path, reader, image) -> None:
+    """One warning line when a DICOM series' slices are not evenly spaced (missing slices): ITK's own warning runs
+    to several lines (the ``textseg`` command turns ITK warnings off)."""
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    try:
+        positions = [np.asarray(reader.GetMetaData(n, "0020|0032").split("\\"), dtype=float) @ normal
+                     for n in range(image.GetSize()[2])]
+    except (RuntimeError, ValueError):
+        return
+    steps = np.abs(np.diff(positions))
+    if steps.size and steps.max() - steps.min() > 0.01 * max(float(np.median(steps)), 1e-6):
+        import logging
+
+        logging.getLogger("textseg").warning(
+            "The DICOM series in %s has unevenly spaced slices (%.3g to %.3g mm apart; slices missing?); it is "
+            "segmented as if they were %.3g mm apart.", folder, steps.min(), steps.max(), image.GetSpacing()[2])
 
 
 def check_volume_file(path: str | os.PathLike[str]) -> None:
