@@ -116,6 +116,7 @@ def world(tmp_path_factory, data_dir, small_checkpoint):
     save_file(state, str(models / "tampered-weights.safetensors"), metadata=metadata)
     edit_header(good, models / "threshold.safetensors", sign=False, threshold=-1.0)
     edit_header(good, models / "orientation.safetensors", sign=False, orientation="RAS")
+    edit_header(good, models / "threshold-nan.safetensors", sign=False, threshold=float("nan"))
     edit_header(good, models / "window.safetensors", sign=False,
                      preprocessing={"size": [256, 256], "intensity": {"CT": {"kind": "window", "low": -1000,
                                                                               "high": 1000}}})
@@ -224,6 +225,7 @@ SEGMENT_CASES = {
     "tampered weights": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "tampered-weights")],
                          "modified or damaged"),
     "edited threshold": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "threshold")], "was modified"),
+    "threshold set to NaN": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "threshold-nan")], "was modified"),
     "edited orientation": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "orientation")], "was modified"),
     "edited preprocessing": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "window")], "was modified"),
     "blanked weights digest": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "no-weights-digest")],

@@ -317,7 +317,11 @@ def read_checkpoint_info(path: str | os.PathLike[str], with_sha256: bool = True)
             f"{_where(path)} was saved before TextSeg recorded a digest of its settings, so edits to them cannot be "
             f"detected; if you trust the file, sign it: python -m TextSegLib.checkpoints sign {str(path)!r}"
         )
-    if data.get("digest") != metadata_digest(data):
+    try:
+        expected = metadata_digest(data)
+    except ValueError:  # NaN or infinity in a setting: not what save_checkpoint writes
+        expected = None
+    if expected is None or data.get("digest") != expected:
         raise CheckpointError(
             f"{_where(path)} was modified after it was saved (its settings, such as threshold, orientation or "
             "preprocessing, do not match the digest recorded in it); use an untouched copy."
