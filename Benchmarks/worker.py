@@ -18,18 +18,14 @@ Figures, not a test: run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import resampled  # Benchmarks/benchmark.py: python puts the script's folder on the path
 
-from benchmark import resampled  # noqa: E402
-
-from TextSegLib.demo import DEMO_MODEL, demo_case  # noqa: E402
-from TextSegLib.inference import InferenceEngine, load_model  # noqa: E402
-from TextSegLib.volumes import Volume, read_volume  # noqa: E402
-from TextSegLib.worker import LocalWorker, SegmentRequest  # noqa: E402
+from TextSegLib.demo import DEMO_MODEL, demo_case
+from TextSegLib.inference import InferenceEngine, load_model
+from TextSegLib.volumes import Volume, read_volume
+from TextSegLib.worker import LocalWorker, SegmentRequest
 
 PROMPTS = ("a large soft-tissue mass in the posterior left lower lung", "a solid mass in the left lung")
 

@@ -18,8 +18,10 @@ from TextSegLib.checkpoints import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
+    metadata_digest,
     read_checkpoint_info,
     save_checkpoint,
+    sign_checkpoint,
     weights_digest,
 )
 from TextSegLib.models import ModelSpec, PretrainedUnavailableError, register
@@ -79,13 +81,16 @@ register(ModelSpec(name="tinynet-test", config_class=TinyConfig, builder=TinyNet
                                                                                   "high": 1}}}))
 
 
-def rewrite_metadata(source, target, **changes):
-    """Copy a checkpoint with some metadata fields changed (weights untouched)."""
+def rewrite_metadata(source, target, sign=True, **changes):
+    """Copy a checkpoint with some metadata fields changed (weights untouched). ``sign`` records the digest of the
+    changed settings, as saving a model with them would; without it the copy is a tampered file."""
     from safetensors import safe_open
 
     with safe_open(str(source), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["textseg"])
     metadata.update(changes)
+    if sign:
+        metadata["digest"] = metadata_digest(metadata)
     save_file(load_file(str(source)), str(target), metadata={"textseg": json.dumps(metadata)})
 
 
@@ -139,7 +144,7 @@ def test_missing_truncated_and_foreign_files(tmp_path, small_checkpoint):
         load_checkpoint(foreign)
     pickle = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2)}, pickle)
-    with pytest.raises(CheckpointError, match="damaged or incomplete"):
+    with pytest.raises(CheckpointError, match="PyTorch pickle"):
         load_checkpoint(pickle)
 
 
@@ -246,3 +251,32 @@ def test_header_only_reading_is_fast_and_complete(small_checkpoint):
     info = read_checkpoint_info(small_checkpoint, with_sha256=False)
     assert info.sha256 is None and info.text_encoder == {"source": "minilm", "max_tokens": 128}
     assert read_checkpoint_info(small_checkpoint).sha256 == file_sha256(small_checkpoint)
+
+
+def test_settings_are_covered_by_the_digest_and_old_files_can_be_signed(tmp_path, small_checkpoint):
+    """Edited settings are refused; a format-1 file (weights digest only) is refused until signed, and signing is
+    reproducible (the same bytes twice) and refuses weights that do not match their recorded digest."""
+    edited = tmp_path / "edited.safetensors"
+    rewrite_metadata(small_checkpoint, edited, sign=False, threshold=0.1)
+    with pytest.raises(CheckpointError, match="was modified after it was saved"):
+        read_checkpoint_info(edited)
+    old = tmp_path / "old.safetensors"
+    rewrite_metadata(small_checkpoint, old, sign=False, format_version=1, digest=None)
+    with pytest.raises(CheckpointError, match=r"python -m TextSegLib\.checkpoints sign"):
+        load_checkpoint(old)
+    first, second = sign_checkpoint(old, tmp_path / "a.safetensors"), sign_checkpoint(old, tmp_path / "b.safetensors")
+    assert first.sha256 == second.sha256
+    model, info = load_checkpoint(tmp_path / "a.safetensors")
+    assert info.digest == read_checkpoint_info(small_checkpoint).digest  # the same settings, the same digest
+    assert weights_digest(model.state_dict()) == info.weights_sha256
+    broken = tmp_path / "broken.safetensors"
+    rewrite_metadata(small_checkpoint, broken, sign=False, format_version=1, weights_sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="do not match"):
+        sign_checkpoint(broken)
+
+
+def test_the_shipped_demo_checkpoint_is_signed():
+    from TextSegLib.checkpoints import SHIPPED_MODELS_DIR
+
+    _, info = load_checkpoint(SHIPPED_MODELS_DIR / "demo-texlivernet-small.safetensors")
+    assert info.digest and info.threshold == 0.5 and info.orientation == "LPS"

@@ -89,7 +89,9 @@ def test_long_prompts_are_truncated_with_a_warning(tmp_path, capsys, slab, small
     code, _, stderr = run(["segment", slab, "-p", long_prompt, "-m", small_checkpoint, "-o", tmp_path, "-q"],
                           capsys)
     assert code == 0
-    assert "textseg: WARNING: The prompt is" in stderr and "reads at most 128" in stderr
+    assert stderr.startswith("textseg: WARNING: The prompt 'a large soft-tissue mass in the ...' is 242 tokens")
+    assert "reads at most 128" in stderr and len(stderr.splitlines()) == 1
+    assert "posterior" not in stderr  # the long prompt is not repeated
     assert (tmp_path / "lung2_slab.seg.nrrd").is_file()
 
 

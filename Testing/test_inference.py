@@ -251,8 +251,14 @@ def test_ensemble_averages_probabilities(lung2_slab, small_checkpoint, second_ch
 
 
 def test_threshold_and_empty_results(lung2_slab, model):
-    result = InferenceEngine(model, batch_size=6).segment(lung2_slab, PROMPT, threshold=1.0)
-    assert result.empty and result.voxel_count == 0 and result.threshold == 1.0
+    engine = InferenceEngine(model, batch_size=6)
+    highest = float(np.nextafter(1.0, 0.0))
+    result = engine.segment(lung2_slab, PROMPT, threshold=highest, probability=True)
+    assert result.probability.max() < 1.0  # no probability above the highest threshold below 1
+    assert result.empty and result.voxel_count == 0 and result.threshold == highest
+    for threshold in (0.0, 1.0, 5):  # a probability threshold lies strictly between 0 and 1
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            engine.segment(lung2_slab, PROMPT, threshold=threshold)
 
 
 def test_models_are_cached_and_devices_checked(small_checkpoint, monkeypatch):

@@ -26,8 +26,15 @@ PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 
 def test_validate_prompt():
     assert validate_prompt("  a   small\tnodule \n") == "a small nodule"
-    for bad in ("", "   ", "\n\t", None):
+    for bad in ("", "   ", "\n\t"):
         with pytest.raises(PromptError, match="empty"):
+            validate_prompt(bad)
+    for bad in ("?!", "... --", "🫁"):
+        with pytest.raises(PromptError, match="has no words"):
+            validate_prompt(bad)
+    assert validate_prompt("右肺下叶肿块 ’") == "右肺下叶肿块 ’"
+    for bad, kind in ((None, "NoneType"), (b"a nodule", "bytes")):
+        with pytest.raises(TypeError, match=kind):
             validate_prompt(bad)
 
 

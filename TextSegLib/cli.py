@@ -1,7 +1,19 @@
 """The ``textseg`` command: list models, segment volumes from text prompts, evaluate segmentations.
 
-Errors caused by the input (a missing file, an empty prompt, a damaged checkpoint, ...) are reported in one line
-on stderr, the exit code is 1 and no output file is written. ``--debug`` shows the full traceback instead.
+Errors caused by the input (a missing file, an empty prompt, a damaged checkpoint, an output that cannot be
+written, ...) are reported in one line on stderr and the exit code is 1 (2 for a command line argparse cannot
+parse); ``--debug`` shows the full traceback instead. Ctrl-C (SIGINT) and SIGTERM end a run with one line and the
+exit codes 130 and 143.
+
+``segment`` and ``evaluate`` write all their outputs or none: everything is checked first (inputs, prompts,
+options, that no output is an input, that no output exists unless ``--overwrite`` is given, that each output's
+folder is writable), then every output is written to a hidden temporary file beside its target, and the targets
+are put in place only when every input has been segmented and every file written. A failure or an interrupt at
+any point removes the temporary files, so a failed run leaves no file behind; inputs are only ever read.
+
+``TEXTSEG_DEBUG_PAUSE=reading|segmenting|writing`` is a debugging and testing aid: ``segment`` stops for up to
+60 s when it starts reading an input, after the first batch of slices of a prompt, or when an input's outputs are
+written to their temporary files but not yet put in place, and says so on stdout (the tests send signals there).
 """
 
 from __future__ import annotations
@@ -11,20 +23,60 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .common import OutputTransaction, TextSegError, check_writable, first_line
 from .volumes import case_name
 from .worker import DEFAULT_MAX_REQUEST_MB
 
 log = logging.getLogger("textseg")
 
-class UsageError(ValueError):
+class UsageError(TextSegError, ValueError):
     """A command line that cannot be carried out as given."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is when it arrives (like KeyboardInterrupt for SIGINT)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _stage(stage: str, what: str) -> None:
+    """Log a stage of ``segment`` (shown with --debug) and pause there when ``TEXTSEG_DEBUG_PAUSE`` names it."""
+    log.info("%s %s", stage, what)
+    if os.environ.get("TEXTSEG_DEBUG_PAUSE") == stage:
+        print(f"textseg: debug: paused at {stage} {what} (TEXTSEG_DEBUG_PAUSE)", flush=True)
+        time.sleep(60)
+
+
+def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Path], overwrite: bool) -> None:
+    """Before any work: no output is an input or given twice, none exists unless ``overwrite``, and each one's
+    folder is writable."""
+    taken = {path.resolve(): path for path in inputs}
+    seen: set[Path] = set()
+    for path in outputs:
+        resolved = path.resolve()
+        if resolved in taken:
+            raise UsageError(f"The output {str(path)!r} would overwrite an input; choose another output name.")
+        if resolved in seen:
+            raise UsageError(f"{str(path)!r} is given for two outputs; give distinct names.")
+        seen.add(resolved)
+        if path.exists() and not overwrite:
+            raise UsageError(f"{str(path)!r} exists; give --overwrite to replace it, or choose another output.")
+        check_writable(path)
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -84,10 +136,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _output_paths(inputs: Sequence[Path], output: Path | None) -> list[Path]:
+    if output is not None and any(output.resolve() == path.resolve() for path in inputs):
+        raise UsageError(f"--output {str(output)!r} would overwrite its input; name a new .seg.nrrd file or a folder.")
     if len(inputs) == 1 and output is not None and output.name.endswith(".seg.nrrd"):
         return [output]
     folder = output or Path.cwd()
     if folder.exists() and not folder.is_dir():
+        if len(inputs) == 1:
+            raise UsageError(f"--output {str(folder)!r} is a file that is not a .seg.nrrd; name a .seg.nrrd file or "
+                             "a folder.")
         raise UsageError(f"--output {str(folder)!r} is a file; with several inputs give a folder.")
     if output is not None and output.suffix and not output.exists():
         raise UsageError(f"--output {str(output)!r}: name a .seg.nrrd file (one input) or a folder.")
@@ -106,6 +163,9 @@ def _segment_names(prompts: list[str], names: list[str] | None) -> list[str]:
     cleaned = [" ".join(name.split()) for name in names]
     if not all(cleaned):
         raise UsageError("A --name is empty; give each segment a name or leave --name out.")
+    for name in cleaned:
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise UsageError(f"The --name {name!r} holds a control character; give a plain name.")
     return cleaned
 
 
@@ -129,7 +189,7 @@ def _segmenter(args: argparse.Namespace):
             job = worker.submit(volume, request)
             try:
                 result = job.wait(progress)
-            except KeyboardInterrupt:
+            except BaseException:  # Ctrl-C, SIGTERM, a lost connection: the server stops the job too
                 job.cancel()
                 raise
             if result is None:
@@ -152,7 +212,27 @@ def _segmenter(args: argparse.Namespace):
     return local, f"{'+'.join(m.id for m in models)} on {engine.device}"
 
 
+def _reporter(bar, label: str):
+    """Progress callback: moves the bar; after the first batch it is the ``segmenting`` stage."""
+    started = []
+
+    def report(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if not started:
+            started.append(True)
+            _stage("segmenting", label)
+
+    return report
+
+
+def _probability_path(target: Path, number: int, name: str) -> Path:
+    return target.with_name(f"{case_name(target)}.{number}-{_slug(name)}.probability.nrrd")
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
+    from .inference import check_threshold
     from .segmentations import segment_for_result, write_seg_nrrd
     from .text import validate_prompt
     from .volumes import check_volume_file, read_volume, write_image
@@ -163,42 +243,50 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for path in inputs:
         check_volume_file(path)
     outputs = _output_paths(inputs, Path(args.output) if args.output else None)
-    for source, target in zip(inputs, outputs, strict=True):
-        if source.resolve() == target.resolve():
-            raise UsageError(f"The output {str(target)!r} would overwrite its input.")
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        raise UsageError("--threshold must lie between 0 and 1.")
+    if args.threshold is not None:
+        try:
+            check_threshold(args.threshold)
+        except ValueError as error:
+            raise UsageError(f"--threshold: {error}") from error
+    probability_paths = [[_probability_path(target, number, name) for number, name in enumerate(names, start=1)]
+                         if args.probability else [] for target in outputs]
+    models_given = [Path(m) for m in args.model if Path(m).exists()]
+    every_output = [*outputs, *(p for paths in probability_paths for p in paths)]
+    _check_outputs(every_output, [*inputs, *models_given], args.overwrite)
+    existing = {path for path in every_output if path.exists()}
 
     segment, where = _segmenter(args)
-    print(f"Model {where}", file=sys.stderr)
+    print(f"Model {where}", flush=True)
 
-    for source, target in zip(inputs, outputs, strict=True):
-        volume = read_volume(source, modality=args.modality)
-        segments, probabilities = [], []
-        for index, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
-            bar = _progress_bar(0, f"{case_name(source)}: {name[:30]}", args.quiet)
-            def report(done: int, total: int, bar=bar) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-            result = segment(volume, prompt, report)
-            bar.close()
-            assert result is not None  # nothing cancels a command-line run
-            segments.append(segment_for_result(result, name, index))
-            if args.probability:
-                probabilities.append((name, result.probability))
-            spacing = np.prod(volume.spacing)
-            line = (f"{case_name(source)}: {name!r}: {result.voxel_count} voxels "
-                    f"({result.voxel_count * spacing / 1000.0:.1f} mL) in {result.seconds:.1f} s")
-            if result.empty:
-                line += " - nothing found above the threshold; the segment is empty"
-            print(line)
-        write_seg_nrrd(target, segments, volume)
-        print(f"Wrote {target}")
-        for number, (name, probability) in enumerate(probabilities, start=1):
-            path = target.with_name(f"{case_name(target)}.{number}-{_slug(name)}.probability.nrrd")
-            write_image(path, probability, volume)
-            print(f"Wrote {path}")
+    args.outputs_started = True
+    with OutputTransaction() as transaction:
+        for source, target, probability_targets in zip(inputs, outputs, probability_paths, strict=True):
+            _stage("reading", str(source))
+            volume = read_volume(source, modality=args.modality)
+            segments, probabilities = [], []
+            for index, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
+                label = f"{case_name(source)}: {name}"
+                bar = _progress_bar(0, f"{case_name(source)}: {name[:30]}", args.quiet)
+                try:
+                    result = segment(volume, prompt, _reporter(bar, label))
+                finally:
+                    bar.close()
+                assert result is not None  # nothing cancels a command-line run
+                segments.append(segment_for_result(result, name, index))
+                if args.probability:
+                    probabilities.append(result.probability)
+                spacing = np.prod(volume.spacing)
+                line = (f"{case_name(source)}: {name!r}: {result.voxel_count} voxels "
+                        f"({result.voxel_count * spacing / 1000.0:.1f} mL) in {result.seconds:.1f} s")
+                if result.empty:
+                    line += " - nothing found above the threshold; the segment is empty"
+                print(line, flush=True)
+            transaction.add(target, lambda temporary, s=segments, v=volume: write_seg_nrrd(temporary, s, v))
+            for path, probability in zip(probability_targets, probabilities, strict=True):
+                transaction.add(path, lambda temporary, p=probability, v=volume: write_image(temporary, p, v))
+            _stage("writing", str(target))
+    for path in transaction.committed:
+        print(f"Wrote {path}" + (" (replaced the earlier file)" if path in existing else ""))
     return 0
 
 
@@ -219,9 +307,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------- evaluate
 
 
+def _files(path: Path) -> list[Path]:
+    """A file, or the files of a folder (what an evaluation reads)."""
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluation
 
+    tables = [(Path(option), render) for option, render in (
+        (args.json, evaluation.to_json), (args.csv, evaluation.to_csv), (args.markdown, evaluation.to_markdown))
+        if option]
+    read = [Path(p) for p in (args.manifest, args.prediction, args.reference) if p and Path(p).exists()]
+    if args.manifest and Path(args.manifest).is_file():
+        from .manifests import read_manifest
+
+        read += [p for case in read_manifest(args.manifest) for p in (case.image, case.label) if p is not None]
+    _check_outputs([path for path, _ in tables], [f for p in read for f in _files(p)], args.overwrite)
     if args.manifest:
         if args.prediction or args.reference:
             raise UsageError("Give either --manifest (with --model) or a prediction and a reference, not both.")
@@ -255,10 +357,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows = evaluation.evaluate_pairs(pairs, args.segment, args.reference_segment)
     summary = evaluation.summarise(rows)
     print(evaluation.to_text(rows, summary))
-    for option, render in ((args.json, evaluation.to_json), (args.csv, evaluation.to_csv),
-                           (args.markdown, evaluation.to_markdown)):
-        if option:
-            Path(option).write_text(render(rows, summary))
+    with OutputTransaction() as transaction:
+        for path, render in tables:
+            text = render(rows, summary)
+            transaction.add(path, lambda temporary, text=text: Path(temporary).write_text(text, encoding="utf-8"))
+    for path in transaction.committed:
+        print(f"Wrote {path}")
     return 0
 
 
@@ -286,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="textseg", description="Text-guided segmentation of CT and MR volumes.")
+    parser = _Parser(prog="textseg", description="Text-guided segmentation of CT and MR volumes.")
     parser.add_argument("--version", action="version", version=f"textseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--models-dir", help="folder of imported models (default: $TEXTSEG_MODELS_DIR or "
@@ -318,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "e.g. http://gpu-server:8765; models are the server's")
     segment.add_argument("--token", help="the server's token (default: $TEXTSEG_TOKEN)")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    segment.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: "
+                         "refuse to start)")
     segment.set_defaults(func=cmd_segment)
 
     serve = sub.add_parser("serve", help="run the segmentation worker as an HTTP service (for 3D Slicer on another "
@@ -350,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the table as JSON (inf as null)")
     evaluate.add_argument("--csv", help="write the table as CSV")
     evaluate.add_argument("--markdown", help="write the table as Markdown")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace table files that exist (default: "
+                          "refuse to start)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="segment the bundled real CT case with the demo model and show the result")
@@ -366,31 +474,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .checkpoints import CheckpointError
-    from .evaluation import GridMismatchError
-    from .manifests import ManifestError
-    from .text import PromptError, TextEncoderUnavailableError
-    from .volumes import VolumeError
+def _on_signal(number: int, frame) -> None:
+    """Turn SIGINT and SIGTERM into exceptions where the program is, so that every ``finally`` and every output
+    transaction cleans up; further signals are ignored while it does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if number == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise _Terminated
 
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except (KeyboardInterrupt, _Terminated) as stop:
+        if args.debug:
+            raise
+        sigint = isinstance(stop, KeyboardInterrupt)
+        what = "interrupted (Ctrl-C)" if sigint else "terminated (SIGTERM)"
+        after = "; nothing was written" if args.command in ("segment", "evaluate", "import") else ""
+        print(f"textseg: {what}{after}.", file=sys.stderr)
+        return 130 if sigint else 143
+    except Exception as error:
+        if args.debug:
+            raise
+        if isinstance(error, TextSegError | RuntimeError | OSError | MemoryError):
+            message = first_line(error)
+        else:
+            message = f"unexpected {type(error).__name__}: {first_line(error)} (run with --debug for the details)"
+        if getattr(args, "outputs_started", False) and not message.endswith("nothing was written."):
+            message = f"{message.rstrip('.')}; nothing was written."
+        print(f"textseg: error: {message}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # names and prompts in any language never fail to print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(verbose=getattr(args, "debug", False))
     if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.command in ("segment", "evaluate"):
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warnings; errors still reach us
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return args.func(args)
-    except (UsageError, VolumeError, CheckpointError, PromptError, TextEncoderUnavailableError, ManifestError,
-            GridMismatchError) as error:
-        if args.debug:
-            raise
-        print(f"textseg: error: {error}", file=sys.stderr)
-        return 1
-    except RuntimeError as error:
-        if args.debug:
-            raise
-        print(f"textseg: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+        return _run(args)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

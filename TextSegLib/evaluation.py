@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .common import TextSegError
 from .metrics import METRIC_NAMES, evaluate_case
 from .volumes import case_name
 
@@ -40,7 +41,7 @@ _LABELS = {"case": "case", "dice": "Dice", "iou": "IoU", "voe": "VOE", "ravd": "
            "hd95": "HD95 (mm)", "assd": "ASSD (mm)"}
 
 
-class GridMismatchError(ValueError):
+class GridMismatchError(TextSegError, ValueError):
     """Prediction and reference are not on the same voxel grid."""
 
 
@@ -51,10 +52,9 @@ def read_mask(path: Path, segment: str | None = None) -> tuple[np.ndarray, tuple
     if path.name.lower().endswith(".seg.nrrd"):
         import slicerio
 
-        try:
-            segmentation = slicerio.read_segmentation(str(path))
-        except Exception as error:
-            raise VolumeError(f"Cannot read the segmentation {str(path)!r}: {error}") from error
+        from .segmentations import read_seg_nrrd
+
+        segmentation = read_seg_nrrd(path)
         segments = segmentation.get("segments", [])
         if not segments:
             raise VolumeError(f"{str(path)!r} holds no segment.")
@@ -111,10 +111,26 @@ def evaluate_manifest(engine, cases, progress: Callable[[str], None] | None = No
     """Segment every case of a manifest with its own text(s) and compare with its label, on the volume's grid.
 
     One row per case target (per lesion value when the manifest gives per-lesion texts); per-slice texts are not
-    used here (a volume is segmented from one prompt).
+    used here (a volume is segmented from one prompt). Cases without a label are skipped with a warning; a
+    manifest without any labelled case raises :class:`~TextSegLib.manifests.ManifestError` (there is nothing to
+    compare with).
     """
+    import logging
+
+    from .manifests import ManifestError
     from .volumes import read_volume
 
+    if not cases:
+        raise ManifestError("There is no case to evaluate: the manifest, or the split chosen from it, is empty.")
+    unlabelled = [case.case for case in cases if case.label is None]
+    if len(unlabelled) == len(cases):
+        raise ManifestError(
+            f"None of the {len(cases)} case(s) to evaluate has a label; add a label column (the reference "
+            "segmentation of each case) to the manifest."
+        )
+    if unlabelled:
+        logging.getLogger("textseg").warning(
+            "%d case(s) without a label are not evaluated: %s", len(unlabelled), ", ".join(unlabelled[:5]))
     rows = []
     for case in cases:
         if case.label is None:

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import Catalogue, CheckpointError, CheckpointInfo, load_checkpoint
+from .common import TextSegTypeError, TextSegValueError
 from .preprocessing import IntensityMapping, Preprocessing
 from .results import CancelToken, SegmentationResult
 from .text import TextEncoder, TextFeatures, load_text_encoder, validate_prompt
-from .volumes import CanonicalTransform, Volume, guess_modality
+from .volumes import CanonicalTransform, Volume, VolumeError, check_volume, guess_modality
 
 __all__ = [
     "BatchTuner",
@@ -48,6 +49,7 @@ __all__ = [
     "InferenceEngine",
     "LoadedModel",
     "SegmentationResult",
+    "check_threshold",
     "choose_device",
     "clear_model_cache",
     "cpu_has_native_bf16",
@@ -176,6 +178,36 @@ def clear_model_cache() -> None:
         _MODELS.clear()
 
 
+def check_threshold(threshold: object) -> float:
+    """Return ``threshold`` as a float if it lies strictly between 0 and 1; else raise ``TypeError``/``ValueError``
+    (:class:`~TextSegLib.common.TextSegError` subclasses)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating | np.integer):
+        raise TextSegTypeError(f"The threshold must be a number between 0 and 1, not {type(threshold).__name__}.")
+    if not 0.0 < float(threshold) < 1.0:
+        raise TextSegValueError(f"The threshold must lie between 0 and 1 (a probability), not {threshold}.")
+    return float(threshold)
+
+
+def _without_nonfinite(volume: Volume) -> tuple[Volume, np.ndarray | None, str | None]:
+    """The volume with NaN and infinite voxels replaced by its lowest finite value, the mask of those voxels and a
+    note saying how many there were (None, None when every voxel is finite). Raises :class:`VolumeError` when no
+    voxel is finite."""
+    array = volume.array
+    if not np.issubdtype(array.dtype, np.floating):
+        return volume, None, None
+    finite = np.isfinite(array)
+    count = array.size - int(np.count_nonzero(finite))
+    if count == 0:
+        return volume, None, None
+    name = volume.source or "The volume"
+    if count == array.size:
+        raise VolumeError(f"{name} holds no finite value (every voxel is NaN or infinite); nothing to segment.")
+    fill = array[finite].min()
+    note = (f"{count} voxels of {name} are NaN or infinite; they were treated as missing (given the lowest finite "
+            f"value, {float(fill):g}, for the network) and left outside the segment.")
+    return volume.with_array(np.where(finite, array, fill)), ~finite, note
+
+
 class InferenceEngine:
     """Segments volumes with one model or an ensemble (probabilities averaged).
 
@@ -208,8 +240,10 @@ class InferenceEngine:
         if len(devices) != 1:
             raise ValueError("all models of an ensemble must be on the same device")
         self.device = devices.pop()
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+            raise TextSegTypeError(f"The batch size must be a whole number, not {type(batch_size).__name__}.")
         if batch_size is not None and batch_size < 1:
-            raise ValueError("the batch size must be at least 1")
+            raise TextSegValueError(f"The batch size must be at least 1, not {batch_size}.")
         self.batch_size = batch_size
         self.amp = amp
         self.compile = compile
@@ -325,8 +359,23 @@ class InferenceEngine:
         cancel: CancelToken | None = None,
         modality: str | None = None,
     ) -> SegmentationResult | None:
-        """Segment ``volume`` for ``prompt``; None if cancelled. See the module docstring for the steps."""
+        """Segment ``volume`` for ``prompt``; None if cancelled. See the module docstring for the steps.
+
+        Arguments are checked first (``TypeError``/``ValueError`` with a message, see
+        :func:`~TextSegLib.volumes.check_volume`, :func:`~TextSegLib.text.validate_prompt`,
+        :func:`check_threshold`). NaN and infinite voxels are treated as missing: the network sees the volume's
+        lowest finite value there, the voxels are left outside the mask (probability 0), and a warning and a note
+        in the result say how many there were; a volume without a finite voxel is refused.
+        """
+        volume = check_volume(volume)
         prompt = validate_prompt(prompt)
+        if threshold is not None:
+            threshold = check_threshold(threshold)
+        if modality not in (None, "CT", "MR"):
+            raise TextSegValueError(f"The modality must be 'CT', 'MR' or None (guess it), not {modality!r}.")
+        volume, missing, note = _without_nonfinite(volume)
+        if note:
+            log.warning("%s", note)
         started = time.perf_counter()
         modality = modality or volume.modality or guess_modality(volume.array)
         depth_total = sum(self._depth(volume, m) for m in self.models)
@@ -345,6 +394,9 @@ class InferenceEngine:
         accumulated /= len(self.models)
         threshold = float(self.models[0].info.threshold if threshold is None else threshold)
         mask = (accumulated > threshold).astype(np.uint8)
+        if missing is not None:
+            mask[missing] = 0
+            accumulated[missing] = 0.0
         return SegmentationResult(
             mask=mask,
             probability=accumulated if probability else None,
@@ -353,6 +405,7 @@ class InferenceEngine:
             threshold=threshold,
             seconds=time.perf_counter() - started,
             modality=modality,
+            notes=[note] if note else [],
             device=str(self.device),
         )
 

@@ -27,12 +27,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .common import TextSegError
+
 __all__ = ["ManifestCase", "ManifestError", "Target", "read_manifest", "split_cases"]
 
 _ALIASES = {"volume": "image", "mask": "label", "prompt": "text", "patient": "case"}
 
 
-class ManifestError(ValueError):
+class ManifestError(TextSegError, ValueError):
     """A manifest that cannot be used; the message names the file and row."""
 
 

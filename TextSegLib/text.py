@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .common import TextSegError, TextSegTypeError, first_line
+
 __all__ = [
     "PromptError",
     "TextEncoder",
@@ -56,11 +58,11 @@ log = logging.getLogger("textseg")
 MINILM = "minilm"
 
 
-class PromptError(ValueError):
-    """A prompt that cannot be used (empty or blank)."""
+class PromptError(TextSegError, ValueError):
+    """A prompt that cannot be used (empty, blank, or without a single letter or digit)."""
 
 
-class TextEncoderUnavailableError(RuntimeError):
+class TextEncoderUnavailableError(TextSegError, RuntimeError):
     """The named text encoder cannot be loaded (not installed, not downloaded, unknown source)."""
 
 
@@ -106,12 +108,23 @@ class TextFeatures:
         return TextFeatures(torch.cat(tokens), torch.cat(masks), torch.cat([item.pooled for item in items]))
 
 
+_EXAMPLE = '"a large soft-tissue mass in the posterior left lower lung"'
+
+
 def validate_prompt(prompt: object) -> str:
-    """Return the prompt stripped of surrounding white space; raise :class:`PromptError` if there is nothing."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    """Return the prompt with its white space normalised. Raises :class:`PromptError` for an empty or blank prompt
+    and for one without a letter or digit in any script (only punctuation or symbols), and
+    :class:`~TextSegLib.common.TextSegTypeError` for anything but a ``str`` (decode bytes first)."""
+    if isinstance(prompt, bytes | bytearray):
+        raise TextSegTypeError("The prompt is bytes; give it as text (str), for example prompt.decode('utf-8').")
+    if not isinstance(prompt, str):
+        raise TextSegTypeError(f"The prompt must be text (str), not {type(prompt).__name__}.")
+    if not prompt.strip():
+        raise PromptError(f"The prompt is empty: type what to segment, for example {_EXAMPLE}.")
+    if not any(character.isalnum() for character in prompt):
         raise PromptError(
-            "The prompt is empty: type what to segment, for example "
-            '"a large soft-tissue mass in the posterior left lower lung".'
+            f"The prompt {prompt.strip()[:40]!r} has no words, only punctuation or symbols: describe what to "
+            f"segment, for example {_EXAMPLE}."
         )
     return " ".join(prompt.split())
 
@@ -204,10 +217,11 @@ class TextEncoder(nn.Module, metaclass=abc.ABCMeta):
         for prompt in prompts:
             count = self.token_count(prompt)
             if count > self.max_tokens:
+                words = prompt.split()
+                start = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
                 log.warning(
-                    "The prompt is %d tokens long but the text encoder %s reads at most %d; "
-                    "the end of the prompt is ignored: %r",
-                    count, self.source, self.max_tokens, prompt,
+                    "The prompt %r is %d tokens long but the text encoder %s reads at most %d; the end of the "
+                    "prompt is ignored.", start, count, self.source, self.max_tokens,
                 )
         batch = {k: v.to(self.device) for k, v in self._tokenize(prompts).items()}
         with torch.inference_mode():
@@ -244,6 +258,8 @@ class HuggingFaceTextEncoder(TextEncoder):
 
         transformers_logging.disable_progress_bar()
         local = Path(location).is_dir()
+        if not local:
+            require_hub_or_cache(source, location, "config.json")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
             self.model = AutoModel.from_pretrained(location, local_files_only=local)
@@ -292,6 +308,8 @@ class OpenClipTextEncoder(TextEncoder):
         import open_clip
 
         model_name, _, pretrained = name.partition("@")
+        if model_name.startswith("hf-hub:"):
+            require_hub_or_cache(source, model_name.removeprefix("hf-hub:"), "open_clip_config.json")
         try:
             model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
             self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -371,10 +389,30 @@ class OpenClipTextEncoder(TextEncoder):
         return TextFeatures(x, mask, pooled)
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (library errors can run to pages)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def require_hub_or_cache(source: str, repo: str, filename: str) -> None:
+    """Fail at once, naming the encoder and how to provide it, when the Hugging Face repository ``repo`` is not in
+    the local cache (``filename`` is looked for) and the hub cannot be reached (``HF_HUB_OFFLINE`` set, or no
+    connection within 5 s). Without this check the hub client retries for about a minute, logging every try."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo.partition("@")[0], filename), str):
+        return
+    how = (f"download it once on a machine that reaches the Hugging Face hub (it is then cached in "
+           f"{constants.HF_HUB_CACHE}), or give a local folder that holds the model")
+    if constants.HF_HUB_OFFLINE:
+        raise TextEncoderUnavailableError(
+            f"The text encoder {source!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {how}.")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as error:
+        raise TextEncoderUnavailableError(
+            f"The text encoder {source!r} is not in the local Hugging Face cache and the hub ({host}) cannot be "
+            f"reached: {how}."
+        ) from error
 
 
 _ENCODERS: dict[tuple[str, int | None, str], TextEncoder] = {}

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .common import TextSegError, TextSegTypeError, atomic_write
 
 __all__ = [
     "CanonicalTransform",
@@ -29,6 +29,7 @@ __all__ = [
     "VolumeError",
     "atomic_write",
     "case_name",
+    "check_volume",
     "check_volume_file",
     "guess_modality",
     "orientation_code",
@@ -42,7 +43,7 @@ SUPPORTED = "NRRD (.nrrd, .nhdr), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) 
 _AXIS_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
 
 
-class VolumeError(ValueError):
+class VolumeError(TextSegError, ValueError):
     """An image that cannot be read or segmented; the message says why and what to do."""
 
 
@@ -113,6 +114,47 @@ class Volume:
         return cls(array, tuple(image.GetSpacing()), tuple(image.GetOrigin()), direction, modality, source)
 
 
+def check_volume(volume: object) -> Volume:
+    """Return ``volume`` if TextSeg can segment it; else raise :class:`~TextSegLib.common.TextSegTypeError` (not
+    a :class:`Volume`) or :class:`VolumeError` (not a non-empty 3D array of real numbers, or a geometry that is not
+    one: spacing not positive, a singular direction matrix, values that are not finite)."""
+    if not isinstance(volume, Volume):
+        raise TextSegTypeError(
+            f"Expected a TextSegLib Volume, got {type(volume).__module__}.{type(volume).__name__}: read a file with "
+            "read_volume(path), or wrap an array with Volume(array, spacing, origin, direction)."
+        )
+    name = volume.source or "The volume"
+    array = volume.array
+    if not isinstance(array, np.ndarray):
+        raise TextSegTypeError(f"{name}: Volume.array must be a NumPy array, not {type(array).__name__}.")
+    if array.ndim != 3:
+        raise VolumeError(
+            f"{name} has {array.ndim} dimensions (shape {array.shape}); TextSeg segments 3D volumes: give a "
+            "(K, J, I) array (one 2D slice as shape (1, J, I))."
+        )
+    if 0 in array.shape:
+        raise VolumeError(f"{name} is empty (shape {array.shape}); there is nothing to segment.")
+    if array.dtype == bool:
+        raise VolumeError(f"{name} holds True/False values (a mask), not intensities; give the CT or MR image.")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise VolumeError(f"{name} holds complex values; give real intensities (for example the magnitude).")
+    if not np.issubdtype(array.dtype, np.number):
+        raise VolumeError(f"{name} holds {array.dtype} values, not numbers; give a CT or MR image.")
+    try:
+        spacing = np.asarray(volume.spacing, dtype=float).reshape(3)
+        origin = np.asarray(volume.origin, dtype=float).reshape(3)
+        direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+    except (TypeError, ValueError) as error:
+        raise VolumeError(
+            f"{name} has no valid geometry (spacing and origin need 3 numbers, direction 3 x 3): {error}"
+        ) from error
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+        raise VolumeError(f"{name} has the spacing {tuple(spacing.tolist())}; every voxel size must be above 0 mm.")
+    if not (np.all(np.isfinite(origin)) and np.all(np.isfinite(direction))) or abs(np.linalg.det(direction)) < 1e-6:
+        raise VolumeError(f"{name} has an invalid origin or direction matrix; fix the image header.")
+    return volume
+
+
 def case_name(path: Path) -> str:
     """File name without image suffixes (``lung2_image.nrrd`` -> ``lung2_image``); folder name for DICOM."""
     name = path.name
@@ -177,6 +219,7 @@ def _read_sitk(path: Path, header_only: bool):
             image = reader.Execute()
             if reader.HasMetaDataKey(0, "0008|0060"):
                 image.SetMetaData("0008|0060", reader.GetMetaData(0, "0008|0060").strip())
+            _warn_uneven_slices(path, reader, image)
             return image
         if header_only:
             reader = sitk.ImageFileReader()
@@ -188,6 +231,24 @@ def _read_sitk(path: Path, header_only: bool):
         raise VolumeError(
             f"Cannot read {str(path)!r}: it is not an image TextSeg can read ({SUPPORTED}), or it is damaged."
         ) from error
+
+
+def _warn_uneven_slices(folder: Path, reader, image) -> None:
+    """One warning line when a DICOM series' slices are not evenly spaced (missing slices): ITK's own warning runs
+    to several lines (the ``textseg`` command turns ITK warnings off)."""
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    try:
+        positions = [np.asarray(reader.GetMetaData(n, "0020|0032").split("\\"), dtype=float) @ normal
+                     for n in range(image.GetSize()[2])]
+    except (RuntimeError, ValueError):
+        return
+    steps = np.abs(np.diff(positions))
+    if steps.size and steps.max() - steps.min() > 0.01 * max(float(np.median(steps)), 1e-6):
+        import logging
+
+        logging.getLogger("textseg").warning(
+            "The DICOM series in %s has unevenly spaced slices (%.3g to %.3g mm apart; slices missing?); it is "
+            "segmented as if they were %.3g mm apart.", folder, steps.min(), steps.max(), image.GetSpacing()[2])
 
 
 def check_volume_file(path: str | os.PathLike[str]) -> None:
@@ -281,26 +342,6 @@ class CanonicalTransform:
     def spacing(self, spacing: tuple[float, float, float]) -> tuple[float, float, float]:
         """Voxel size along the canonical ``i, j, k`` axes."""
         return tuple(float(spacing[axis]) for axis in self.source_axes)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)`` and rename the result onto ``path``, so a failure leaves no partial file
-    and an existing file is replaced only by a complete one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Writers pick the format from the extension, so the temporary file keeps it.
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".seg.nrrd", ".nii.gz")) else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def write_image(path: str | os.PathLike[str], array: np.ndarray, like: Volume, compress: bool = True) -> None:

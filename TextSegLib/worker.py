@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from .common import TextSegError, TextSegValueError
 from .results import ModelRecord, SegmentationResult
 from .volumes import Volume
 
@@ -93,7 +94,7 @@ POLL_TIMEOUT = 5.0
 TRANSFER_TIMEOUT = 600.0
 
 
-class WorkerError(RuntimeError):
+class WorkerError(TextSegError, RuntimeError):
     """The worker could not do what was asked; the message is one line for the user, saying what to do."""
 
 
@@ -108,7 +109,7 @@ class WorkerUnreachableError(WorkerError):
 INPUT_STATUSES = (400, 409, 413, 422)
 
 
-class ProtocolError(ValueError):
+class ProtocolError(TextSegValueError):
     """A request or answer that does not follow the protocol (the message names what is wrong)."""
 
 
