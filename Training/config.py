@@ -67,6 +67,7 @@ class OptimSection:
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     t_max: int | None = None  # cosine period in epochs (default: train.epochs)
+    restarts: bool = False  # restart the cosine every t_max epochs (SGDR) instead of staying at min_lr after it
 
 
 @dataclass
