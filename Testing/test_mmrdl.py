@@ -480,16 +480,40 @@ def test_initialise_learnable_features_from_the_encoded_prompt():
     features = random_text(1, seed=5)
     model.train()
     model.initialise_learnable_features(features, generator=torch.Generator().manual_seed(0))
-    assert model.text_projection.training  # mode restored
+    assert model.text_projection.training  # mode kept
     assert model.text_projection.norm.num_batches_tracked == 0  # batch-norm statistics untouched
-    with torch.no_grad():
-        prompt = model.text_projection.eval()(features.tokens, features.mask)[0]
+    projection = model.text_projection
+    with torch.no_grad():  # ConvB with the batch normalised by its own statistics, as in training
+        x = projection.width(F.pad(features.tokens, (0, 0, 0, 12 - 9)).transpose(1, 2)).transpose(1, 2)
+        x = projection.conv(x)
+        mean, var = x.mean(dim=(0, 2), keepdim=True), x.var(dim=(0, 2), unbiased=False, keepdim=True)
+        normalised = (x - mean) / torch.sqrt(var + projection.norm.eps)
+        prompt = F.relu(normalised * projection.norm.weight[:, None] + projection.norm.bias[:, None])[0]
     noise = model.fusion.learnable.detach() - prompt
     assert noise.shape == (6, 16, 8) and abs(noise.std() - 0.1) < 0.02
     with pytest.raises(ValueError, match="one prompt"):
         model.initialise_learnable_features(random_text(2))
     with pytest.raises(ValueError, match="no learnable features"):
         tiny(fusion="addition").initialise_learnable_features(features)
+
+
+def test_learnable_features_start_at_the_scale_of_the_training_text_features():
+    """The paper's premise: F_L starts close to F_T. With the real MiniLM encoder and fresh batch-norm statistics,
+    the initialising prompt's F_P has the spread that training-mode F_T has for a batch of real case descriptions
+    (eval-mode ConvB gave about a tenth of it, below the 0.1 noise)."""
+    encoder = load_text_encoder("minilm")
+    torch.manual_seed(0)
+    model = create_model("mmrdl", preset_config("mmrdl", "small", text_dim=encoder.dim)).train()
+    model.initialise_learnable_features(encoder.encode([model.config.init_prompt]))
+    prompts = ["a small solid nodule in the right upper lung near the mediastinum",
+               "a large soft-tissue mass in the posterior left lower lung",
+               "a contrast-enhancing lesion in the left cerebral hemisphere with irregular margins",
+               "a small enhancing mass in the right breast"]
+    with torch.no_grad():
+        batch = encoder.encode(prompts)
+        text = model.text_projection(batch.tokens, batch.mask)
+    prompt = model.fusion.learnable.detach().mean(dim=0)  # F_P (the K noises average out)
+    assert 0.8 < float(prompt.std() / text.std()) < 1.25
 
 
 def test_the_training_hook_encodes_the_initialising_prompt():

@@ -49,6 +49,7 @@ trainer's hook :meth:`MMRDL.prepare_training` initialises the learnable features
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,19 +176,21 @@ class MMRDL(nn.Module):
     def initialise_learnable_features(self, features: TextFeatures, generator: torch.Generator | None = None) -> None:
         """Set the learnable features to ``ConvB(Enc_T(T_P)) + init_noise * N(0, I)`` (Eq. 3-4).
 
-        ``features`` is ``config.init_prompt`` encoded by the model's text encoder (one prompt). ConvB runs in
-        eval mode, so its batch-norm statistics are left as they are. :meth:`prepare_training` calls it.
+        ``features`` is ``config.init_prompt`` encoded by the model's text encoder (one prompt). ``F_P`` must be on
+        the scale training sees ``F_T`` at (the paper's premise: ``F_L`` starts close to the text features), so
+        ConvB's batch normalisation normalises with the prompt's own statistics, as in training mode; it runs on a
+        copy of ConvB, so its running statistics are left as they are. (Eval mode would use the fresh running
+        statistics, mean 0 and variance 1, and give ``F_P`` a tenth of ``F_T``'s spread, drowned by the 0.1
+        noise.) :meth:`prepare_training` calls it.
         """
         if self.fusion is None or self.text_projection is None:
             raise ValueError("this MMRDL has no learnable features (text is off or the fusion is by addition)")
         if len(features) != 1:
             raise ValueError(f"the learnable features are initialised from one prompt, got {len(features)}")
         device = self.fusion.learnable.device
-        was_training = self.text_projection.training
-        self.text_projection.eval()
+        projection = copy.deepcopy(self.text_projection).train()
         with torch.no_grad():
-            prompt = self.text_projection(features.tokens.to(device).clone(), features.mask.to(device).clone())
-        self.text_projection.train(was_training)
+            prompt = projection(features.tokens.to(device).clone(), features.mask.to(device).clone())
         self.fusion.initialise(prompt[0], self.config.init_noise, generator)
 
     def prepare_training(self, encode: Callable[[str], TextFeatures]) -> None:
