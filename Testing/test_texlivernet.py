@@ -181,3 +181,9 @@ def test_unknown_layout_names_are_refused():
                        ("sfpm_f_levels", (0, 1)), ("width_first_roll", 2)):
         with pytest.raises(ValueError, match=key.split("_levels")[0]):
             create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384, **{key: value}))
+
+
+def test_the_catalogue_says_what_the_text_does():
+    describe = get_spec("texlivernet").describe_text
+    assert "changes the output" in describe(preset_config("texlivernet", "paper"))
+    assert "ignored" in describe(preset_config("texlivernet", "paper", use_tia=False))

@@ -340,6 +340,8 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             lines = [entry.info.description or entry.architecture_title]
             if entry.info.example_prompts:
                 lines.append(_("For example: {prompt}").format(prompt=entry.info.example_prompts[0]))
+            if entry.text_role:
+                lines.append(entry.text_role)
             self.ui.modelDescriptionLabel.text = "\n".join(lines)
         prompt = parameters.prompt.strip() if parameters else ""
         if prompt:

@@ -324,6 +324,17 @@ class CatalogueEntry:
     def architecture_title(self) -> str:
         return get_spec(self.info.architecture).title if self.info.architecture in architectures() else "?"
 
+    @property
+    def text_role(self) -> str:
+        """What the prompt does in this model's network, from its architecture and config ("" if unknown)."""
+        if self.info.architecture not in architectures():
+            return ""
+        spec = get_spec(self.info.architecture)
+        try:
+            return spec.describe_text(config_from_dict(spec.name, self.info.config)) if spec.describe_text else ""
+        except (TypeError, ValueError):  # a config this version cannot read: loading it says why
+            return ""
+
 
 class Catalogue:
     """The models shipped with TextSeg plus those in the user's models folder.

@@ -258,6 +258,15 @@ def texlivernet_loss(config: TexLiverNetConfig, bce_weight: float = 0.8, dice_we
     return loss
 
 
+def describe_texlivernet_text(config: TexLiverNetConfig) -> str:
+    """What the prompt does in a TexLiverNet of ``config`` (for the catalogue)."""
+    if not config.use_tia:
+        return "The prompt is ignored (TIA is switched off)."
+    return ("The prompt steers the bottleneck through text-image agent attention on every slice, so it changes the "
+            "output. The network segments the target it was trained on (the paper: liver tumours, each slice with "
+            "its tumour's description); it picks other targets by name only if trained on several.")
+
+
 register(
     ModelSpec(
         name="texlivernet",
@@ -279,5 +288,6 @@ register(
         },
         loss=texlivernet_loss,
         default_text_encoder="hf:microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext",  # PubMedBERT
+        describe_text=describe_texlivernet_text,
     )
 )
