@@ -230,7 +230,9 @@ def test_two_processes_take_the_same_step_as_one_with_the_whole_batch(tmp_path, 
     gradients = [name for name in one if name.endswith(".exp_avg") and one[name].norm() > 1e-8]
     assert len(gradients) > 100
     for name in gradients:
-        relative = float((one[name] - two[name]).norm() / one[name].norm())
+        # Relative to the gradient, or to 1e-5 for near-zero ones: a scalar whose terms cancel to 1e-6 (SFPM-f's
+        # StarReLU scale) keeps the float32 reduction-order noise of its terms, about 3e-8.
+        relative = float((one[name] - two[name]).norm() / max(float(one[name].norm()), 1e-5))
         assert relative < 0.02, f"{name}: gradients differ by {relative:.1%}"
     loss_one, loss_two = (float(read_log(tmp_path / run)[0]["train_loss"]) for run in ("one", "two"))
     assert loss_two == pytest.approx(loss_one, rel=1e-4)
