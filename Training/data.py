@@ -181,7 +181,8 @@ def _read_2d(path: Path) -> np.ndarray:
 
 class Lvit2DDataset(Dataset):
     """LViT's 2D layout: an image folder, a mask folder and a text table (CSV or XLSX with columns ``Image`` and
-    ``Description``, optionally ``Patient``).
+    ``Description``, optionally ``Patient``). The preprocessing must have exactly one intensity entry, which every
+    image gets (the layout names no modality, so none is picked on a guess).
 
     Images are read with SimpleITK (PNG, JPEG, BMP, TIFF, NRRD...); colour images become grey by channel mean.
     Masks are found by ``mask_name`` (``"{name}"``: same file name, ``"mask_{name}"`` as in QaTa-COV19,
@@ -206,8 +207,13 @@ class Lvit2DDataset(Dataset):
                 if not path.is_file():
                     raise ManifestError(f"{table.name}: {path} does not exist")
             self.rows.append((image_path, mask_path, text, row.get("patient", "").strip() or name))
-        modality = next(iter(preprocessing.intensity))
-        self.spec = preprocessing.intensity_for(modality)
+        if len(preprocessing.intensity) != 1:
+            raise ValueError(
+                "LViT's 2D layout says nothing of modality, so the preprocessing must have exactly one intensity entry "
+                f"for its images (it has {', '.join(preprocessing.intensity)}). Set data.preprocessing, e.g. "
+                "{ size = [224, 224], intensity = { PNG = { kind = \"window\", low = 0.0, high = 255.0 } } } for "
+                "8-bit images.")
+        self.spec = next(iter(preprocessing.intensity.values()))
 
     def __len__(self) -> int:
         return len(self.rows)
