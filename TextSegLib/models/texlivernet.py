@@ -41,10 +41,11 @@ image branch of the authors' public code (``sky-visionX/TexLiverNet``), written 
   mean, inverse FFT, 1x1 projection (no max-pooled ``I_s``).
 
 The ``authors`` preset also takes the authors' (and RollingUnet's) decoder double convolutions ``in -> in -> out``
-(``paper`` keeps ``in -> out -> out``). What it does not copy (no effect on the layout): biases before BatchNorm,
-LeakyReLU in the DOR-MLP block's local branch (RollingUnet and this package use ReLU), the bottleneck's higher
-dropout (0.4) and a final sigmoid (this package returns logits). TIA stays at the bottleneck (the authors' code
-has no text branch).
+(``paper`` keeps ``in -> out -> out``). What it does not copy (no change to the layout or the parameter count
+beyond 0.01 M): biases before BatchNorm, the activation and normalisation of the bottleneck's projection back to
+``w3`` (theirs GELU and LayerNorm, here BatchNorm and ReLU, as in ``paper``), LeakyReLU in the DOR-MLP block's
+local branch (RollingUnet and this package use ReLU), the bottleneck's higher dropout (0.4) and a final sigmoid
+(this package returns logits). TIA stays at the bottleneck (the authors' code has no text branch).
 """
 
 from __future__ import annotations
