@@ -187,3 +187,28 @@ def test_the_catalogue_says_what_the_text_does():
     describe = get_spec("texlivernet").describe_text
     assert "changes the output" in describe(preset_config("texlivernet", "paper"))
     assert "ignored" in describe(preset_config("texlivernet", "paper", use_tia=False))
+
+
+def test_checkpoints_from_before_the_roll_fix_keep_their_function(tmp_path):
+    """A checkpoint saved now stores width_first_roll = -1 (RollingUnet's direction); one saved before the key
+    existed was trained with +1, and loads so."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from TextSegLib.checkpoints import load_checkpoint, save_checkpoint
+
+    model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384))
+    path = tmp_path / "new.safetensors"
+    save_checkpoint(path, model, architecture="texlivernet", text_encoder={"source": "minilm"})
+    assert load_checkpoint(path)[0].config.width_first_roll == -1
+    with safe_open(str(path), "pt") as handle:
+        header = json.loads(handle.metadata()["textseg"])
+    tensors = load_file(str(path))
+    del header["config"]["width_first_roll"]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"textseg": json.dumps(header)})
+    loaded = load_checkpoint(old)[0]
+    assert loaded.config.width_first_roll == 1
+    assert loaded.bottleneck.mlp.long_range.width_first.signs == (1, 1)

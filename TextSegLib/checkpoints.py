@@ -247,7 +247,8 @@ def load_checkpoint(
             f"(known: {', '.join(architectures())}); update TextSeg."
         )
     try:
-        config = config_from_dict(info.architecture, info.config)
+        config = config_from_dict(info.architecture, {**get_spec(info.architecture).checkpoint_defaults,
+                                                      **info.config})
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{_where(info.path)} has a config this TextSeg cannot build: {error}") from error
     try:

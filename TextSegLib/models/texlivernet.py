@@ -98,7 +98,8 @@ class TexLiverNetConfig:
             starts at a foreground prior ``p`` (-4.6 for 1 %), which spares small-lesion training the long first
             phase of learning that almost everything is background.
         width_first_roll: direction of the width roll that opens the DOR-MLP's width-first OR-MLP: -1 as
-            RollingUnet; +1 is the reading of earlier TextSeg versions, kept for checkpoints trained with it.
+            RollingUnet; +1 is the reading of earlier TextSeg versions, kept for checkpoints trained with it
+            (a checkpoint whose config lacks the key is loaded with +1).
         sfpm_s_layout: ``"parallel"`` (the paper: beside DOR-MLP at stage 4 and the bottleneck, outputs added) or
             ``"series"`` (the authors' code: one SFPM-s after the bottleneck, ``d + s * SFPM-s(d)``).
         sfpm_s_block: ``"residual"`` (the paper's residual connections) or ``"dense"`` (the authors' concatenations).
@@ -290,5 +291,6 @@ register(
         loss=texlivernet_loss,
         default_text_encoder="hf:microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext",  # PubMedBERT
         describe_text=describe_texlivernet_text,
+        checkpoint_defaults={"width_first_roll": 1},  # checkpoints from before the DOR-MLP matched RollingUnet
     )
 )
