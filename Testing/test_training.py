@@ -354,6 +354,11 @@ def test_paper_recipes_train_on_lesion_slices_with_every_modality_covered(name, 
     assert len(dataset) > 0 and all(item.has_lesion for item in dataset.items)
 
 
+def test_empty_slices_are_trained_only_when_a_recipe_asks():
+    """Without a data.slices entry a recipe trains on lesion slices: keeping empty ones is a choice to write down."""
+    assert load_config(None).data.slices == "lesion"
+
+
 def test_mmrdl_recipes_hold_the_papers_batches_and_a_cosine_that_anneals_before_early_stopping():
     """Batch 24 (MosMedData+) and 2 (MoNuSeg, GlaS); within the 50 epochs early stopping waits, the learning rate
     goes down from 1e-3 to the floor and back (LViT's restarts every 10 epochs), not flat at 1e-3."""
