@@ -12,10 +12,14 @@ from TextSegLib.models.blocks import (
     ORMLP,
     AdaptiveFrequencyFilter,
     ConvNormAct,
+    DenseSpatialPerception,
     DORMLPBlock,
     DoubleConv,
     LayerNorm2d,
     PartialConv,
+    PositionalFrequencyBranch,
+    PositionalFrequencyFilter,
+    ScaledResidual,
     SpatialFrequencyPerceptionF,
     SpatialFrequencyPerceptionS,
     StarReLU,
@@ -93,6 +97,41 @@ def test_ormlp_and_dormlp_shapes_and_gradients():
     check_shape_and_gradients(ORMLP(8, first_dim=2), x, expected=(2, 8, 12, 10))
     check_shape_and_gradients(DORMLP(8), torch.randn(2, 8, 12, 10), expected=(2, 8, 12, 10))
     check_shape_and_gradients(DORMLPBlock(8), torch.randn(2, 8, 12, 10), expected=(2, 8, 12, 10))
+
+
+def identity_mixes(branch: ORMLP) -> ORMLP:
+    """An OR-MLP whose two channel mixes are the identity (no bias): only the rolls and GELU remain."""
+    with torch.no_grad():
+        for mix in (branch.mix1, branch.mix2):
+            mix.weight.copy_(torch.eye(mix.weight.shape[0]).reshape(mix.weight.shape))
+            mix.bias.zero_()
+    return branch.eval()
+
+
+def test_dormlp_rolls_in_rollingunets_directions():
+    """A unit impulse in channel 1 at (row 2, column 2) of a 5 x 5 map, through each OR-MLP of a DOR-MLP with
+    identity mixes. RollingUnet's Lo2 rolls channel c by +c along the height then +c along the width in one branch,
+    and by -c along the width then +c along the height in the other, so the impulse lands at (3, 3) and at (3, 1);
+    channel 0 never moves. Between the rolls GELU maps the 1 to GELU(1) = 0.8413447."""
+    x = torch.zeros(1, 2, 5, 5)
+    x[0, 1, 2, 2] = 1.0
+    dormlp = DORMLP(2)
+    with torch.no_grad():
+        height_first = identity_mixes(dormlp.height_first)(x)
+        width_first = identity_mixes(dormlp.width_first)(x)
+    expected_height_first = torch.zeros(1, 2, 5, 5)
+    expected_height_first[0, 1, 3, 3] = 0.8413447
+    expected_width_first = torch.zeros(1, 2, 5, 5)
+    expected_width_first[0, 1, 3, 1] = 0.8413447
+    torch.testing.assert_close(height_first, expected_height_first)
+    torch.testing.assert_close(width_first, expected_width_first)
+
+
+def test_ormlp_rejects_bad_axes_and_directions():
+    with pytest.raises(ValueError, match="dim 2 or 3"):
+        ORMLP(2, first_dim=1)
+    with pytest.raises(ValueError, match=r"\+1 or -1"):
+        ORMLP(2, first_dim=2, signs=(2, 1))
 
 
 def test_ormlp_reaches_far_pixels():
@@ -256,3 +295,54 @@ def test_tia_resizes_its_image_position_encoding_and_limits_tokens():
     assert tia(torch.randn(1, 16, 12, 10), torch.randn(1, 5, 12), mask).shape == (1, 16, 12, 10)
     with pytest.raises(ValueError, match="at most 10"):
         tia(torch.randn(1, 16, 8, 8), torch.randn(1, 11, 12), torch.ones(1, 11, dtype=torch.bool))
+
+
+def test_scaled_residual_adds_a_scaled_branch():
+    branch = torch.nn.Conv2d(3, 3, 1)
+    module = ScaledResidual(branch, 0.01)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(module(x), x + 0.01 * branch(x))
+    check_shape_and_gradients(module, x, expected=(2, 3, 5, 5))
+
+
+def test_dense_spatial_perception_shapes_and_gradients():
+    check_shape_and_gradients(DenseSpatialPerception(8), torch.randn(2, 8, 12, 12), expected=(2, 8, 12, 12))
+    with pytest.raises(ValueError, match="even"):
+        DenseSpatialPerception(7)
+
+
+def test_positional_frequency_filter_equals_its_formula_and_ignores_the_spectrums_values():
+    """G[b, m] = sum_k softmax_k(route(mean x))[b, k, m] W_k: it depends on the frequency position and on the
+    global mean of the features, never on the spectrum's values."""
+    torch.manual_seed(0)
+    module = PositionalFrequencyFilter(channels=4, spectrum_channels=6, size=8, filters=3)
+    x = torch.randn(2, 4, 8, 8)
+    spectrum = torch.fft.rfft2(torch.randn(2, 6, 8, 8), norm="ortho")
+    out = module(x, spectrum)
+    routing = module.route(x.mean(dim=(2, 3))).view(2, 3, 6).softmax(dim=1)
+    weights = torch.view_as_complex(module.weights.detach())  # (K, 8, 5)
+    expected = torch.zeros(2, 6, 8, 5, dtype=torch.complex64)
+    for k in range(3):
+        expected += routing[:, k, :, None, None] * weights[k]
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(module(x, 10 * spectrum + 3), out)
+    assert not torch.allclose(out[..., 0, 1], out[..., 1, 0])  # two frequencies, two responses
+
+
+def test_positional_frequency_filter_is_resized_to_another_grid():
+    module = PositionalFrequencyFilter(channels=4, spectrum_channels=4, size=8)
+    spectrum = torch.fft.rfft2(torch.randn(1, 4, 16, 16), norm="ortho")
+    assert module(torch.randn(1, 4, 16, 16), spectrum).shape == spectrum.shape
+
+
+def test_positional_frequency_branch_with_a_unit_filter_is_its_pointwise_layers():
+    """With every W_k = 1 the filter is 1 (the mixing weights sum to one) and FFT + inverse FFT give the input
+    back: the branch reduces to W_2 StarReLU(W_1 x)."""
+    torch.manual_seed(0)
+    module = PositionalFrequencyBranch(4, size=8)
+    with torch.no_grad():
+        module.filter.weights.zero_()
+        module.filter.weights[..., 0] = 1.0
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(module(x), module.project(module.act(module.expand(x))), atol=1e-5, rtol=1e-5)
+    check_shape_and_gradients(PositionalFrequencyBranch(4, size=8), torch.randn(2, 4, 8, 8), expected=(2, 4, 8, 8))

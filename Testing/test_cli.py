@@ -253,6 +253,8 @@ def test_models_and_import(tmp_path, capsys, small_checkpoint):
     assert listed["my-liver-model"]["shipped"] is False
     code, stdout, _ = run(["models"], capsys)
     assert "my-liver-model  (TexLiverNet, imported)" in stdout and f'e.g. "{PROMPT}"' in stdout
+    assert "text: The prompt steers the bottleneck through text-image agent attention" in stdout
+    assert listed["my-liver-model"]["text_role"].startswith("The prompt steers the bottleneck")
     code, _, stderr = run(["import", small_checkpoint, "--id", "my-liver-model"], capsys)
     assert code == 1 and "already has a model" in stderr
 

@@ -133,6 +133,15 @@ def test_lvit_layout(lvit_folder):
         Lvit2DDataset(root / "img", root / "labelcol", root / "text.csv", preprocessing, "{name}")
 
 
+def test_lvit_layout_needs_one_normalisation_for_its_images(lvit_folder):
+    """The 2D layout names no modality: with entries for CT and MR (MMRDL's defaults, CT first) the 8-bit images
+    would go through the CT lung window and come out almost constant; such a preprocessing is refused."""
+    root, _ = lvit_folder
+    two = Preprocessing.from_metadata(get_spec("mmrdl").default_preprocessing)
+    with pytest.raises(ValueError, match=r"exactly one intensity entry.*\(it has CT, MR\)"):
+        Lvit2DDataset(root / "img", root / "labelcol", root / "text.csv", two, "mask_{name}")
+
+
 def test_training_on_the_lvit_layout_splits_by_patient(lvit_folder, tmp_path):
     root, _ = lvit_folder
     config = load_config(None, [

@@ -28,6 +28,7 @@ from TextSegLib.models.blocks.fourier import FrequencyPromptEncoder, amplitude_a
 from TextSegLib.models.blocks.tokens import (
     PatchEmbedding,
     TextTokenProjection,
+    TokenConvBN,
     TokenUNet,
     TransformerBlock,
     tokens_to_map,
@@ -38,7 +39,7 @@ from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, deco
 from TextSegLib.text import TextFeatures, load_text_encoder
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
-TINY = {"widths": (8, 8, 16, 16, 16), "processor_widths": (8, 8, 16, 16), "processor_heads": 2,
+TINY = {"widths": (8, 8, 16, 16, 16), "processor_widths": (4, 8, 12, 16), "processor_heads": 2,
         "prompt_widths": (4, 8), "image_size": 64, "text_dim": 24, "max_text_tokens": 12, "num_learnable": 6,
         "in_channels": 1}
 
@@ -260,26 +261,58 @@ def test_transformer_block_and_token_unet():
     check_shape_and_gradients(TransformerBlock(8, heads=2), torch.randn(2, 9, 8), expected=(2, 9, 8))
     with pytest.raises(ValueError, match="divisible by the heads"):
         TransformerBlock(6, heads=4)
+    check_shape_and_gradients(TokenConvBN(8, 5), torch.randn(2, 9, 8), expected=(2, 9, 5))
     unet = TokenUNet((8, 12, 16, 20), depth=2, heads=2)
     x = torch.randn(2, 9, 8, requires_grad=True)
-    levels = unet(x)
+    inputs = [torch.randn(2, 9, w, requires_grad=True) for w in (12, 16, 20)]
+    levels = unet(x, inputs)
     assert [tuple(level.shape) for level in levels] == [(2, 9, 8), (2, 9, 12), (2, 9, 16), (2, 9, 20)]
     sum(level.square().mean() for level in levels).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
-    assert x.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0 and all(e.grad.abs().sum() > 0 for e in inputs)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in unet.modules()) == 6  # ConvTransBN between levels
+    with pytest.raises(ValueError, match="must increase"):
+        TokenUNet((8, 8, 16, 16), heads=2)
+    with pytest.raises(ValueError, match="one input per level"):
+        unet(x, inputs[:2])
 
 
-def test_token_unet_skip_connections_link_each_level_of_the_two_paths():
-    """The up-path output of the finest level changes when only the down path's finest output is perturbed."""
+def test_token_unet_levels_2_to_4_read_their_own_inputs_and_the_paths_are_linked():
+    """As LViT's ViT branch: the input of every level j >= 2 reaches the outputs of all levels (the down path
+    concatenates each level into the next, the up path carries each level down through ConvTransBN); the up-path
+    output of the finest level changes when only its own up-path transformer is perturbed."""
     torch.manual_seed(0)
-    unet = TokenUNet((8, 8, 8, 8), heads=2).eval()
+    unet = TokenUNet((8, 12, 16, 20), heads=2).eval()
     x = torch.randn(1, 4, 8)
+    inputs = [torch.randn(1, 4, w) for w in (12, 16, 20)]
     with torch.no_grad():
-        base = unet(x)
+        base = unet(x, inputs)
+        for level in (1, 2, 3):
+            changed = [tensor.clone() for tensor in inputs]
+            changed[level - 1] += 1.0
+            moved = unet(x, changed)
+            assert all(not torch.allclose(base[j], moved[j]) for j in range(4)), level
         unet.up[0][0].proj.bias.add_(1.0)
-        moved = unet(x)
+        moved = unet(x, inputs)
     assert not torch.allclose(base[0], moved[0])
     assert all(torch.equal(a, b) for a, b in zip(base[1:], moved[1:], strict=True))
+
+
+def test_the_processor_reads_the_fused_feature_and_enc_i_stages_2_to_4():
+    model = tiny().eval()
+    seen = {}
+    model.processor.register_forward_pre_hook(lambda module, args: seen.update(args=args))
+    image = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        model(image, random_text(1))
+        stages = [model.stem(image)]
+        for stage in model.down:
+            stages.append(stage(stages[-1]))
+    fused, inputs = seen["args"]
+    assert fused.shape == (1, 16, 4)
+    for j, tokens in enumerate(inputs, start=1):
+        torch.testing.assert_close(tokens, model.level_embeddings[j - 1](stages[j]))
+        assert tokens.shape == (1, 16, TINY["processor_widths"][j])
 
 
 # ---------------------------------------------------------------------------------------------- U-shape
@@ -308,7 +341,7 @@ def test_token_reconstruct_equals_upsampling_before_the_convolution():
     torch.manual_seed(0)
     module = TokenReconstruct(8, 5, scale=4).eval()
     tokens = torch.randn(2, 9, 8)
-    upsampled = F.interpolate(tokens_to_map(tokens), scale_factor=4.0, mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(tokens_to_map(tokens), scale_factor=4.0, mode="nearest")
     expected = module.act(module.norm(module.conv(upsampled)))  # LViT's order
     torch.testing.assert_close(module(tokens), expected, atol=1e-5, rtol=1e-5)
 
@@ -396,7 +429,7 @@ def test_addition_fusion_adds_the_text_to_the_vision_tokens():
     model = tiny(fusion="addition").eval()
     image, text = torch.randn(1, 1, 64, 64), random_text(1)
     seen = {}
-    model.processor.register_forward_pre_hook(lambda module, args: seen.setdefault("fused", args[0]))
+    model.processor.register_forward_pre_hook(lambda module, args: seen.update(fused=args[0]))
     with torch.no_grad():
         model(image, text)
         vision = model.embedding(model.stem(image))
@@ -480,16 +513,40 @@ def test_initialise_learnable_features_from_the_encoded_prompt():
     features = random_text(1, seed=5)
     model.train()
     model.initialise_learnable_features(features, generator=torch.Generator().manual_seed(0))
-    assert model.text_projection.training  # mode restored
+    assert model.text_projection.training  # mode kept
     assert model.text_projection.norm.num_batches_tracked == 0  # batch-norm statistics untouched
-    with torch.no_grad():
-        prompt = model.text_projection.eval()(features.tokens, features.mask)[0]
+    projection = model.text_projection
+    with torch.no_grad():  # ConvB with the batch normalised by its own statistics, as in training
+        x = projection.width(F.pad(features.tokens, (0, 0, 0, 12 - 9)).transpose(1, 2)).transpose(1, 2)
+        x = projection.conv(x)
+        mean, var = x.mean(dim=(0, 2), keepdim=True), x.var(dim=(0, 2), unbiased=False, keepdim=True)
+        normalised = (x - mean) / torch.sqrt(var + projection.norm.eps)
+        prompt = F.relu(normalised * projection.norm.weight[:, None] + projection.norm.bias[:, None])[0]
     noise = model.fusion.learnable.detach() - prompt
-    assert noise.shape == (6, 16, 8) and abs(noise.std() - 0.1) < 0.02
+    assert noise.shape == (6, 16, 4) and abs(noise.std() - 0.1) < 0.02
     with pytest.raises(ValueError, match="one prompt"):
         model.initialise_learnable_features(random_text(2))
     with pytest.raises(ValueError, match="no learnable features"):
         tiny(fusion="addition").initialise_learnable_features(features)
+
+
+def test_learnable_features_start_at_the_scale_of_the_training_text_features():
+    """The paper's premise: F_L starts close to F_T. With the real MiniLM encoder and fresh batch-norm statistics,
+    the initialising prompt's F_P has the spread that training-mode F_T has for a batch of real case descriptions
+    (eval-mode ConvB gave about a tenth of it, below the 0.1 noise)."""
+    encoder = load_text_encoder("minilm")
+    torch.manual_seed(0)
+    model = create_model("mmrdl", preset_config("mmrdl", "small", text_dim=encoder.dim)).train()
+    model.initialise_learnable_features(encoder.encode([model.config.init_prompt]))
+    prompts = ["a small solid nodule in the right upper lung near the mediastinum",
+               "a large soft-tissue mass in the posterior left lower lung",
+               "a contrast-enhancing lesion in the left cerebral hemisphere with irregular margins",
+               "a small enhancing mass in the right breast"]
+    with torch.no_grad():
+        batch = encoder.encode(prompts)
+        text = model.text_projection(batch.tokens, batch.mask)
+    prompt = model.fusion.learnable.detach().mean(dim=0)  # F_P (the K noises average out)
+    assert 0.8 < float(prompt.std() / text.std()) < 1.25
 
 
 def test_the_training_hook_encodes_the_initialising_prompt():
@@ -592,3 +649,21 @@ def test_textseg_segment_with_an_mmrdl_checkpoint_on_lung2(tmp_path, capsys, dat
     assert segment["tags"][TAG_CHECKPOINT] == file_sha256(checkpoint)
     mask = slicerio.segment_mask(segmentation, segment) != 0
     assert 0 < mask.mean() < 0.9, "a calibrated random network gives neither an empty nor a full mask"
+
+
+def test_what_the_catalogue_says_the_text_does_is_what_the_fusion_does():
+    """joint: F_T is one of K + 2 equal members of the mean, so moving F_T by d moves F by d / (K + 2);
+    learnable (the literal reading): F does not move at all. The catalogue's sentences say exactly that."""
+    describe = get_spec("mmrdl").describe_text
+    joint = preset_config("mmrdl", "paper")
+    assert "weight 1/34" in describe(joint) and "does not pick its target from the prompt" in describe(joint)
+    literal = preset_config("mmrdl", "paper", fused_statistics="learnable")
+    assert "changes nothing at inference" in describe(literal)
+    assert "ignored" in describe(preset_config("mmrdl", "paper", use_text=False))
+    torch.manual_seed(0)
+    text, vision, step = torch.randn(2, 9, 4), torch.randn(2, 9, 4), torch.randn(2, 9, 4)
+    for statistics, weight in (("joint", 1 / 8), ("learnable", 0.0)):
+        fusion = DistributionFusion(6, 9, 4, statistics)
+        fusion.initialise(torch.randn(9, 4))
+        moved = fusion(text + step, vision, sample=False)[0] - fusion(text, vision, sample=False)[0]
+        torch.testing.assert_close(moved, weight * step)

@@ -139,3 +139,76 @@ def test_config_round_trips_through_a_dict():
     config = preset_config("texlivernet", "small", text_dim=384, use_tia=False)
     assert config_from_dict("texlivernet", dataclasses.asdict(config)) == config
     assert isinstance(create_model("texlivernet", dataclasses.asdict(config)), TexLiverNet)
+
+
+def test_authors_preset_is_the_public_image_branch_layout():
+    """One dense SFPM-s in series after the bottleneck, none beside the DOR-MLP stages; positional SFPM-f on the
+    three shallow skips only, each added as x + s f(x) with s from 0.01; decoder convolutions in -> in -> out."""
+    from TextSegLib.models.blocks import DenseSpatialPerception, PositionalFrequencyBranch, ScaledResidual
+
+    config = preset_config("texlivernet", "authors", widths=(8, 16, 32, 64, 128), head_width=8, text_dim=384)
+    model = create_model("texlivernet", config)
+    assert model.stage4.spatial is None and model.bottleneck.spatial is None
+    assert isinstance(model.series, ScaledResidual) and isinstance(model.series.branch, DenseSpatialPerception)
+    assert [type(skip.branch).__name__ if isinstance(skip, ScaledResidual) else type(skip).__name__
+            for skip in model.skips] == ["PositionalFrequencyBranch"] * 3 + ["Identity"]
+    assert all(float(m.scale.detach()) == pytest.approx(0.01) for m in model.modules() if isinstance(m, ScaledResidual))
+    assert sum(isinstance(m, PositionalFrequencyBranch) for m in model.modules()) == 3
+    assert [model.dec3[0][0].out_channels, model.dec2[0][0].out_channels] == [32, 16]  # widen first: in -> in
+    # Each frequency filter lives on its skip's half spectrum: 64 x 33 at full resolution of a 64 x 64 input.
+    assert model.skips[0].branch.filter.weights.shape[1:3] == (config.image_size, config.image_size // 2 + 1)
+    image = torch.randn(2, 1, 64, 64)
+    logits = model(image, random_text(2))
+    assert logits.shape == (2, 1, 64, 64)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_authors_preset_image_branch_has_the_authors_parameter_count():
+    """The image branch (TIA off) of the paper-width ``authors`` preset has the parameter count of the authors'
+    released model (40.42 M measured with their code; the 0.01 M left are biases before BatchNorm, which this
+    package leaves out). The ``paper`` preset keeps the paper's reading and is larger."""
+    def millions(preset: str) -> float:
+        model = create_model("texlivernet", preset_config("texlivernet", preset, use_tia=False))
+        return sum(p.numel() for p in model.parameters()) / 1e6
+
+    assert millions("authors") == pytest.approx(40.42, abs=0.015)
+    assert millions("paper") > millions("authors") + 5
+
+
+def test_unknown_layout_names_are_refused():
+    for key, value in (("sfpm_s_layout", "diagonal"), ("sfpm_s_block", "sparse"), ("sfpm_f_kind", "wavelet"),
+                       ("sfpm_f_levels", (0, 1)), ("width_first_roll", 2)):
+        with pytest.raises(ValueError, match=key.split("_levels")[0]):
+            create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384, **{key: value}))
+
+
+def test_the_catalogue_says_what_the_text_does():
+    describe = get_spec("texlivernet").describe_text
+    assert "changes the output" in describe(preset_config("texlivernet", "paper"))
+    assert "ignored" in describe(preset_config("texlivernet", "paper", use_tia=False))
+
+
+def test_checkpoints_from_before_the_roll_fix_keep_their_function(tmp_path):
+    """A checkpoint saved now stores width_first_roll = -1 (RollingUnet's direction); one saved before the key
+    existed was trained with +1, and loads so."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from TextSegLib.checkpoints import load_checkpoint, save_checkpoint
+
+    model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384))
+    path = tmp_path / "new.safetensors"
+    save_checkpoint(path, model, architecture="texlivernet", text_encoder={"source": "minilm"})
+    assert load_checkpoint(path)[0].config.width_first_roll == -1
+    with safe_open(str(path), "pt") as handle:
+        header = json.loads(handle.metadata()["textseg"])
+    tensors = load_file(str(path))
+    del header["config"]["width_first_roll"]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"textseg": json.dumps(header)})
+    loaded = load_checkpoint(old)[0]
+    assert loaded.config.width_first_roll == 1
+    assert loaded.bottleneck.mlp.long_range.width_first.signs == (1, 1)

@@ -342,6 +342,8 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             lines = [choice.description or choice.architecture]
             if choice.example_prompts:
                 lines.append(_("For example: {prompt}").format(prompt=choice.example_prompts[0]))
+            if choice.text_role:
+                lines.append(choice.text_role)
             self.ui.modelDescriptionLabel.text = "\n".join(lines)
         prompt = parameters.prompt.strip() if parameters else ""
         if prompt and self._dependenciesReady:

@@ -360,7 +360,8 @@ def load_checkpoint(
             f"(known: {', '.join(architectures())}); update TextSeg."
         )
     try:
-        config = config_from_dict(info.architecture, info.config)
+        config = config_from_dict(info.architecture, {**get_spec(info.architecture).checkpoint_defaults,
+                                                      **info.config})
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{_where(info.path)} has a config this TextSeg cannot build: {error}") from error
     try:
@@ -436,6 +437,17 @@ class CatalogueEntry:
     @property
     def architecture_title(self) -> str:
         return get_spec(self.info.architecture).title if self.info.architecture in architectures() else "?"
+
+    @property
+    def text_role(self) -> str:
+        """What the prompt does in this model's network, from its architecture and config ("" if unknown)."""
+        if self.info.architecture not in architectures():
+            return ""
+        spec = get_spec(self.info.architecture)
+        try:
+            return spec.describe_text(config_from_dict(spec.name, self.info.config)) if spec.describe_text else ""
+        except (TypeError, ValueError):  # a config this version cannot read: loading it says why
+            return ""
 
 
 class Catalogue:

@@ -102,7 +102,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps([
             {
                 "id": e.id, "name": e.title, "architecture": e.info.architecture, "description": e.info.description,
-                "example_prompts": e.info.example_prompts, "text_encoder": e.info.text_encoder.get("source"),
+                "example_prompts": e.info.example_prompts, "text_role": e.text_role,
+                "text_encoder": e.info.text_encoder.get("source"),
                 "path": str(e.path), "shipped": e.shipped,
             }
             for e in entries
@@ -120,6 +121,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"    {entry.info.description}")
         for prompt in entry.info.example_prompts[:3]:
             print(f"    e.g. \"{prompt}\"")
+        if entry.text_role:
+            print(f"    text: {entry.text_role}")
         print(f"    text encoder: {entry.info.text_encoder.get('source')}; file: {entry.path}")
     return 0
 

@@ -15,7 +15,8 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
     "models_loaded": [ids],
     "prompts_encoded": <prompts encoded so far>, "prompts_reused": <encodings taken from the cache>}``.
 ``GET /v1/models``
-    The worker's catalogue: ``[{"id", "title", "architecture", "description", "example_prompts", "threshold"}]``.
+    The worker's catalogue: ``[{"id", "title", "architecture", "description", "example_prompts", "threshold",
+    "text_role"}]`` (``text_role``: what the prompt does in that network).
 ``POST /v1/jobs``
     Body: one *frame* (below) whose header is ``{"request": {...}, "volume": {...}}`` and whose payload is the
     voxels. ``request``: ``prompt``, ``models`` (catalogue ids), ``device`` ("auto", "cpu", "cuda"),
@@ -564,17 +565,19 @@ class ModelChoice:
     description: str
     example_prompts: tuple[str, ...]
     threshold: float
+    text_role: str = ""
 
     @classmethod
     def from_entry(cls, entry: Any) -> ModelChoice:
         """From a :class:`TextSegLib.checkpoints.CatalogueEntry`."""
         return cls(entry.id, entry.title, entry.architecture_title, entry.info.description,
-                   tuple(entry.info.example_prompts), float(entry.info.threshold))
+                   tuple(entry.info.example_prompts), float(entry.info.threshold), entry.text_role)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelChoice:
         return cls(str(data["id"]), str(data["title"]), str(data["architecture"]), str(data["description"]),
-                   tuple(str(p) for p in data["example_prompts"]), float(data["threshold"]))
+                   tuple(str(p) for p in data["example_prompts"]), float(data["threshold"]),
+                   str(data.get("text_role", "")))
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "example_prompts": list(self.example_prompts)}

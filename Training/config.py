@@ -54,7 +54,9 @@ class DataSection:
     lvit_mask_name: str = "{name}"  # mask file name from the image's: "{name}", "mask_{name}", "{stem}_mask.png"
     val_fraction: float = 0.2
     split_seed: int = 0
-    slices: str = "all"  # "all" or "lesion" (training slices; validation always uses every slice)
+    # Training slices: "lesion" (those showing the target, so no slice is trained with a description of a lesion it
+    # does not show) or "all" (empty targets on the rest: say in the recipe why). Validation always uses every slice.
+    slices: str = "lesion"
     empty_fraction: float = 1.0  # share of lesion-free training slices kept when slices = "all"
     orientation: str = "LPS"
     preprocessing: dict[str, Any] = field(default_factory=dict)  # default: the architecture's
@@ -67,6 +69,7 @@ class OptimSection:
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     t_max: int | None = None  # cosine period in epochs (default: train.epochs)
+    restarts: bool = False  # restart the cosine every t_max epochs (SGDR) instead of staying at min_lr after it
 
 
 @dataclass

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from TextSegLib.manifests import ManifestCase, ManifestError
-from TextSegLib.preprocessing import IntensityMapping, Preprocessing
+from TextSegLib.preprocessing import IntensityMapping, IntensitySpec, Preprocessing
 from TextSegLib.text import TextEncoder, TextFeatures
 from TextSegLib.volumes import CanonicalTransform, guess_modality, read_volume
 
-__all__ = ["Lvit2DDataset", "SliceDataset", "SliceItem", "TextTable", "augment", "resize_mask"]
+__all__ = ["Lvit2DDataset", "SliceDataset", "SliceItem", "TextTable", "augment", "intensity_of", "resize_mask"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,21 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     shrinking = flat.shape[-2] > size[0] or flat.shape[-1] > size[1]
     out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
     return (out >= 0.5).float().reshape(*shape[:-2], *size)
+
+
+def intensity_of(preprocessing: Preprocessing, modality: str, case: str) -> IntensitySpec:
+    """The intensity normalisation a training case of ``modality`` gets; never another modality's.
+
+    Raises ``ValueError`` naming the case and the modality when the preprocessing has no entry for it: applying
+    one modality's normalisation to another (a CT window to MR, say) would silently saturate the images.
+    """
+    for key, spec in preprocessing.intensity.items():
+        if key.upper() == modality.upper():
+            return spec
+    raise ValueError(f"case {case!r} is {modality}, but the preprocessing has no intensity entry for {modality} "
+                     f"(only {', '.join(preprocessing.intensity)}). Add one, e.g. data.preprocessing.intensity."
+                     f"{modality} = {{ kind = \"percentile\", low = 0.5, high = 99.5 }}, or leave {modality} cases "
+                     "out of the manifest.")
 
 
 class _CaseVolume:
@@ -72,7 +87,7 @@ class _CaseVolume:
                                     f"{self.file_shape} are on different grids")
             canonical = self.transform.forward(volume.array)
             modality = volume.modality or guess_modality(canonical)
-            self._mapping = self.preprocessing.intensity_for(modality).mapping(canonical)
+            self._mapping = intensity_of(self.preprocessing, modality, self.case.case).mapping(canonical)
             self._image = canonical
         return self._image, self._mapping
 
@@ -103,6 +118,9 @@ class SliceDataset(Dataset):
             raise ValueError(f"slices must be 'all' or 'lesion', got {slices!r}")
         self.cases = list(cases)
         self.preprocessing = preprocessing
+        for case in self.cases:  # declared modalities are checked before anything is read; guessed ones on reading
+            if case.modality:
+                intensity_of(preprocessing, case.modality, case.case)
         self.volumes = [_CaseVolume(case, orientation, preprocessing) for case in self.cases]
         chooser = random.Random(seed)
         self.items: list[SliceItem] = []
@@ -163,7 +181,8 @@ def _read_2d(path: Path) -> np.ndarray:
 
 class Lvit2DDataset(Dataset):
     """LViT's 2D layout: an image folder, a mask folder and a text table (CSV or XLSX with columns ``Image`` and
-    ``Description``, optionally ``Patient``).
+    ``Description``, optionally ``Patient``). The preprocessing must have exactly one intensity entry, which every
+    image gets (the layout names no modality, so none is picked on a guess).
 
     Images are read with SimpleITK (PNG, JPEG, BMP, TIFF, NRRD...); colour images become grey by channel mean.
     Masks are found by ``mask_name`` (``"{name}"``: same file name, ``"mask_{name}"`` as in QaTa-COV19,
@@ -188,8 +207,13 @@ class Lvit2DDataset(Dataset):
                 if not path.is_file():
                     raise ManifestError(f"{table.name}: {path} does not exist")
             self.rows.append((image_path, mask_path, text, row.get("patient", "").strip() or name))
-        modality = next(iter(preprocessing.intensity))
-        self.spec = preprocessing.intensity_for(modality)
+        if len(preprocessing.intensity) != 1:
+            raise ValueError(
+                "LViT's 2D layout says nothing of modality, so the preprocessing must have exactly one intensity entry "
+                f"for its images (it has {', '.join(preprocessing.intensity)}). Set data.preprocessing, e.g. "
+                "{ size = [224, 224], intensity = { PNG = { kind = \"window\", low = 0.0, high = 255.0 } } } for "
+                "8-bit images.")
+        self.spec = next(iter(preprocessing.intensity.values()))
 
     def __len__(self) -> int:
         return len(self.rows)

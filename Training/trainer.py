@@ -53,11 +53,15 @@ class _TrainForward(nn.Module):
         return self.network.forward_train(image, TextFeatures(tokens, mask, pooled))
 
 
-def _cosine(lr: float, min_lr: float, t_max: int):
+def cosine_schedule(lr: float, min_lr: float, t_max: int, restarts: bool = False):
+    """The learning-rate factor of epoch ``e`` (for ``LambdaLR``): a cosine from ``lr`` down to ``min_lr`` over
+    ``t_max`` epochs, then flat at ``min_lr``; with ``restarts``, back to ``lr`` every ``t_max`` epochs (SGDR, as
+    ``CosineAnnealingWarmRestarts`` with ``T_mult = 1``)."""
     floor = min_lr / lr if lr else 0.0
+    period = max(t_max, 1)
 
     def factor(epoch: int) -> float:
-        progress = min(epoch, t_max) / max(t_max, 1)
+        progress = (epoch % period if restarts else min(epoch, period)) / period
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
@@ -78,9 +82,14 @@ class Trainer:
         max_tokens = config.text.max_tokens or getattr(base, "max_text_tokens", None)
         self.encoder = load_text_encoder(source, device=context.device, max_tokens=max_tokens)
         self.text_encoder_meta = {"source": source, "max_tokens": self.encoder.max_tokens}
-        widths = {name: value for name, value in (("text_dim", self.encoder.dim),
-                                                  ("pooled_dim", self.encoder.pooled_dim))
-                  if hasattr(base, name) and name not in overrides}
+        taken = [("text_dim", self.encoder.dim), ("pooled_dim", self.encoder.pooled_dim)]
+        if config.text.max_tokens:  # an explicit prompt length: the network must take prompts that long
+            taken.append(("max_text_tokens", self.encoder.max_tokens))
+            network_tokens = overrides.get("max_text_tokens")
+            if network_tokens is not None and network_tokens < self.encoder.max_tokens:
+                raise ValueError(f"text.max_tokens keeps prompts of up to {self.encoder.max_tokens} tokens, but "
+                                 f"model.overrides.max_text_tokens = {network_tokens} is shorter; raise it or drop it")
+        widths = {name: value for name, value in taken if hasattr(base, name) and name not in overrides}
         self.model_config = dataclasses.replace(base, **widths)
         network = create_model(config.model.architecture, self.model_config)
         self.preprocessing_meta = dict(config.data.preprocessing or spec.default_preprocessing)
@@ -101,7 +110,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         t_max = optim.t_max or config.train.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine(optim.lr, optim.min_lr, t_max))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_schedule(optim.lr, optim.min_lr, t_max, optim.restarts))
         cuda = context.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) \
             if cuda and config.train.amp else None
@@ -221,8 +231,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Dice per (case, target) over all its slices at the network's resolution, the mean of those, Dice Global
-        and the validation loss; cases are shared out between processes."""
+        """Dice and IoU per (case, target) over all its slices at the network's resolution, the means of those,
+        Dice Global and the validation loss; cases are shared out between processes."""
         if self.val_set is None:
             return {}
         self.network.eval()
@@ -254,11 +264,13 @@ class Trainer:
             results.append((key, overlap, predicted, reference, loss, len(indices)))
         everything = [r for part in all_gather_objects(results, self.context) for r in part]
         dices = [1.0 if p + r == 0 else 2 * o / (p + r) for _, o, p, r, _, _ in everything]
+        ious = [1.0 if p + r == 0 else o / (p + r - o) for _, o, p, r, _, _ in everything]
         overlap = sum(r[1] for r in everything)
         volume = sum(r[2] + r[3] for r in everything)
         return {
             "val_loss": sum(r[4] for r in everything) / max(sum(r[5] for r in everything), 1),
             "val_dice": sum(dices) / max(len(dices), 1),
+            "val_iou": sum(ious) / max(len(ious), 1),
             "val_dice_global": 1.0 if volume == 0 else 2 * overlap / volume,
         }
 
@@ -357,6 +369,7 @@ class Trainer:
             "epoch": row["epoch"],
             "best_epoch": progress["best_epoch"],
             "val_dice": row.get("val_dice"),
+            "val_iou": row.get("val_iou"),
             "val_dice_global": row.get("val_dice_global"),
             "train_loss": row.get("train_loss"),
             "global_batch": self.config.train.batch_size,

@@ -54,6 +54,11 @@ class ModelSpec:
         loss: ``config -> callable(outputs, target) -> dict`` building the paper's training loss.
         title: human-readable name of the paper's network.
         default_text_encoder: the text encoder source the paper uses (see ``TextSegLib.text``).
+        describe_text: ``config -> str``, what the prompt does in a network of that config, in plain words (shown
+            by ``textseg models`` and the Slicer module); None when the architecture does not say.
+        checkpoint_defaults: config values for keys that checkpoints saved before the key existed lack: what
+            those networks were built and trained with (checkpoints store every key, so a missing one means an
+            older checkpoint).
     """
 
     name: str
@@ -64,6 +69,8 @@ class ModelSpec:
     loss: Callable[[Any], Callable[..., dict]] | None = None
     title: str = ""
     default_text_encoder: str = ""
+    describe_text: Callable[[Any], str] | None = None
+    checkpoint_defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -12,10 +12,19 @@ branches, with MMRDL's fusion in place of LViT's addition of the text. For an in
                                                            Enc_I stage ``embed_stage`` (LViT fuses text at stage 1)
     F_T = ConvB(Enc_T(T))                    g*g x v1      Eq. 1-2: frozen CLIP tokens -> joint space H
     F, KL = DistributionFusion(F_T, F_V)     g*g x v1      Eq. 3-11 (see blocks/distribution.py)
-    u1..u4 = P_CM(F)                         g*g x v1..v4  U-shaped transformer over the tokens (LViT's ViT branch)
+    e_j = Embedding_j(x_j), j = 2..4         g*g x v_j     Enc_I stages 2-4 as tokens (patches 8, 4, 2)
+    u1..u4 = P_CM(F; e2, e3, e4)             g*g x v1..v4  U-shaped transformer over the tokens (LViT's ViT branch,
+                                                           levels joined by ConvTransBN; see blocks/tokens.py)
     s_j = x_j + Reconstruct_j(u_j)           w_j at S/2^(j-1)   LViT's skip enhancement, j = 1..4
     s_1 = s_1 + F_pha,  F_pha = Enc_P(I)     w1 x S        Eq. 13-15 on the FFT phase spectrum
     O = Dec(x5; s4, s3, s2, s1)              1 x S         Eq. 16: LViT's up stages (PLAM on skips), 1x1 head
+
+P_CM follows LViT's ViT branch: its levels 2-4 have their own inputs, Enc_I's stages 2-4 embedded as tokens (each
+through its own patch embedding), and its levels are joined by LViT's ``ConvTransBN`` (a convolution along the
+tokens with BatchNorm); only level 1 reads the fused feature ``F``. What this file takes from LViT's code: 8
+attention heads, attention weights not dropped, dropout 0.1 after the patch embeddings and in the MLPs, GELU after
+both MLP layers, ConvTransBN with kernel 3 (also for ConvB), nearest-neighbour upsampling in ``Reconstruct`` and
+the up stages.
 
 Eq. 16, ``O = Dec(F_V^M, F_pha + P_CM(F))``: the decoder starts from the last Enc_I layer ``F_V^M`` and receives
 the processed fused feature and the frequency prompt through its skip connections; as in any U-shape (and LViT)
@@ -35,6 +44,14 @@ because the literal ``mu(F_L)`` (``"learnable"``) does not depend on the input.
 Training samples ``F = mu_r + omega sigma_r`` (Eq. 11); inference uses ``F = mu_r`` so that eval-mode outputs are
 deterministic, unless ``sample_at_inference`` (or ``forward(..., sample=True)``) asks for a sample.
 
+What the text does, as the code stands: the prompt reaches the output only through ``F``. With ``"joint"`` (the
+default) ``mu_r`` is the mean of ``K + 2`` members, so ``F_T`` enters ``F`` with weight ``1 / (K + 2)`` (1/34 for
+K = 32) beside ``F_V`` and the ``K`` learnable features; the prompt changes the output, by as much as training
+makes that share matter. With ``"learnable"`` (the paper read literally) ``r`` is fitted to ``F_L`` alone and the
+prompt changes nothing at inference; it acts in training only, through the KL term. Either way MMRDL is trained
+for one fixed target per dataset, with the text as training-time knowledge: it is not a network that picks its
+target from the prompt.
+
 Binary segmentation: one logit channel; the paper's cross-entropy (Eq. 18) over two softmax classes equals the
 binary cross-entropy of this logit. Loss ``0.5 Dice + 0.5 CE + kl_weight * KL`` (Eq. 19).
 
@@ -43,12 +60,14 @@ Ablation switches: ``use_text`` (Table 2; off: ``F = F_V``, no ConvB, no KL), ``
 ``spectrum`` = ``"phase"`` / ``"amplitude"`` / ``"both"`` (Table 4), ``kl_weight`` (Table 5).
 
 The paper's recipe (Sec. 4.3), for ``Training/``: AdamW, learning rate 1e-3 with cosine annealing, 224 x 224
-inputs, batch 2 (MoNuSeg, GlaS) or 24 (MosMedData+), early stopping after 50 epochs without improvement. The
-trainer's hook :meth:`MMRDL.prepare_training` initialises the learnable features from ``init_prompt``.
+inputs, batch 2 (MoNuSeg, GlaS) or 24 (MosMedData+), early stopping after 50 epochs without improvement
+(``Training/configs/mmrdl*.toml``, with LViT's cosine restarted every 10 epochs). The trainer's hook
+:meth:`MMRDL.prepare_training` initialises the learnable features from ``init_prompt``.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,9 +100,10 @@ class MMRDLConfig:
         text_dim: width of the text encoder's token features (512 for CLIP ViT-B).
         max_text_tokens: prompt positions ConvB reads (77, CLIP's context); longer prompts are rejected.
         embed_stage: the Enc_I stage (1-5) whose output ``F'_V`` the Embedding maps into the joint space.
-        processor_widths: widths of P_CM's four levels; the first is the joint space's width.
+        processor_widths: widths of P_CM's four levels, increasing; the first is the joint space's width
+            (LViT doubles them, the Enc_I widths).
         processor_depth: transformer blocks per P_CM level and path.
-        processor_heads: attention heads in P_CM (LViT: 4).
+        processor_heads: attention heads in P_CM (LViT: 8).
         mlp_ratio: hidden width of P_CM's MLPs relative to the level width.
         prompt_widths: Enc_P1's stage widths (``n = len(prompt_widths)``, 2 in the paper); Enc_P2 mirrors them.
         num_learnable: ``K``, the number of learnable features (32).
@@ -97,7 +117,8 @@ class MMRDLConfig:
         pixel_attention: LViT's pixel-level attention on the decoder's skip connections.
         sample_at_inference: draw ``F`` from ``r`` also in eval mode (outputs then vary between runs).
         kl_weight: ``lambda_3`` of Eq. 19 (Table 5).
-        dropout: dropout after the patch embedding and on P_CM's attention weights (LViT: 0.1).
+        dropout: dropout after the patch embeddings and in P_CM's MLPs (LViT: 0.1; its attention weights are not
+            dropped).
     """
 
     widths: tuple[int, int, int, int, int] = (64, 128, 256, 512, 512)
@@ -109,7 +130,7 @@ class MMRDLConfig:
     embed_stage: int = 1
     processor_widths: tuple[int, int, int, int] = (64, 128, 256, 512)
     processor_depth: int = 1
-    processor_heads: int = 4
+    processor_heads: int = 8
     mlp_ratio: float = 4.0
     prompt_widths: tuple[int, ...] = (16, 32)
     num_learnable: int = 32
@@ -157,6 +178,8 @@ class MMRDL(nn.Module):
             DistributionFusion(config.num_learnable, grid * grid, joint, config.fused_statistics)
             if config.use_text and config.fusion == "distribution" else None
         )
+        self.level_embeddings = nn.ModuleList(
+            PatchEmbedding(widths[j], levels[j], 16 // 2**j, grid, config.dropout) for j in range(1, 4))
         self.processor = TokenUNet(levels, config.processor_depth, config.processor_heads, config.mlp_ratio,
                                    config.dropout)
         self.reconstruct = nn.ModuleList(TokenReconstruct(levels[j], widths[j], 16 // 2**j) for j in range(4))
@@ -175,19 +198,21 @@ class MMRDL(nn.Module):
     def initialise_learnable_features(self, features: TextFeatures, generator: torch.Generator | None = None) -> None:
         """Set the learnable features to ``ConvB(Enc_T(T_P)) + init_noise * N(0, I)`` (Eq. 3-4).
 
-        ``features`` is ``config.init_prompt`` encoded by the model's text encoder (one prompt). ConvB runs in
-        eval mode, so its batch-norm statistics are left as they are. :meth:`prepare_training` calls it.
+        ``features`` is ``config.init_prompt`` encoded by the model's text encoder (one prompt). ``F_P`` must be on
+        the scale training sees ``F_T`` at (the paper's premise: ``F_L`` starts close to the text features), so
+        ConvB's batch normalisation normalises with the prompt's own statistics, as in training mode; it runs on a
+        copy of ConvB, so its running statistics are left as they are. (Eval mode would use the fresh running
+        statistics, mean 0 and variance 1, and give ``F_P`` a tenth of ``F_T``'s spread, drowned by the 0.1
+        noise.) :meth:`prepare_training` calls it.
         """
         if self.fusion is None or self.text_projection is None:
             raise ValueError("this MMRDL has no learnable features (text is off or the fusion is by addition)")
         if len(features) != 1:
             raise ValueError(f"the learnable features are initialised from one prompt, got {len(features)}")
         device = self.fusion.learnable.device
-        was_training = self.text_projection.training
-        self.text_projection.eval()
+        projection = copy.deepcopy(self.text_projection).train()
         with torch.no_grad():
-            prompt = self.text_projection(features.tokens.to(device).clone(), features.mask.to(device).clone())
-        self.text_projection.train(was_training)
+            prompt = projection(features.tokens.to(device).clone(), features.mask.to(device).clone())
         self.fusion.initialise(prompt[0], self.config.init_noise, generator)
 
     def prepare_training(self, encode: Callable[[str], TextFeatures]) -> None:
@@ -230,7 +255,7 @@ class MMRDL(nn.Module):
             features.append(stage(features[-1]))
         vision = self.embedding(features[self.config.embed_stage - 1])
         fused, kl = self._fuse(vision, text, sample)
-        levels = self.processor(fused)
+        levels = self.processor(fused, [embed(features[j]) for j, embed in enumerate(self.level_embeddings, 1)])
         skips = [features[j] + self.reconstruct[j](levels[j]) for j in range(4)]
         if self.prompt_encoder is not None:
             skips[0] = skips[0] + self.prompt_encoder(image)
@@ -260,6 +285,21 @@ def mmrdl_loss(
     return loss
 
 
+def describe_mmrdl_text(config: MMRDLConfig) -> str:
+    """What the prompt does in an MMRDL of ``config`` (for the catalogue)."""
+    if not config.use_text:
+        return "The prompt is ignored (text is switched off)."
+    if config.fusion == "addition":
+        return "The prompt's features are added to the image tokens (LViT's fusion), so it changes the output."
+    if config.fused_statistics == "learnable":
+        return ("The prompt changes nothing at inference: the fused feature comes from the learned features alone "
+                "(the paper read literally); the text acts only in training, through the KL term.")
+    return (f"The prompt is one of {config.num_learnable + 2} equal members of the fused feature's mean (weight "
+            f"1/{config.num_learnable + 2}, beside the image and {config.num_learnable} learned features). The "
+            "network is trained for one fixed target per dataset, with the text as training-time knowledge; it does "
+            "not pick its target from the prompt.")
+
+
 register(
     ModelSpec(
         name="mmrdl",
@@ -284,5 +324,6 @@ register(
         },
         loss=mmrdl_loss,
         default_text_encoder="open_clip:ViT-B-16@openai",
+        describe_text=describe_mmrdl_text,
     )
 )

@@ -20,7 +20,32 @@ Choices where the paper is silent, kept configurable: skips are added (as in Rol
 "paper" widths are RollingUnet-L's ``64..1024`` (the authors' released image branch uses them); SFPM-s works at
 half width inside; SFPM-f sits on all four skip connections; TIA uses one attention head (``d = C`` as in Eq. 2)
 and a 7 x 7 agent grid. ``use_tia``, ``use_sfpm_s`` and ``use_sfpm_f`` switch the modules off for the ablation of
-Table 2 (base = all off; "+SFPM" = both SFPM switches on). With ``use_tia = False`` the text is ignored.
+Table 2 (base = all off; "+SFPM" = both SFPM switches on). With ``use_tia = False`` the text is ignored. The DOR-MLP
+rolls in RollingUnet's directions (see ``blocks/rolling.py``).
+
+What the text does: the prompt's tokens enter only through TIA, which adds the agents' reading of the text to the
+bottleneck features of every slice, so the prompt changes the output at inference (the network is trained on one
+target, liver tumours, with a description of the tumour on each training slice).
+
+Two presets. ``paper`` (the default) is the paper's text read literally: two SFPM-s in parallel with DOR-MLP (stage
+4 and bottleneck), SFPM-f on all four skips with G of Eq. 4 as ``Linear(StarReLU(Linear(.)))`` over each frequency's
+channel values (a function of the spectrum's values at that frequency, not of its position). ``authors`` is the
+image branch of the authors' public code (``sky-visionX/TexLiverNet``), written with this package's blocks:
+
+* one SFPM-s in series, after the bottleneck's projection back to ``w3``: ``d + s * SFPM-s(d)`` with a learnable
+  ``s`` starting at 0.01, the SFPM-s joining its dilated convolutions by concatenation
+  (:class:`~.blocks.spatial.DenseSpatialPerception`); none at stage 4;
+* SFPM-f on the three shallow skips only (``x1..x3``), as ``x + s * f(x)`` (``s`` from 0.01), ``f`` the
+  :class:`~.blocks.frequency.PositionalFrequencyBranch`: 1x1 expansion to ``2C``, StarReLU, FFT, a filter made of
+  four learnable complex filters per frequency position mixed per channel by weights computed from the global
+  mean, inverse FFT, 1x1 projection (no max-pooled ``I_s``).
+
+The ``authors`` preset also takes the authors' (and RollingUnet's) decoder double convolutions ``in -> in -> out``
+(``paper`` keeps ``in -> out -> out``). What it does not copy (no change to the layout or the parameter count
+beyond 0.01 M): biases before BatchNorm, the activation and normalisation of the bottleneck's projection back to
+``w3`` (theirs GELU and LayerNorm, here BatchNorm and ReLU, as in ``paper``), LeakyReLU in the DOR-MLP block's
+local branch (RollingUnet and this package use ReLU), the bottleneck's higher dropout (0.4) and a final sigmoid
+(this package returns logits). TIA stays at the bottleneck (the authors' code has no text branch).
 """
 
 from __future__ import annotations
@@ -35,14 +60,21 @@ from ..text import TextFeatures
 from . import ModelSpec, register
 from .blocks import (
     ConvNormAct,
+    DenseSpatialPerception,
     DORMLPBlock,
     DoubleConv,
     LayerNorm2d,
+    PositionalFrequencyBranch,
+    ScaledResidual,
     SpatialFrequencyPerceptionF,
     SpatialFrequencyPerceptionS,
     TextImageAgentAttention,
 )
 from .losses import bce_dice_loss
+
+SFPM_S_LAYOUTS = ("parallel", "series")
+SFPM_S_BLOCKS = ("residual", "dense")
+SFPM_F_KINDS = ("adaptive", "positional")
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,18 @@ class TexLiverNetConfig:
         head_bias: initial bias of the output logit. 0 starts at probability 0.5 everywhere; ``log(p / (1 - p))``
             starts at a foreground prior ``p`` (-4.6 for 1 %), which spares small-lesion training the long first
             phase of learning that almost everything is background.
+        width_first_roll: direction of the width roll that opens the DOR-MLP's width-first OR-MLP: -1 as
+            RollingUnet; +1 is the reading of earlier TextSeg versions, kept for checkpoints trained with it
+            (a checkpoint whose config lacks the key is loaded with +1).
+        sfpm_s_layout: ``"parallel"`` (the paper: beside DOR-MLP at stage 4 and the bottleneck, outputs added) or
+            ``"series"`` (the authors' code: one SFPM-s after the bottleneck, ``d + s * SFPM-s(d)``).
+        sfpm_s_block: ``"residual"`` (the paper's residual connections) or ``"dense"`` (the authors' concatenations).
+        sfpm_f_levels: the skip connections (1 = full resolution .. 4 = stage 4) that get SFPM-f.
+        sfpm_f_kind: ``"adaptive"`` (Eq. 4-5 read literally) or ``"positional"`` (the authors' code: learnable
+            filters per frequency position, mixed by weights from the global mean, added as ``x + s * f(x)``).
+        branch_scale: starting value of the learnable ``s`` of the series SFPM-s and the positional SFPM-f (0.01).
+        decoder_narrow_first: the decoder's double convolutions go ``in -> out -> out`` (True) or ``in -> in -> out``
+            (False, as RollingUnet and the authors' code).
     """
 
     widths: tuple[int, int, int, int, int] = (64, 128, 256, 512, 1024)
@@ -82,6 +126,20 @@ class TexLiverNetConfig:
     sfpm_f_ratio: float = 0.5
     dropout: float = 0.1
     head_bias: float = 0.0
+    width_first_roll: int = -1
+    sfpm_s_layout: str = "parallel"
+    sfpm_s_block: str = "residual"
+    sfpm_f_levels: tuple[int, ...] = (1, 2, 3, 4)
+    sfpm_f_kind: str = "adaptive"
+    branch_scale: float = 0.01
+    decoder_narrow_first: bool = True
+
+
+def spatial_perception(channels: int, config: TexLiverNetConfig) -> nn.Module:
+    """The SFPM-s of ``config``: residual (the paper) or dense (the authors' code). ``(B, C, H, W) -> same``."""
+    if config.sfpm_s_block == "dense":
+        return DenseSpatialPerception(channels)
+    return SpatialFrequencyPerceptionS(channels, config.sfpm_s_ratio)
 
 
 class RollingStage(nn.Module):
@@ -90,12 +148,12 @@ class RollingStage(nn.Module):
     Shapes: ``(B, C_in, H, W) -> (B, C_out, H, W)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, use_sfpm_s: bool, sfpm_s_ratio: float, drop: float):
+    def __init__(self, in_channels: int, out_channels: int, config: TexLiverNetConfig, parallel_sfpm_s: bool):
         super().__init__()
         self.embed = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.GELU(),
                                    LayerNorm2d(out_channels))
-        self.mlp = DORMLPBlock(out_channels, drop=drop)
-        self.spatial = SpatialFrequencyPerceptionS(out_channels, sfpm_s_ratio) if use_sfpm_s else None
+        self.mlp = DORMLPBlock(out_channels, drop=config.dropout, width_first_roll=config.width_first_roll)
+        self.spatial = spatial_perception(out_channels, config) if parallel_sfpm_s else None
         self.norm = LayerNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,13 +173,23 @@ class TexLiverNet(nn.Module):
 
     def __init__(self, config: TexLiverNetConfig) -> None:
         super().__init__()
+        for name, value, allowed in (("sfpm_s_layout", config.sfpm_s_layout, SFPM_S_LAYOUTS),
+                                     ("sfpm_s_block", config.sfpm_s_block, SFPM_S_BLOCKS),
+                                     ("sfpm_f_kind", config.sfpm_f_kind, SFPM_F_KINDS)):
+            if value not in allowed:
+                raise ValueError(f"unknown TexLiverNet {name} {value!r}; use one of {', '.join(allowed)}")
+        if not set(config.sfpm_f_levels) <= {1, 2, 3, 4}:
+            raise ValueError(f"sfpm_f_levels name skip connections 1 to 4, got {config.sfpm_f_levels}")
+        if config.width_first_roll not in (-1, 1):
+            raise ValueError(f"width_first_roll is -1 or +1, got {config.width_first_roll}")
         self.config = config
         w0, w1, w2, w3, w4 = config.widths
         self.enc1 = DoubleConv(config.in_channels, w0)
         self.enc2 = DoubleConv(w0, w1)
         self.enc3 = DoubleConv(w1, w2)
-        self.stage4 = RollingStage(w2, w3, config.use_sfpm_s, config.sfpm_s_ratio, config.dropout)
-        self.bottleneck = RollingStage(w3, w4, config.use_sfpm_s, config.sfpm_s_ratio, config.dropout)
+        parallel = config.use_sfpm_s and config.sfpm_s_layout == "parallel"
+        self.stage4 = RollingStage(w2, w3, config, parallel)
+        self.bottleneck = RollingStage(w3, w4, config, parallel)
         grid = config.image_size // 16
         self.tia = (
             TextImageAgentAttention(w4, config.text_dim, (grid, grid), config.max_text_tokens,
@@ -129,17 +197,31 @@ class TexLiverNet(nn.Module):
             if config.use_tia else None
         )
         self.skips = nn.ModuleList(
-            SpatialFrequencyPerceptionF(w, config.sfpm_f_ratio) if config.use_sfpm_f else nn.Identity()
-            for w in (w0, w1, w2, w3)
+            self._frequency_skip(w, config.image_size // 2**level, config)
+            if config.use_sfpm_f and level + 1 in config.sfpm_f_levels else nn.Identity()
+            for level, w in enumerate((w0, w1, w2, w3))
         )
         self.up4 = ConvNormAct(w4, w3)
-        self.dec4 = nn.Sequential(DORMLPBlock(w3, drop=config.dropout), LayerNorm2d(w3))
+        self.series = (ScaledResidual(spatial_perception(w3, config), config.branch_scale)
+                       if config.use_sfpm_s and config.sfpm_s_layout == "series" else nn.Identity())
+        self.dec4 = nn.Sequential(DORMLPBlock(w3, drop=config.dropout, width_first_roll=config.width_first_roll),
+                                  LayerNorm2d(w3))
         self.up3 = ConvNormAct(w3, w2)
-        self.dec3 = DoubleConv(w2, w1)
-        self.dec2 = DoubleConv(w1, w0)
-        self.dec1 = DoubleConv(w0, config.head_width)
+        def mid(in_channels: int) -> int | None:
+            return None if config.decoder_narrow_first else in_channels
+
+        self.dec3 = DoubleConv(w2, w1, mid(w2))
+        self.dec2 = DoubleConv(w1, w0, mid(w1))
+        self.dec1 = DoubleConv(w0, config.head_width, mid(w0))
         self.head = nn.Conv2d(config.head_width, 1, 1)
         nn.init.constant_(self.head.bias, config.head_bias)
+
+    @staticmethod
+    def _frequency_skip(channels: int, side: int, config: TexLiverNetConfig) -> nn.Module:
+        """SFPM-f for a skip of ``channels`` at ``side x side``: ``(B, C, side, side) -> (B, C, side, side)``."""
+        if config.sfpm_f_kind == "positional":
+            return ScaledResidual(PositionalFrequencyBranch(channels, side), config.branch_scale)
+        return SpatialFrequencyPerceptionF(channels, config.sfpm_f_ratio)
 
     @staticmethod
     def _up(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +240,7 @@ class TexLiverNet(nn.Module):
             if text is None:
                 raise ValueError("TexLiverNet with TIA needs text features")
             b = self.tia(b, text.tokens.to(b.dtype), text.mask)
-        d = self.dec4(self._up(self.up4(b)) + self.skips[3](x4))
+        d = self.dec4(self._up(self.series(self.up4(b))) + self.skips[3](x4))
         d = self._up(self.up3(d)) + self.skips[2](x3)
         d = self._up(self.dec3(d)) + self.skips[1](x2)
         d = self._up(self.dec2(d)) + self.skips[0](x1)
@@ -178,6 +260,15 @@ def texlivernet_loss(config: TexLiverNetConfig, bce_weight: float = 0.8, dice_we
     return loss
 
 
+def describe_texlivernet_text(config: TexLiverNetConfig) -> str:
+    """What the prompt does in a TexLiverNet of ``config`` (for the catalogue)."""
+    if not config.use_tia:
+        return "The prompt is ignored (TIA is switched off)."
+    return ("The prompt steers the bottleneck through text-image agent attention on every slice, so it changes the "
+            "output. The network segments the target it was trained on (the paper: liver tumours, each slice with "
+            "its tumour's description); it picks other targets by name only if trained on several.")
+
+
 register(
     ModelSpec(
         name="texlivernet",
@@ -186,6 +277,8 @@ register(
         builder=TexLiverNet,
         presets={
             "paper": {},
+            "authors": {"sfpm_s_layout": "series", "sfpm_s_block": "dense", "sfpm_f_levels": (1, 2, 3),
+                        "sfpm_f_kind": "positional", "decoder_narrow_first": False},
             "small": {"widths": (16, 32, 64, 128, 256), "head_width": 16},
         },
         default_preprocessing={
@@ -197,5 +290,7 @@ register(
         },
         loss=texlivernet_loss,
         default_text_encoder="hf:microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext",  # PubMedBERT
+        describe_text=describe_texlivernet_text,
+        checkpoint_defaults={"width_first_roll": 1},  # checkpoints from before the DOR-MLP matched RollingUnet
     )
 )

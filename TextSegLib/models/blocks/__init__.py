@@ -1,10 +1,16 @@
 """Building blocks shared by the TextSeg networks. Each documents its tensor shapes."""
 
 from .attention import PartialConv, TextImageAgentAttention
-from .convs import ConvNormAct, DoubleConv, LayerNorm2d
-from .frequency import AdaptiveFrequencyFilter, SpatialFrequencyPerceptionF, StarReLU
+from .convs import ConvNormAct, DoubleConv, LayerNorm2d, ScaledResidual
+from .frequency import (
+    AdaptiveFrequencyFilter,
+    PositionalFrequencyBranch,
+    PositionalFrequencyFilter,
+    SpatialFrequencyPerceptionF,
+    StarReLU,
+)
 from .rolling import DORMLP, ORMLP, DORMLPBlock, channel_roll
-from .spatial import SpatialFrequencyPerceptionS
+from .spatial import DenseSpatialPerception, SpatialFrequencyPerceptionS
 
 __all__ = [
     "DORMLP",
@@ -12,9 +18,13 @@ __all__ = [
     "AdaptiveFrequencyFilter",
     "ConvNormAct",
     "DORMLPBlock",
+    "DenseSpatialPerception",
     "DoubleConv",
     "LayerNorm2d",
     "PartialConv",
+    "PositionalFrequencyBranch",
+    "PositionalFrequencyFilter",
+    "ScaledResidual",
     "SpatialFrequencyPerceptionF",
     "SpatialFrequencyPerceptionS",
     "StarReLU",

@@ -40,10 +40,28 @@ class ConvNormAct(nn.Sequential):
 
 
 class DoubleConv(nn.Sequential):
-    """Two 3x3 ConvNormAct layers: the plain U-Net stage.
+    """Two 3x3 ConvNormAct layers: the plain U-Net stage, ``C_in -> C_mid -> C_out`` (``C_mid = C_out`` unless
+    given; RollingUnet's decoder stages use ``C_mid = C_in``).
 
     Shapes: ``(B, C_in, H, W) -> (B, C_out, H, W)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(ConvNormAct(in_channels, out_channels), ConvNormAct(out_channels, out_channels))
+    def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None) -> None:
+        mid = out_channels if mid_channels is None else mid_channels
+        super().__init__(ConvNormAct(in_channels, mid), ConvNormAct(mid, out_channels))
+
+
+class ScaledResidual(nn.Module):
+    """``x + s * f(x)`` with a learnable scalar ``s`` starting at ``scale``: a branch that starts almost switched
+    off and grows as training finds it useful (how TexLiverNet's public code attaches SFPM-s and SFPM-f).
+
+    Shapes: those of ``f``, which must keep its input's shape: ``(B, C, H, W) -> (B, C, H, W)``.
+    """
+
+    def __init__(self, branch: nn.Module, scale: float = 0.01) -> None:
+        super().__init__()
+        self.branch = branch
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * self.branch(x)

@@ -127,3 +127,66 @@ class SpatialFrequencyPerceptionF(nn.Module):
             spectrum = torch.fft.rfft2(high, norm="ortho")
             enhanced = hermitian_irfft2(self.filter(spectrum) * spectrum, high.shape[-2:], overwrite=True)
         return smooth + enhanced.to(x.dtype)
+
+
+class PositionalFrequencyFilter(nn.Module):
+    """The filter G of TexLiverNet's public code: ``K`` learnable complex filters with one value per frequency
+    position, mixed for each channel by weights computed from the global mean of the features.
+
+    ``r = softmax_K(Linear(StarReLU(Linear(mean_hw(x)))))`` gives ``(B, K, M)`` mixing weights (the two linear
+    layers without bias, hidden width ``route_ratio * C``); the filter is ``G[b, m] = sum_k r[b, k, m] W_k``. Unlike
+    :class:`AdaptiveFrequencyFilter`, G can treat each frequency differently wherever the spectrum's values fall
+    (its response is tied to the frequency position) and it adapts to the image only through ``r``. ``W_k`` lives on
+    the ``(size, size // 2 + 1)`` half spectrum of a ``size x size`` map (initialised ``N(0, 0.02^2)`` in both real
+    and imaginary parts); other grids get it resized bilinearly (real and imaginary parts).
+
+    Shapes: features ``(B, C, H, W)`` and a complex half spectrum ``(B, M, H, W // 2 + 1)`` -> complex filter
+    ``(B, M, H, W // 2 + 1)``.
+    """
+
+    def __init__(self, channels: int, spectrum_channels: int, size: int, filters: int = 4,
+                 route_ratio: float = 0.25) -> None:
+        super().__init__()
+        hidden = max(1, int(channels * route_ratio))
+        self.filters, self.spectrum_channels = filters, spectrum_channels
+        self.route = nn.Sequential(nn.Linear(channels, hidden, bias=False), StarReLU(1.0, 0.0),
+                                   nn.Linear(hidden, filters * spectrum_channels, bias=False))
+        self.weights = nn.Parameter(0.02 * torch.randn(filters, size, size // 2 + 1, 2))
+
+    def forward(self, x: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
+        routing = self.route(x.mean(dim=(2, 3)).float()).view(-1, self.filters, self.spectrum_channels).softmax(1)
+        weights = self.weights.float()
+        if weights.shape[1:3] != spectrum.shape[-2:]:
+            weights = F.interpolate(weights.permute(0, 3, 1, 2), size=spectrum.shape[-2:], mode="bilinear",
+                                    align_corners=False).permute(0, 2, 3, 1)
+        real, imag = weights.unbind(-1)  # (K, H, W_f) each
+        return torch.complex(torch.einsum("bkm,khw->bmhw", routing, real.contiguous()),
+                             torch.einsum("bkm,khw->bmhw", routing, imag.contiguous()))
+
+
+class PositionalFrequencyBranch(nn.Module):
+    """SFPM-f as TexLiverNet's public code builds it (there it is added to a skip as ``x + 0.01 f(x)``, see
+    :class:`~TextSegLib.models.blocks.convs.ScaledResidual`):
+    ``f(x) = W_2 iFFT(G(x) * FFT(StarReLU(W_1 x)))`` with 1x1 convolutions ``W_1`` (``C -> expansion * C``) and
+    ``W_2`` (back to ``C``), both without bias, and G the :class:`PositionalFrequencyFilter`. It has no max-pooled
+    smooth part ``I_s`` (Eq. 5): the whole feature is filtered. The FFTs and the filter run in float32 also under
+    autocast; the inverse is :func:`hermitian_irfft2`, so CPU and GPU agree.
+
+    Shapes: ``(B, C, size, size) -> (B, C, size, size)`` (other sides work, with G resized).
+    """
+
+    def __init__(self, channels: int, size: int, expansion: int = 2, filters: int = 4) -> None:
+        super().__init__()
+        inner = expansion * channels
+        self.expand = nn.Conv2d(channels, inner, 1, bias=False)
+        self.act = StarReLU(1.0, 0.0)
+        self.filter = PositionalFrequencyFilter(channels, inner, size, filters)
+        self.project = nn.Conv2d(inner, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.expand(x))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = y.float()
+            spectrum = torch.fft.rfft2(y, norm="ortho")
+            y = hermitian_irfft2(self.filter(x, spectrum) * spectrum, y.shape[-2:], overwrite=True)
+        return self.project(y.to(x.dtype))

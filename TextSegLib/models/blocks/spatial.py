@@ -31,3 +31,31 @@ class SpatialFrequencyPerceptionS(nn.Module):
         for layer in self.dilated:
             y = layer(y) + y
         return self.conv_out(y) + x
+
+
+class DenseSpatialPerception(nn.Module):
+    """SFPM-s as TexLiverNet's public code builds it: the same two standard and three dilated (2, 4, 2) 3x3
+    convolutions as :class:`SpatialFrequencyPerceptionS`, joined by concatenation instead of residual sums.
+
+    ``a = Conv(x)`` (``C`` channels), ``d1 = DConv_2(a)`` (``C / 2``), ``d2 = DConv_4(d1)`` (``C / 2``),
+    ``d3 = DConv_2([d1, d2])`` (``C``), output ``Conv([a, d3])`` (``C``). Every convolution is ConvNormAct.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``; ``C`` even.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"the dense SFPM-s halves its width, so it needs an even channel count, got {channels}")
+        half = channels // 2
+        self.conv_in = ConvNormAct(channels, channels)
+        self.dilated1 = ConvNormAct(channels, half, dilation=2)
+        self.dilated2 = ConvNormAct(half, half, dilation=4)
+        self.dilated3 = ConvNormAct(channels, channels, dilation=2)
+        self.conv_out = ConvNormAct(2 * channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv_in(x)
+        d1 = self.dilated1(a)
+        d3 = self.dilated3(torch.cat([d1, self.dilated2(d1)], dim=1))
+        return self.conv_out(torch.cat([a, d3], dim=1))

@@ -1,5 +1,5 @@
-"""Token blocks on a square grid: patch embedding, text-to-grid projection (MMRDL's ConvB), a pre-norm
-transformer block, and the U-shaped token processor (MMRDL's P_CM, built like LViT's ViT branch)."""
+"""Token blocks on a square grid: patch embedding, LViT's ConvTransBN, text-to-grid projection (MMRDL's ConvB), a
+pre-norm transformer block, and the U-shaped token processor (MMRDL's P_CM, built like LViT's ViT branch)."""
 
 from __future__ import annotations
 
@@ -46,14 +46,33 @@ class PatchEmbedding(nn.Module):
         return self.dropout(x.flatten(2).transpose(1, 2) + self.position)
 
 
+class TokenConvBN(nn.Module):
+    """LViT's ``ConvTransBN`` on a token sequence: ``Conv1d`` (kernel 3, along the raster-ordered tokens) from
+    ``C_in`` to ``C_out`` channels, BatchNorm over the channels, ReLU. P_CM joins its levels with it. The convolution
+    has no bias (LViT's has one, which the BatchNorm right after it cancels).
+
+    Shapes: ``(B, N, C_in) -> (B, N, C_out)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_dim, out_dim, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm1d(out_dim)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x.transpose(1, 2)))).transpose(1, 2)
+
+
 class TextTokenProjection(nn.Module):
     """MMRDL's ConvB (Eq. 2-3): prompt tokens into the joint feature space, on the vision token grid.
 
-    A width projection ``Conv1d(D -> C, 3)`` along the token sequence (LViT's text convolution) brings the
-    encoder's width to the joint width; ConvB proper is a convolution over the token axis that maps the
-    ``max_tokens`` prompt positions to the ``N`` grid tokens (kernel 1, as LViT's ``ConvTransBN``), batch
-    normalisation over the ``N`` outputs, and ReLU. Padding tokens (``mask`` False) are zeroed and sequences are
-    zero-padded to ``max_tokens``, so the result does not depend on how much padding the text encoder produced.
+    A width projection ``Conv1d(D -> C, 3)`` along the token sequence (LViT's text convolutions) brings the
+    encoder's width to the joint width; ConvB proper is LViT's ``ConvTransBN`` that maps the text onto the image
+    tokens: a convolution whose input channels are the ``max_tokens`` prompt positions and whose output channels are
+    the ``N`` grid tokens, with kernel 3 sliding along the feature axis (as LViT's), batch normalisation over the
+    ``N`` outputs, and ReLU. Padding tokens (``mask`` False) are zeroed and sequences are zero-padded to
+    ``max_tokens``, so the result does not depend on how much padding the text encoder produced.
 
     Shapes: tokens ``(B, L, D)`` with ``L <= max_tokens``, mask ``(B, L)`` bool -> ``(B, N, C)``.
     """
@@ -62,7 +81,7 @@ class TextTokenProjection(nn.Module):
         super().__init__()
         self.max_tokens = max_tokens
         self.width = nn.Conv1d(text_dim, channels, 3, padding=1)
-        self.conv = nn.Conv1d(max_tokens, tokens, 1)
+        self.conv = nn.Conv1d(max_tokens, tokens, 3, padding=1)
         self.norm = nn.BatchNorm1d(tokens)
         self.act = nn.ReLU(inplace=True)
 
@@ -77,7 +96,9 @@ class TextTokenProjection(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer block: ``x + MHSA(LN(x))`` then ``x + MLP(LN(x))`` (GELU MLP).
+    """Pre-norm transformer block as LViT's: ``x + MHSA(LN(x))`` then ``x + MLP(LN(x))``, the MLP being
+    ``GELU(Linear(Dropout(GELU(Linear(.)))))`` followed by dropout (LViT applies GELU after both layers);
+    the attention weights are not dropped (LViT's attention dropout is 0).
 
     Shapes: ``(B, N, C) -> (B, N, C)``; ``C`` divisible by ``heads``.
     """
@@ -87,19 +108,19 @@ class TransformerBlock(nn.Module):
         if dim % heads:
             raise ValueError(f"the token width ({dim}) must be divisible by the heads ({heads})")
         self.heads = heads
-        self.dropout = dropout
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim)
         hidden = round(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
+                                 nn.GELU(), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, count, dim = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(batch, count, 3, self.heads, dim // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, d)
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        attended = F.scaled_dot_product_attention(q, k, v)
         x = x + self.proj(attended.transpose(1, 2).reshape(batch, count, dim))
         return x + self.mlp(self.norm2(x))
 
@@ -107,32 +128,41 @@ class TransformerBlock(nn.Module):
 class TokenUNet(nn.Module):
     """U-shaped token processor (MMRDL's P_CM, laid out like LViT's ViT branch).
 
-    Every level works on the same ``N`` tokens at its own width ``widths[j]``. Down path: level 1 reads the input,
-    level ``j + 1`` reads a linear widening of level ``j``. Up path: the deepest level is processed again, and
-    level ``j`` reads its down-path output plus a linear narrowing of level ``j + 1``'s up-path output (the
-    skip connections of the U). Each level is ``depth`` transformer blocks.
+    Every level works on the same ``N`` tokens at its own width ``w_j`` (strictly increasing). Level 1 reads the
+    fused feature ``F``; level ``j >= 2`` also has an input of its own, the patch-embedded Enc_I stage ``j``
+    (``e_j``, given by the caller), as in LViT. Each level's transformer is ``depth`` blocks, joined by LViT's
+    ``ConvTransBN`` (:class:`TokenConvBN`, with BatchNorm):
 
-    Shapes: ``(B, N, widths[0]) -> [(B, N, widths[j]) for each level j]`` (up-path outputs, finest first).
+    * down path: ``y_1 = T_1(F)``; ``y_j = [CTBN(T_j(e_j)), y_(j-1)]``, the transformer output narrowed to
+      ``w_j - w_(j-1)`` channels and concatenated with the level below (LViT halves it: ``w_j = 2 w_(j-1)``);
+    * up path: ``u_4 = T'_4(y_4)``; ``u_j = T'_j(y_j) + CTBN(u_(j+1))`` (``w_(j+1) -> w_j``).
+
+    Shapes: ``F`` ``(B, N, w_1)`` and ``[e_2, e_3, e_4]`` with ``e_j`` ``(B, N, w_j)``
+    -> ``[u_1, .., u_4]`` with ``u_j`` ``(B, N, w_j)`` (finest first).
     """
 
-    def __init__(self, widths: tuple[int, ...], depth: int = 1, heads: int = 4, mlp_ratio: float = 4.0,
+    def __init__(self, widths: tuple[int, ...], depth: int = 1, heads: int = 8, mlp_ratio: float = 4.0,
                  dropout: float = 0.0) -> None:
         super().__init__()
+        if any(b <= a for a, b in itertools.pairwise(widths)):
+            raise ValueError(f"P_CM's level widths must increase (each level adds channels), got {widths}")
 
         def stage(width: int) -> nn.Sequential:
             return nn.Sequential(*(TransformerBlock(width, heads, mlp_ratio, dropout) for _ in range(depth)))
 
         self.down = nn.ModuleList(stage(w) for w in widths)
         self.up = nn.ModuleList(stage(w) for w in widths)
-        self.widen = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
-        self.narrow = nn.ModuleList(nn.Linear(b, a) for a, b in itertools.pairwise(widths))
+        self.lift = nn.ModuleList(TokenConvBN(b, b - a) for a, b in itertools.pairwise(widths))
+        self.narrow = nn.ModuleList(TokenConvBN(b, a) for a, b in itertools.pairwise(widths))
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skips = []
-        for level, stage in enumerate(self.down):
-            x = stage(x if level == 0 else self.widen[level - 1](x))
-            skips.append(x)
+    def forward(self, x: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(inputs) != len(self.down) - 1:
+            raise ValueError(f"P_CM takes one input per level after the first ({len(self.down) - 1}), "
+                             f"got {len(inputs)}")
+        skips = [self.down[0](x)]
+        for level, tokens in enumerate(inputs, start=1):
+            skips.append(torch.cat([self.lift[level - 1](self.down[level](tokens)), skips[-1]], dim=-1))
         outputs = [self.up[-1](skips[-1])]
         for level in range(len(skips) - 2, -1, -1):
-            outputs.insert(0, self.up[level](skips[level] + self.narrow[level](outputs[0])))
+            outputs.insert(0, self.up[level](skips[level]) + self.narrow[level](outputs[0]))
         return outputs

@@ -45,8 +45,8 @@ class PixelLevelAttention(nn.Module):
 
 
 class UpStage(nn.Module):
-    """Decoder stage: bilinear 2x upsampling, (optional) pixel-level attention on the skip, concatenation, then
-    ``depth`` 3x3 ConvNormAct layers (LViT's up block).
+    """Decoder stage: nearest-neighbour 2x upsampling, (optional) pixel-level attention on the skip, concatenation,
+    then ``depth`` 3x3 ConvNormAct layers (LViT's up block, whose ``nn.Upsample`` is nearest).
 
     Shapes: ``x`` ``(B, C_in, H, W)``, ``skip`` ``(B, C_skip, 2H, 2W)`` -> ``(B, C_out, 2H, 2W)``.
     """
@@ -60,14 +60,15 @@ class UpStage(nn.Module):
         ))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
         return self.convs(torch.cat([self.attention(skip), x], dim=1))
 
 
 class TokenReconstruct(nn.Module):
-    """A token grid as a feature map of a finer level: 1x1 convolution, bilinear upsampling by ``scale``, batch
-    normalisation, ReLU (LViT's ``Reconstruct``, which upsamples before the 1x1 convolution: both are linear and
-    bilinear weights sum to one, so convolving first gives the same result at a fraction of the cost).
+    """A token grid as a feature map of a finer level: 1x1 convolution, nearest-neighbour upsampling by ``scale``,
+    batch normalisation, ReLU (LViT's ``Reconstruct``, which upsamples, nearest, before the 1x1 convolution: a
+    pointwise convolution commutes with copying pixels, so convolving first gives the same result at a fraction of
+    the cost).
 
     Shapes: ``(B, g * g, C_in) -> (B, C_out, g * scale, g * scale)``.
     """
@@ -82,5 +83,5 @@ class TokenReconstruct(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.conv(tokens_to_map(tokens))
         if self.scale != 1:
-            x = F.interpolate(x, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, scale_factor=float(self.scale), mode="nearest")
         return self.act(self.norm(x))
