@@ -39,7 +39,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .models import PretrainedUnavailableError, architectures, config_from_dict, create_model, get_spec
+from .models import (
+    PretrainedUnavailableError,
+    architectures,
+    building_from_checkpoint,
+    config_from_dict,
+    create_model,
+    get_spec,
+)
 from .volumes import atomic_write
 
 __all__ = [
@@ -262,7 +269,8 @@ def load_checkpoint(
             "checksum recorded in it); use an untouched copy."
         )
     try:
-        model = create_model(info.architecture, config)
+        with building_from_checkpoint(info.external_weights):  # what the file stores is not fetched
+            model = create_model(info.architecture, config)
     except PretrainedUnavailableError as error:
         raise CheckpointError(f"{_where(info.path)} needs pretrained weights that cannot be loaded: {error}") from error
     _load_state(model, state, info)

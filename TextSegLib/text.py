@@ -15,7 +15,11 @@ A text encoder is named by its *source*:
 * ``"open_clip:<name>"``: the text tower of an open_clip model: a built-in name with an optional pretrained tag
   after ``@`` (``open_clip:ViT-B-16@openai``),
   ``open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` or
-  ``open_clip:local-dir:/path/to/folder``.
+  ``open_clip:local-dir:/path/to/folder``. A local folder loads offline: ``open_clip_config.json``, the weights
+  (``open_clip_pytorch_model.bin`` or ``open_clip_model.safetensors``), the tokenizer files
+  (``tokenizer.json`` or ``vocab.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``) and, when the
+  text tower is a Hugging Face model named by hub id as in BiomedCLIP, that model's ``config.json``; the tower is
+  then built from the folder's ``config.json`` and its weights read from the CLIP weights file.
 
 Every encoder is frozen (no gradients, eval mode) and returns :class:`TextFeatures`: per-token features (what
 TexLiverNet's agent attention reads), a validity mask and a pooled embedding. BERT-family encoders (native or
@@ -30,6 +34,7 @@ of many slices, or a re-prompt in Slicer, never encodes the same text twice.
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -292,14 +297,15 @@ class OpenClipTextEncoder(TextEncoder):
         import open_clip
 
         model_name, _, pretrained = name.partition("@")
+        local_text, hint = _local_hugging_face_text_cfg(model_name)
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
+            model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu", **local_text)
             self.tokenizer = open_clip.get_tokenizer(model_name)
         except (OSError, RuntimeError, ValueError) as error:
             raise TextEncoderUnavailableError(
-                f"The open_clip text encoder {source!r} could not be loaded ({first_line(error)}). Give "
-                "'open_clip:local-dir:<folder>' with open_clip_config.json and weights, or download it once "
-                "on a machine with access to the hub."
+                f"The open_clip text encoder {source!r} could not be loaded ({first_line(error)}). "
+                + (hint or "Give 'open_clip:local-dir:<folder>' with open_clip_config.json and weights, or "
+                   "download it once on a machine with access to the hub.")
             ) from error
         if hasattr(model, "text"):
             self.tower = model.text
@@ -369,6 +375,31 @@ class OpenClipTextEncoder(TextEncoder):
         end = ids.argmax(dim=-1)  # CLIP's end-of-text id is the largest in the vocabulary
         mask = torch.arange(length, device=ids.device)[None, :] <= end[:, None]
         return TextFeatures(x, mask, pooled)
+
+
+def _local_hugging_face_text_cfg(name: str) -> tuple[dict[str, Any], str]:
+    """For ``local-dir:<folder>`` whose text tower is a Hugging Face model named by a hub id (BiomedCLIP's
+    ``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract``): keyword arguments for ``open_clip.create_model``
+    that build that tower from the folder's own ``config.json`` (its weights come from the folder's CLIP weights
+    file), so nothing is asked of the hub; and a hint for the error message when the folder lacks the file."""
+    if not name.startswith("local-dir:"):
+        return {}, ""
+    folder = Path(name[len("local-dir:"):])
+    try:
+        text_cfg = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, ""  # open_clip reports what is wrong with the folder
+    hub_name = text_cfg.get("hf_model_name")
+    if not hub_name or Path(hub_name).is_dir():
+        return {}, ""
+    from .models.blocks.backbones import open_clip_source_has_weights
+
+    config = folder / "config.json"
+    if not config.is_file() or not open_clip_source_has_weights(name):
+        return {}, (f"Its text tower is the Hugging Face model {hub_name!r}: put that model's config.json (and "
+                    f"its tokenizer files) into {str(folder)!r} beside open_clip_config.json and the weights, and "
+                    "the folder loads offline.")
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}}, ""
 
 
 def first_line(error: BaseException) -> str:

@@ -19,7 +19,9 @@ Every registered network follows one interface:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,8 @@ __all__ = [
     "ModelSpec",
     "PretrainedUnavailableError",
     "architectures",
+    "building_from_checkpoint",
+    "checkpoint_external_weights",
     "config_from_dict",
     "create_model",
     "get_spec",
@@ -121,6 +125,26 @@ def create_model(name: str, config: Mapping[str, Any] | Any | None = None) -> nn
     if config is None or isinstance(config, Mapping):
         config = config_from_dict(name, config)
     return spec.builder(config)
+
+
+_CHECKPOINT_EXTERNAL: ContextVar[tuple[str, ...] | None] = ContextVar("checkpoint_external", default=None)
+
+
+@contextmanager
+def building_from_checkpoint(external_weights: tuple[str, ...] | list[str]) -> Iterator[None]:
+    """Networks built inside this block get their weights from a checkpoint that stores every tensor except those
+    under ``external_weights``: builders then skip loading pretrained weights the checkpoint holds (a fine-tuned
+    backbone), so loading such a checkpoint needs nothing but its file."""
+    token = _CHECKPOINT_EXTERNAL.set(tuple(external_weights))
+    try:
+        yield
+    finally:
+        _CHECKPOINT_EXTERNAL.reset(token)
+
+
+def checkpoint_external_weights() -> tuple[str, ...] | None:
+    """Inside :func:`building_from_checkpoint`: the prefixes the checkpoint leaves out; outside: None."""
+    return _CHECKPOINT_EXTERNAL.get()
 
 
 def _import_builtin_models() -> None:
