@@ -297,15 +297,15 @@ class OpenClipTextEncoder(TextEncoder):
         import open_clip
 
         model_name, _, pretrained = name.partition("@")
-        local_text, hint = _local_hugging_face_text_cfg(model_name)
+        local_text = _local_hugging_face_text_cfg(model_name)
         try:
             model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu", **local_text)
             self.tokenizer = open_clip.get_tokenizer(model_name)
         except (OSError, RuntimeError, ValueError) as error:
             raise TextEncoderUnavailableError(
-                f"The open_clip text encoder {source!r} could not be loaded ({first_line(error)}). "
-                + (hint or "Give 'open_clip:local-dir:<folder>' with open_clip_config.json and weights, or "
-                   "download it once on a machine with access to the hub.")
+                f"The open_clip text encoder {source!r} could not be loaded ({first_line(error)}). Give "
+                "'open_clip:local-dir:<folder>' with open_clip_config.json and weights, or download it once "
+                "on a machine with access to the hub."
             ) from error
         if hasattr(model, "text"):
             self.tower = model.text
@@ -377,29 +377,33 @@ class OpenClipTextEncoder(TextEncoder):
         return TextFeatures(x, mask, pooled)
 
 
-def _local_hugging_face_text_cfg(name: str) -> tuple[dict[str, Any], str]:
+def _local_hugging_face_text_cfg(name: str) -> dict[str, Any]:
     """For ``local-dir:<folder>`` whose text tower is a Hugging Face model named by a hub id (BiomedCLIP's
     ``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract``): keyword arguments for ``open_clip.create_model``
     that build that tower from the folder's own ``config.json`` (its weights come from the folder's CLIP weights
-    file), so nothing is asked of the hub; and a hint for the error message when the folder lacks the file."""
+    file), so nothing is asked of the hub. A folder without that file or without weights is refused."""
     if not name.startswith("local-dir:"):
-        return {}, ""
+        return {}
     folder = Path(name[len("local-dir:"):])
     try:
         text_cfg = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
     except (OSError, ValueError, KeyError, TypeError):
-        return {}, ""  # open_clip reports what is wrong with the folder
+        return {}  # open_clip reports what is wrong with the folder
     hub_name = text_cfg.get("hf_model_name")
     if not hub_name or Path(hub_name).is_dir():
-        return {}, ""
+        return {}
     from .models.blocks.backbones import open_clip_source_has_weights
 
-    config = folder / "config.json"
-    if not config.is_file() or not open_clip_source_has_weights(name):
-        return {}, (f"Its text tower is the Hugging Face model {hub_name!r}: put that model's config.json (and "
-                    f"its tokenizer files) into {str(folder)!r} beside open_clip_config.json and the weights, and "
-                    "the folder loads offline.")
-    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}}, ""
+    missing = [what for what, present in (("config.json", (folder / "config.json").is_file()),
+                                          ("weights", open_clip_source_has_weights(name))) if not present]
+    if missing:  # open_clip would ask the hub: a local folder never does
+        raise TextEncoderUnavailableError(
+            f"The open_clip text encoder {name!r} could not be loaded: its text tower is the Hugging Face model "
+            f"{hub_name!r} and the folder lacks {' and '.join(missing)}. Put that model's config.json beside "
+            "open_clip_config.json, the CLIP weights (open_clip_pytorch_model.bin or open_clip_model.safetensors) "
+            "and the tokenizer files, and the folder loads offline."
+        )
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}}
 
 
 def first_line(error: BaseException) -> str:
