@@ -86,6 +86,8 @@ class Trainer:
         self.preprocessing_meta = dict(config.data.preprocessing or spec.default_preprocessing)
         self.preprocessing = Preprocessing.from_metadata(self.preprocessing_meta,
                                                          channels=getattr(self.model_config, "in_channels", 1))
+        if spec.input_range is not None:
+            self.preprocessing.check_range(spec.input_range, spec.title)
         self._build_data()
         self.texts = TextTable(self.encoder, self._all_texts())
         prepare = getattr(network, "prepare_training", None)

@@ -58,6 +58,8 @@ class ModelSpec:
         loss: ``config -> callable(outputs, target) -> dict`` building the paper's training loss.
         title: human-readable name of the paper's network.
         default_text_encoder: the text encoder source the paper uses (see ``TextSegLib.text``).
+        input_range: the intensity range every modality must be normalised into, when a pretrained tower fixes
+            it (FreqMedCLIP's ViT: ``(0, 1)``); training refuses preprocessing that leaves it.
     """
 
     name: str
@@ -68,6 +70,7 @@ class ModelSpec:
     loss: Callable[[Any], Callable[..., dict]] | None = None
     title: str = ""
     default_text_encoder: str = ""
+    input_range: tuple[float, float] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

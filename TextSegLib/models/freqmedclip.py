@@ -21,8 +21,13 @@ Layout (Fig. 1, Eq. 1-18) for a ``224 x 224`` input, widths ``C1..C4`` (FPN), ``
 
 Choices where the paper is vague (each configurable):
 
-* Preprocessing (checkpoint metadata): 224 x 224, "z-score for MRI, min-max for CT" (Sec. 3.2); min-max maps the
-  volume's own minimum and maximum to ``[0, 1]``.
+* Preprocessing (checkpoint metadata): 224 x 224; CT min-max (Sec. 3.2: "min-max for CT"), the volume's own
+  minimum and maximum mapped to ``[0, 1]``. For MR the paper z-scores, but the frozen ViT was trained on images in
+  ``[0, 1]`` followed by CLIP's mean/std (about ``[-1.8, 2.1]``), and a z-scored brain MR reaches it at
+  ``[-5.4, 16.5]``. Any per-volume map into ``[0, 1]`` after a z-score is a window on the raw intensities (affine
+  maps compose), so MR takes the volume's 0.5 and 99.5 percentiles as its window: the z-score's purpose (the same
+  scale for every volume) kept, the outliers clipped, background black as in the images BiomedCLIP saw. The
+  architecture declares ``input_range = (0, 1)`` and training refuses a ``zscore`` normalisation for it.
 * Input: the engine gives ``[0, 1]`` slices repeated to 3 channels; the model applies BiomedCLIP's mean/std (the
   OpenAI CLIP values) to the ViT's copy itself, so checkpoints carry it and callers need not know. The frequency
   stream sees the ``[0, 1]`` slice; its DWT concatenates the four sub-bands of every channel (``4C`` channels).
@@ -530,11 +535,12 @@ register(
         },
         default_preprocessing={
             "size": [224, 224],
-            "intensity": {  # Sec. 3.2: "z-score for MRI, min-max for CT"
+            "intensity": {  # Sec. 3.2 "min-max for CT"; MR in [0, 1] for the ViT (see the module docstring)
                 "CT": {"kind": "minmax"},
-                "MR": {"kind": "zscore"},
+                "MR": {"kind": "percentile", "low": 0.5, "high": 99.5},
             },
         },
+        input_range=(0.0, 1.0),
         loss=freqmedclip_loss,
         default_text_encoder=f"open_clip:{BIOMEDCLIP}",
     )
