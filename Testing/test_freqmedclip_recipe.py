@@ -84,3 +84,116 @@ def test_every_default_normalisation_of_freqmedclip_stays_in_unit_range(data_dir
         mapping = preprocessing.intensity_for(modality).mapping(array)
         x = preprocessing.prepare(torch.from_numpy(np.ascontiguousarray(array[::4], dtype=np.float32)), mapping)
         assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 + 1e-5
+
+
+# ------------------------------------------------------------------------------------- splits, slices, sampling
+
+
+def synthetic_cohort(ct: int, mr: int) -> list[ManifestCase]:
+    from pathlib import Path
+
+    return [ManifestCase(f"{modality.lower()}{i:02d}", Path(f"{modality}{i}.nrrd"), None, [Target("x")],
+                         modality=modality) for modality, n in (("CT", ct), ("MR", mr)) for i in range(n)]
+
+
+def test_70_20_10_stratified_patient_splits():
+    from TextSegLib.manifests import split_cases, split_patients
+
+    cases = synthetic_cohort(ct=20, mr=10)
+    train, val, test = split_patients(cases, 0.2, 0.1, seed=4, stratify="modality")
+    assert (len(train), len(val), len(test)) == (21, 6, 3)
+    assert sorted(c.case for c in train + val + test) == sorted(c.case for c in cases)  # every patient once
+    by_modality = {name: [c.modality for c in split] for name, split in (("val", val), ("test", test))}
+    assert sorted(by_modality["val"]) == ["CT"] * 4 + ["MR"] * 2 and sorted(by_modality["test"]) == ["CT"] * 2 + ["MR"]
+    assert split_patients(cases, 0.2, 0.1, seed=4, stratify="modality")[2] == test  # seeded
+    assert split_patients(cases, 0.2, 0.1, seed=5, stratify="modality")[2] != test
+    # unstratified, without a test share: the split split_cases always made
+    assert split_patients(cases, 0.2, 0.0, seed=3)[:2] == split_cases(cases, 0.2, seed=3)
+    # the five real cases (2 CT, 3 MR): three to train on, one each to validate and test
+    few = synthetic_cohort(ct=2, mr=3)
+    assert [len(s) for s in split_patients(few, 0.2, 0.1, stratify="modality")] == [3, 1, 1]
+    fixed = [dataclasses_replace(few[0], split="test"), *few[1:]]
+    assert few[0].case in [c.case for c in split_patients(fixed, 0.2, 0.1)[2]]
+    with pytest.raises(ValueError, match="leave cases to train on"):
+        split_patients(cases, 0.7, 0.3)
+    with pytest.raises(ValueError, match="stratify"):
+        split_patients(cases, 0.2, 0.1, stratify="scanner")
+
+
+def dataclasses_replace(case: ManifestCase, **changes) -> ManifestCase:
+    import dataclasses
+
+    return dataclasses.replace(case, **changes)
+
+
+def padded_brain(data_dir, folder):
+    """brain1 with four blank slices and two nearly blank ones (a 2 % rim) added below and above its 25, as BraTS
+    volumes have above and below the head; geometry extended along k."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(data_dir / "brain1_image.nrrd"))
+    label = sitk.ReadImage(str(data_dir / "brain1_label.nrrd"))
+    array, labels = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
+    blank = np.zeros((3, *array.shape[1:]), array.dtype)
+    rim = blank.copy()
+    rim[:, :, :3] = array.max()  # 3 of 256 columns: 1.2 % of the slice
+    paths = []
+    for name, volume, pad, rim_pad in (("image", array, blank, rim), ("label", labels, blank.astype(labels.dtype),
+                                                                     blank.astype(labels.dtype))):
+        out = sitk.GetImageFromArray(np.concatenate([pad, rim_pad[:1], volume, rim_pad[:1], pad]))
+        out.SetSpacing(image.GetSpacing())
+        out.SetDirection(image.GetDirection())
+        origin = np.asarray(image.GetOrigin()) - 4 * image.GetSpacing()[2] * np.asarray(image.GetDirection())[2::3]
+        out.SetOrigin(tuple(origin))
+        paths.append(folder / f"brain1_padded_{name}.nrrd")
+        sitk.WriteImage(out, str(paths[-1]))
+    return ManifestCase("brain1", paths[0], paths[1], [Target(BRAIN_TEXT)], modality="MR")
+
+
+def test_uninformative_slices_are_filtered_and_lesion_slices_kept(data_dir, tmp_path):
+    from Training.data import SliceDataset
+
+    case = padded_brain(data_dir, tmp_path)
+    preprocessing = Preprocessing.from_metadata(get_spec("freqmedclip").default_preprocessing, channels=3)
+    everything = SliceDataset([case], preprocessing)
+    filtered = SliceDataset([case], preprocessing, min_content=0.05)
+    assert len(everything) == 25 + 8
+    kept = sorted(item.slice for item in filtered.items)
+    assert len(kept) == 25 and kept == list(range(4, 29))  # the 8 added slices dropped, the real 25 kept
+    lesion = {item.slice for item in everything.items if item.has_lesion}
+    assert lesion and lesion <= set(kept)
+    assert {item.slice for item in SliceDataset([case], preprocessing, min_content=1.0).items} == lesion
+    with pytest.raises(ValueError, match="min_content"):
+        SliceDataset([case], preprocessing, min_content=5)
+
+
+def test_balanced_sampling_draws_as_many_target_slices_as_empty_ones(data_dir):
+    from torch.utils.data import DataLoader
+
+    from Training.data import SliceDataset
+    from Training.sampling import BalancedSampler
+
+    preprocessing = Preprocessing.from_metadata(get_spec("freqmedclip").default_preprocessing, channels=3)
+    dataset = SliceDataset([brain1(data_dir)], preprocessing)
+    flags = [item.has_lesion for item in dataset.items]
+    assert 0 < sum(flags) < len(flags) / 2  # the real case is imbalanced: fewer lesion slices than empty ones
+    drawn = []
+    for rank in (0, 1):
+        sampler = BalancedSampler(flags, num_replicas=2, rank=rank, seed=7)
+        sampler.set_epoch(3)
+        drawn.append(list(sampler))
+        assert len(drawn[-1]) == len(sampler) == -(-len(flags) // 2)
+    together = drawn[0] + drawn[1]
+    positives = sum(flags[i] for i in together)
+    assert abs(positives - len(together) / 2) <= 1
+    empty = [i for i in together if not flags[i]]
+    assert len(set(empty)) == len(empty)  # the larger group is drawn without replacement
+    assert {i for i in together if flags[i]} == {i for i, f in enumerate(flags) if f}  # the smaller one cycled whole
+    again = BalancedSampler(flags, num_replicas=2, rank=0, seed=7)
+    again.set_epoch(3)
+    assert list(again) == drawn[0]
+    again.set_epoch(4)
+    assert list(again) != drawn[0]
+    assert all(i in range(len(flags)) for i in BalancedSampler([True] * 5))  # one group only
+    batch = next(iter(DataLoader(dataset, batch_size=4, sampler=BalancedSampler(flags, seed=1))))
+    assert batch["image"].shape == (4, 3, 224, 224)

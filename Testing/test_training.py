@@ -128,7 +128,7 @@ def test_explicit_splits_and_manifest_errors(tmp_path, data_dir, annotations):
     with pytest.raises(ManifestError, match="no text"):
         read_manifest(manifest)
     manifest.write_text("case,image,label,text,split\n"
-                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,test\n")
+                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,holdout\n")
     with pytest.raises(ManifestError, match="split must be"):
         read_manifest(manifest)
 

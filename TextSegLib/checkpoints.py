@@ -15,6 +15,7 @@ document under the key ``"textseg"``::
       "training": {...},                        # summary: data, epochs, validation Dice, ...
       "textseg_version": "0.1.0",
       "external_weights": [],                   # state-dict prefixes the network builds itself (see models)
+      "members": 1,                             # > 1: an ensemble of that many networks (models.ensemble)
       "weights_sha256": "..."                   # digest of the stored tensors, checked on every load
     }
 
@@ -47,6 +48,7 @@ from .models import (
     create_model,
     get_spec,
 )
+from .models.ensemble import Ensemble
 from .volumes import atomic_write
 
 __all__ = [
@@ -91,6 +93,7 @@ class CheckpointInfo:
     training: dict[str, Any] = field(default_factory=dict)
     textseg_version: str = __version__
     external_weights: list[str] = field(default_factory=list)
+    members: int = 1
     weights_sha256: str = ""
     path: Path | None = None
     sha256: str | None = None
@@ -157,8 +160,9 @@ def save_checkpoint(
 ) -> CheckpointInfo:
     """Write ``model`` and its metadata to one ``.safetensors`` file (atomically: a temporary file is renamed).
 
-    ``model.config`` must be the architecture's config dataclass. ``preprocessing`` defaults to the
-    architecture's registered default (the paper's). Returns the written checkpoint's info (with its SHA-256).
+    ``model.config`` must be the architecture's config dataclass; an :class:`~TextSegLib.models.ensemble.Ensemble`
+    of such networks is saved as one model. ``preprocessing`` defaults to the architecture's registered default (the
+    paper's). Returns the written checkpoint's info (with its SHA-256).
     """
     from safetensors.torch import save_file
 
@@ -184,6 +188,7 @@ def save_checkpoint(
         example_prompts=list(example_prompts),
         training=dict(training or {}),
         external_weights=list(external),
+        members=len(model.members) if isinstance(model, Ensemble) else 1,
         weights_sha256=weights_digest(state),
     )
     path = Path(path)
@@ -269,8 +274,13 @@ def load_checkpoint(
             "checksum recorded in it); use an untouched copy."
         )
     try:
-        with building_from_checkpoint(info.external_weights):  # what the file stores is not fetched
-            model = create_model(info.architecture, config)
+        if info.members > 1:  # members.<i>.<prefix>: each member leaves out the same prefixes
+            external = sorted({prefix.split(".", 2)[2] for prefix in info.external_weights})
+            with building_from_checkpoint(external):
+                model = Ensemble([create_model(info.architecture, config) for _ in range(info.members)])
+        else:
+            with building_from_checkpoint(info.external_weights):  # what the file stores is not fetched
+                model = create_model(info.architecture, config)
     except PretrainedUnavailableError as error:
         raise CheckpointError(f"{_where(info.path)} needs pretrained weights that cannot be loaded: {error}") from error
     _load_state(model, state, info)
