@@ -197,3 +197,113 @@ def test_balanced_sampling_draws_as_many_target_slices_as_empty_ones(data_dir):
     assert all(i in range(len(flags)) for i in BalancedSampler([True] * 5))  # one group only
     batch = next(iter(DataLoader(dataset, batch_size=4, sampler=BalancedSampler(flags, seed=1))))
     assert batch["image"].shape == (4, 3, 224, 224)
+
+
+# ------------------------------------------------------------------------------------------------ the ensemble
+
+LUNG_TEXT = "a large soft-tissue mass in the posterior left lower lung"
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoints(tmp_path_factory, vit_folder, biomedclip_like_folder, data_dir):
+    """Three small FreqMedCLIPs of one config (seeds 0-2), calibrated on real lung2 slices, saved as checkpoints."""
+    from test_freqmedclip import calibrated_model
+
+    from TextSegLib.checkpoints import save_checkpoint
+    from TextSegLib.text import load_text_encoder
+
+    source = f"open_clip:local-dir:{biomedclip_like_folder}"
+    encoder = load_text_encoder(source)
+    folder = tmp_path_factory.mktemp("seeds")
+    paths = []
+    for seed in range(3):
+        paths.append(folder / f"seed-{seed}.safetensors")
+        save_checkpoint(paths[-1], calibrated_model(vit_folder, encoder, data_dir, seed), architecture="freqmedclip",
+                        text_encoder={"source": source, "max_tokens": 40}, name="small FreqMedCLIP",
+                        example_prompts=[LUNG_TEXT], training={"val_dice": 0.1 * seed, "test_cases": ["brain2"]})
+    return paths
+
+
+def test_three_runs_export_as_one_catalogue_model_that_averages_them(seed_checkpoints, tmp_path, lung2):
+    from safetensors.torch import load_file
+
+    from TextSegLib.checkpoints import Catalogue, load_checkpoint
+    from TextSegLib.inference import InferenceEngine, load_model
+    from TextSegLib.models.ensemble import Ensemble
+    from TextSegLib.volumes import Volume
+    from Training.ensemble import export_ensemble
+
+    path = tmp_path / "freqmedclip-ensemble.safetensors"
+    info = export_ensemble(seed_checkpoints, path)
+    assert info.members == 3 and info.name == "small FreqMedCLIP (ensemble of 3)"
+    assert info.training["val_dice"] == [0.0, 0.1, 0.2] and info.training["test_cases"] == ["brain2"]
+    stored = load_file(str(path))
+    assert not any(".semantic.backbone." in key for key in stored)  # the frozen ViT is rebuilt, stored by none
+    assert {key.split(".")[1] for key in stored} == {"0", "1", "2"}
+
+    catalogue = Catalogue(user_dir=tmp_path / "models")
+    catalogue.import_model(path, "freqmedclip-ensemble")
+    (entry,) = [e for e in catalogue.entries() if not e.shipped]
+    assert entry.id == "freqmedclip-ensemble" and entry.info.members == 3 and entry.architecture_title == "FreqMedCLIP"
+
+    network, _ = load_checkpoint(entry.path)
+    assert isinstance(network, Ensemble) and len(network.members) == 3
+    assert network.members[2].semantic.backbone is network.members[0].semantic.backbone  # one copy of the ViT
+    separate = [load_checkpoint(p)[0] for p in seed_checkpoints]
+    image = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    text = load_model(seed_checkpoints[0], "cpu").text_encoder.encode_cached(LUNG_TEXT)
+    with torch.no_grad():
+        mean = torch.stack([torch.sigmoid(m(image, text)) for m in separate]).mean(0)
+        torch.testing.assert_close(torch.sigmoid(network(image, text)), mean, atol=1e-6, rtol=0)
+
+    slab = Volume.from_sitk(lung2.to_sitk()[:, :, 25:28], source="lung2 slab")
+    one_file = InferenceEngine(load_model(entry.id, "cpu", catalogue), batch_size=3).segment(slab, LUNG_TEXT,
+                                                                                           probability=True)
+    three = InferenceEngine([load_model(p, "cpu") for p in seed_checkpoints], batch_size=3).segment(
+        slab, LUNG_TEXT, probability=True)
+    assert 0 < one_file.voxel_count < one_file.mask.size
+    # the file averages at 224 x 224, the engine after resizing to 512 x 512: the same up to resampling
+    assert np.abs(one_file.probability - three.probability).mean() < 0.01
+    agree = np.count_nonzero(one_file.mask & three.mask)
+    assert 2 * agree / (one_file.voxel_count + three.voxel_count) > 0.95
+
+
+def test_only_runs_of_one_recipe_make_an_ensemble(seed_checkpoints, vit_folder, biomedclip_like_folder, tmp_path):
+    from TextSegLib.checkpoints import CheckpointError, save_checkpoint
+    from Training.ensemble import export_ensemble
+
+    other = tmp_path / "other.safetensors"
+    model = create_model("freqmedclip", preset_config("freqmedclip", "small", vision_source=f"local-dir:{vit_folder}",
+                                                      text_dim=32, pooled_dim=16, use_lffi=False))
+    save_checkpoint(other, model, architecture="freqmedclip",
+                    text_encoder={"source": f"open_clip:local-dir:{biomedclip_like_folder}", "max_tokens": 40})
+    with pytest.raises(CheckpointError, match=r"differs from .* in config"):
+        export_ensemble([seed_checkpoints[0], other], tmp_path / "mixed.safetensors")
+    assert not (tmp_path / "mixed.safetensors").exists()
+
+
+def test_the_recipe_trains_an_ensemble_of_seeds_on_a_stratified_split(tmp_path, data_dir, annotations, vit_folder):
+    """Training/ensemble.py with the paper config (shortened): one run per seed on one patient split with a held-out
+    test patient, joined into one file; a second call trains nothing."""
+    from test_training import CONFIGS, SHORT, write_manifest
+
+    from TextSegLib.checkpoints import read_checkpoint_info
+    from Training.ensemble import main
+
+    manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain1", "brain2", "breast1"], annotations)
+    overrides = [f"data.manifest=\"{manifest}\"", *SHORT, "data.val_fraction=0.0", "data.test_fraction=0.34",
+                 "train.max_steps=1", f"model.overrides={{vision_source=\"local-dir:{vit_folder}\"}}"]
+    arguments = ["--config", str(CONFIGS / "freqmedclip.toml"), "--output", str(tmp_path / "run"), "--seeds", "3", "4"]
+    for override in overrides:
+        arguments += ["--set", override]
+    assert main(arguments) == 0
+    info = read_checkpoint_info(tmp_path / "run" / "model.safetensors")
+    assert info.members == 2 and info.training["seeds"] == [3, 4]
+    (held_out,) = info.training["test_cases"]
+    assert held_out not in info.training["train_cases"] and len(info.training["train_cases"]) == 2
+    members = [read_checkpoint_info(tmp_path / "run" / f"seed-{s}" / "model.safetensors") for s in (3, 4)]
+    assert members[0].training["train_cases"] == members[1].training["train_cases"]  # one split for every seed
+    assert members[0].training["config"]["data"]["sampling"] == "balanced"
+    stamps = [(tmp_path / "run" / f"seed-{s}" / "model.safetensors").stat().st_mtime_ns for s in (3, 4)]
+    assert main(arguments) == 0
+    assert stamps == [(tmp_path / "run" / f"seed-{s}" / "model.safetensors").stat().st_mtime_ns for s in (3, 4)]
