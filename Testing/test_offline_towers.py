@@ -95,7 +95,8 @@ def release_state(biomedclip_release) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_biomedclip_release_folder_gives_the_vision_tower_offline(biomedclip_release, release_state, no_network):
+def test_biomedclip_release_folder_gives_the_vision_tower_offline(biomedclip_release, release_state, tmp_path,
+                                                                  no_network):
     from TextSegLib.models import create_model, preset_config
     from TextSegLib.models.blocks.backbones import ViTTokenEncoder, load_open_clip_vision_tower
 
@@ -110,6 +111,13 @@ def test_biomedclip_release_folder_gives_the_vision_tower_offline(biomedclip_rel
     assert encoder.width == 768 and encoder.grid_size == (14, 14)
     network = create_model("freqmedclip", preset_config("freqmedclip", "small", vision_source=source))
     assert network.external_weights == ("semantic.backbone.",) and network.semantic.pretrained
+    vision_only = tmp_path / "vision-only"  # the image tower needs nothing of the text tower's files
+    vision_only.mkdir()
+    for name in ("open_clip_config.json", "open_clip_pytorch_model.bin"):
+        (vision_only / name).symlink_to(biomedclip_release / name)
+    alone, weighted, _ = load_open_clip_vision_tower(f"local-dir:{vision_only}")
+    assert weighted
+    torch.testing.assert_close(alone.state_dict(), tower.state_dict(), atol=0, rtol=0)
 
 
 @pytest.mark.slow
