@@ -35,7 +35,7 @@ def vit_inputs(model, images: torch.Tensor, text) -> torch.Tensor:
 
 def test_mr_reaches_the_vit_in_its_training_range(data_dir, vit_folder, minilm, tmp_path):
     """The real brain MR, prepared by the training data path and by the inference engine, reaches the ViT within
-    CLIP's range of [0, 1] images; the paper's z-score would give [-5.4, 16.5] and is refused."""
+    CLIP's range of [0, 1] images; the paper's z-score gives [-5.4, 21.2] and is refused."""
     from TextSegLib.checkpoints import save_checkpoint
     from TextSegLib.inference import InferenceEngine, load_model
     from TextSegLib.volumes import read_volume

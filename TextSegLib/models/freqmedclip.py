@@ -23,8 +23,8 @@ Choices where the paper is vague (each configurable):
 
 * Preprocessing (checkpoint metadata): 224 x 224; CT min-max (Sec. 3.2: "min-max for CT"), the volume's own
   minimum and maximum mapped to ``[0, 1]``. For MR the paper z-scores, but the frozen ViT was trained on images in
-  ``[0, 1]`` followed by CLIP's mean/std (about ``[-1.8, 2.1]``), and a z-scored brain MR reaches it at
-  ``[-5.4, 16.5]``. Any per-volume map into ``[0, 1]`` after a z-score is a window on the raw intensities (affine
+  ``[0, 1]`` followed by CLIP's mean/std (about ``[-1.8, 2.1]``), and the z-scored brain1 MR reaches it at
+  ``[-5.4, 21.2]``. Any per-volume map into ``[0, 1]`` after a z-score is a window on the raw intensities (affine
   maps compose), so MR takes the volume's 0.5 and 99.5 percentiles as its window: the z-score's purpose (the same
   scale for every volume) kept, the outliers clipped, background black as in the images BiomedCLIP saw. The
   architecture declares ``input_range = (0, 1)`` and training refuses a ``zscore`` normalisation for it.
