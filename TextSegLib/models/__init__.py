@@ -14,6 +14,8 @@ Every registered network follows one interface:
 * optionally ``external_weights``: state-dict prefixes of frozen pretrained weights that the builder loads
   itself from a source named in the config (a CLIP vision tower, say). Checkpoints leave those tensors out and
   loading takes them from the freshly built network; without the attribute checkpoints are self-contained.
+  While a checkpoint is loaded, :func:`checkpoint_external_weights` tells a builder which prefixes the file leaves
+  out, so it never fetches pretrained weights the file stores (a fine-tuned backbone).
 """
 
 from __future__ import annotations
