@@ -248,7 +248,7 @@ def test_convnext_pyramid_with_a_stride_one_stem():
 
 def test_vit_token_encoder_reproduces_open_clip_and_timm_towers(vit_folder, timm_vit_folder):
     x = images(2)
-    tower, weighted = load_open_clip_vision_tower(f"local-dir:{vit_folder}")
+    tower, weighted, _ = load_open_clip_vision_tower(f"local-dir:{vit_folder}")
     assert weighted
     encoder = ViTTokenEncoder(tower.eval(), depth=12)
     assert encoder.grid_size == (14, 14) and encoder.width == 32 and len(encoder.blocks) == 12
@@ -260,7 +260,7 @@ def test_vit_token_encoder_reproduces_open_clip_and_timm_towers(vit_folder, timm
         torch.testing.assert_close(states[block][:, 1:], reference["image_intermediates"][index])
         torch.testing.assert_close(states[block][:, :1], reference["image_intermediates_prefix"][index])
 
-    tower, _ = load_open_clip_vision_tower(f"local-dir:{timm_vit_folder}")
+    tower, _, _ = load_open_clip_vision_tower(f"local-dir:{timm_vit_folder}")
     encoder = ViTTokenEncoder(tower.eval(), depth=12)
     with torch.no_grad():
         torch.testing.assert_close(tower.trunk.norm(encoder(x)[-1]), tower.trunk.forward_features(x))
@@ -463,10 +463,10 @@ def test_frequency_encoder_switches_and_external_weights(vit_folder, tmp_path):
     fine_tuned = small_model(vit_folder, freeze_backbone=False)
     assert fine_tuned.external_weights == ()
     assert all(p.requires_grad for p in fine_tuned.semantic.backbone.parameters())
-    frozen_convnext = small_model(vit_folder, train_freq_encoder=False)
-    assert not any(p.requires_grad for p in frozen_convnext.frequency.encoder.stages.parameters())
-    assert all(p.requires_grad for p in frozen_convnext.frequency.encoder.stem.parameters())  # the new stem
-    assert frozen_convnext.external_weights == ("semantic.backbone.",)  # random stages stay in checkpoints
+    with pytest.raises(ValueError, match="frozen random weights learn nothing"):
+        small_config(vit_folder, train_freq_encoder=False)  # would freeze random ConvNeXt stages
+    assert small_config(vit_folder, train_freq_encoder=False, use_freq_encoder=False, use_ffbi=False,
+                        use_dual_decoder=False)  # nothing to freeze without the frequency stream
     (tmp_path / "open_clip_config.json").write_text((vit_folder / "open_clip_config.json").read_text())
     unweighted = create_model("freqmedclip", small_config(vit_folder, vision_source=f"local-dir:{tmp_path}"))
     assert unweighted.external_weights == ()  # a random frozen tower must travel in the checkpoint
@@ -507,6 +507,8 @@ def test_frozen_imagenet_convnext_is_left_out_of_checkpoints(vit_folder, biomedc
     monkeypatch.setattr(timm, "create_model", fixed_weights)
     model = small_model(vit_folder, train_freq_encoder=False, freq_pretrained=True).eval()
     assert calls == [True]
+    assert not any(p.requires_grad for p in model.frequency.encoder.stages.parameters())
+    assert all(p.requires_grad for p in model.frequency.encoder.stem.parameters())  # the new stem
     assert model.external_weights == ("semantic.backbone.", "frequency.encoder.stages.")
     path = tmp_path / "frozen-convnext.safetensors"
     save_checkpoint(path, model, architecture="freqmedclip",

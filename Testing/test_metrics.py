@@ -222,13 +222,14 @@ def _single_voxel(shape=(4, 5, 6)) -> np.ndarray:
 
 EMPTY_CASES = {
     "both_empty": (np.zeros((4, 5, 6), bool), np.zeros((4, 5, 6), bool),
-                   {"dice": 1.0, "iou": 1.0, "voe": 0.0, "ravd": 0.0, "hd": 0.0, "hd95": 0.0, "assd": 0.0}),
+                   {"dice": 1.0, "iou": 1.0, "voe": 0.0, "ravd": 0.0, "hd": 0.0, "hd95": 0.0, "assd": 0.0,
+                    "boundary_dice": 1.0}),
     "reference_empty": (_single_voxel(), np.zeros((4, 5, 6), bool),
                         {"dice": 0.0, "iou": 0.0, "voe": 1.0, "ravd": math.inf,
-                         "hd": math.inf, "hd95": math.inf, "assd": math.inf}),
+                         "hd": math.inf, "hd95": math.inf, "assd": math.inf, "boundary_dice": 0.0}),
     "prediction_empty": (np.zeros((4, 5, 6), bool), _single_voxel(),
                          {"dice": 0.0, "iou": 0.0, "voe": 1.0, "ravd": 1.0,
-                          "hd": math.inf, "hd95": math.inf, "assd": math.inf}),
+                          "hd": math.inf, "hd95": math.inf, "assd": math.inf, "boundary_dice": 0.0}),
 }
 
 
@@ -244,6 +245,7 @@ def test_empty_mask_conventions(which):
         "hd": lambda: metrics.hausdorff(prediction, reference, spacing),
         "hd95": lambda: metrics.hd95(prediction, reference, spacing),
         "assd": lambda: metrics.assd(prediction, reference, spacing),
+        "boundary_dice": lambda: metrics.boundary_dice(prediction, reference, spacing),
     }
     assert set(functions) == set(metrics.METRIC_NAMES)
     case_metrics = metrics.evaluate_case(prediction, reference, spacing)
@@ -311,6 +313,7 @@ SHAPE_CHECKED = {
     "hausdorff": metrics.hausdorff,
     "hd95": metrics.hd95,
     "assd": metrics.assd,
+    "boundary_dice": metrics.boundary_dice,
     "surface_distances": metrics.surface_distances,
     "evaluate_case": metrics.evaluate_case,
     "dice_global": lambda p, r: metrics.dice_global([(r, r), (p, r)]),
@@ -331,3 +334,46 @@ def test_spacing_of_the_wrong_length_raises():
     prediction, reference = _cube_pair(0)
     with pytest.raises(ValueError, match="spacing"):
         metrics.hausdorff(prediction, reference, (1.0, 1.0))
+
+
+def brute_force_band(mask: np.ndarray, spacing, width: float) -> np.ndarray:
+    """Voxels of ``mask`` within ``width`` mm of a surface voxel (a voxel of the mask with a face neighbour outside
+    it or on the array border), by explicit distances from every voxel to every surface voxel."""
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1, 1:-1].copy()
+    for axis in range(3):
+        for step in (-1, 1):
+            inner &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+    surface = np.argwhere(mask & ~inner) * np.asarray(spacing)
+    voxels = np.argwhere(mask)
+    distances = np.sqrt((((voxels * np.asarray(spacing))[:, None, :] - surface[None]) ** 2).sum(-1)).min(1)
+    band = np.zeros_like(mask)
+    band[tuple(voxels[distances <= width].T)] = True
+    return band
+
+
+@pytest.mark.parametrize("case", ["lung1", "brain1"])
+def test_boundary_dice_matches_its_definition_on_real_masks(labels, case):
+    reference, spacing = labels[case]
+    box = tuple(slice(max(a - 2, 0), b + 3) for a, b in zip(np.argwhere(reference).min(0),
+                                                             np.argwhere(reference).max(0), strict=True))
+    reference = reference[box]
+    prediction = ndimage.binary_dilation(np.roll(reference, 1, axis=2), iterations=1)
+    for width in (1.0, 2.0, 4.0):
+        a, b = brute_force_band(prediction, spacing, width), brute_force_band(reference, spacing, width)
+        expected = 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+        assert metrics.boundary_dice(prediction, reference, spacing, width) == pytest.approx(expected, abs=1e-12)
+    assert metrics.boundary_dice(reference, reference, spacing) == 1.0
+    assert metrics.evaluate_case(prediction, reference, spacing)["boundary_dice"] == metrics.boundary_dice(
+        prediction, reference, spacing)
+
+
+def test_boundary_dice_scores_contours_not_interiors():
+    """A large square predicted one pixel too wide keeps a high Dice but loses much of its Boundary Dice."""
+    reference = np.zeros((64, 64), bool)
+    reference[8:56, 8:56] = True
+    prediction = np.zeros_like(reference)
+    prediction[8:56, 8:58] = True
+    spacing = (1.0, 1.0)
+    assert metrics.dice(prediction, reference) > 0.97
+    assert metrics.boundary_dice(prediction, reference, spacing, width=1.0) < 0.85

@@ -191,13 +191,13 @@ def test_the_catalogue_says_what_the_text_does():
 
 def test_checkpoints_from_before_the_roll_fix_keep_their_function(tmp_path):
     """A checkpoint saved now stores width_first_roll = -1 (RollingUnet's direction); one saved before the key
-    existed was trained with +1, and loads so."""
+    existed was trained with +1, and loads so once signed in the current format."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from TextSegLib.checkpoints import load_checkpoint, save_checkpoint
+    from TextSegLib.checkpoints import load_checkpoint, save_checkpoint, sign_checkpoint
 
     model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384))
     path = tmp_path / "new.safetensors"
@@ -209,6 +209,7 @@ def test_checkpoints_from_before_the_roll_fix_keep_their_function(tmp_path):
     del header["config"]["width_first_roll"]
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata={"textseg": json.dumps(header)})
+    sign_checkpoint(old)  # as an older file is upgraded to the current format (python -m TextSegLib.checkpoints sign)
     loaded = load_checkpoint(old)[0]
     assert loaded.config.width_first_roll == 1
     assert loaded.bottleneck.mlp.long_range.width_first.signs == (1, 1)

@@ -15,6 +15,7 @@ document under the key ``"textseg"``::
       "training": {...},                        # summary: data, epochs, validation Dice, ...
       "textseg_version": "0.1.0",
       "external_weights": [],                   # state-dict prefixes the network builds itself (see models)
+      "members": 1,                             # > 1: an ensemble of that many networks (models.ensemble)
       "weights_sha256": "...",                  # digest of the stored tensors, checked on every load
       "digest": "..."                           # digest of everything that changes a result (below)
     }
@@ -53,7 +54,15 @@ from torch import nn
 
 from . import __version__
 from .common import TextSegError, atomic_write
-from .models import PretrainedUnavailableError, architectures, config_from_dict, create_model, get_spec
+from .models import (
+    PretrainedUnavailableError,
+    architectures,
+    building_from_checkpoint,
+    config_from_dict,
+    create_model,
+    get_spec,
+)
+from .models.ensemble import Ensemble
 
 __all__ = [
     "SHIPPED_MODELS_DIR",
@@ -102,6 +111,7 @@ class CheckpointInfo:
     training: dict[str, Any] = field(default_factory=dict)
     textseg_version: str = __version__
     external_weights: list[str] = field(default_factory=list)
+    members: int = 1
     weights_sha256: str = ""
     digest: str = ""
     path: Path | None = None
@@ -211,8 +221,9 @@ def save_checkpoint(
 ) -> CheckpointInfo:
     """Write ``model`` and its metadata to one ``.safetensors`` file (atomically: a temporary file is renamed).
 
-    ``model.config`` must be the architecture's config dataclass. ``preprocessing`` defaults to the
-    architecture's registered default (the paper's). Returns the written checkpoint's info (with its SHA-256).
+    ``model.config`` must be the architecture's config dataclass; an :class:`~TextSegLib.models.ensemble.Ensemble`
+    of such networks is saved as one model. ``preprocessing`` defaults to the architecture's registered default (the
+    paper's). Returns the written checkpoint's info (with its SHA-256).
     """
     from safetensors.torch import save_file
 
@@ -238,6 +249,7 @@ def save_checkpoint(
         example_prompts=list(example_prompts),
         training=dict(training or {}),
         external_weights=list(external),
+        members=len(model.members) if isinstance(model, Ensemble) else 1,
         weights_sha256=weights_digest(state),
     )
     problem = _settings_problem(info)
@@ -376,7 +388,13 @@ def load_checkpoint(
             "checksum recorded in it); use an untouched copy."
         )
     try:
-        model = create_model(info.architecture, config)
+        if info.members > 1:  # members.<i>.<prefix>: each member leaves out the same prefixes
+            external = sorted({prefix.split(".", 2)[2] for prefix in info.external_weights})
+            with building_from_checkpoint(external):
+                model = Ensemble([create_model(info.architecture, config) for _ in range(info.members)])
+        else:
+            with building_from_checkpoint(info.external_weights):  # what the file stores is not fetched
+                model = create_model(info.architecture, config)
     except PretrainedUnavailableError as error:
         raise CheckpointError(f"{_where(info.path)} needs pretrained weights that cannot be loaded: {error}") from error
     _load_state(model, state, info)

@@ -38,7 +38,7 @@ __all__ = [
 
 COLUMNS = ("case", *METRIC_NAMES)
 _LABELS = {"case": "case", "dice": "Dice", "iou": "IoU", "voe": "VOE", "ravd": "RAVD", "hd": "HD (mm)",
-           "hd95": "HD95 (mm)", "assd": "ASSD (mm)"}
+           "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "boundary_dice": "Boundary Dice"}
 
 
 class GridMismatchError(TextSegError, ValueError):

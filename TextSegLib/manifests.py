@@ -9,7 +9,8 @@ A manifest is a CSV or JSON Lines file, one row per text-described target::
 * ``text`` (or ``prompt``): the description of the target.
 * ``case`` (or ``patient``): the patient; rows of one patient are one case (default: the image file's name).
   Train/validation splits are always made per case, never per slice.
-* ``split`` (optional): ``train`` or ``val``; cases without it are split at random (seeded, 8:2 by default).
+* ``split`` (optional): ``train``, ``val`` or ``test``; cases without it are split at random (seeded, 8:2 by
+  default; :func:`split_patients` also holds out a test share and can stratify by modality).
 * ``modality`` (optional): ``CT`` or ``MR``; guessed from the intensities otherwise.
 * ``label_value`` (optional): per-lesion text: the target is ``label == label_value`` rather than every nonzero
   voxel; several rows of one case can describe several lesions.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from .common import TextSegError
 
-__all__ = ["ManifestCase", "ManifestError", "Target", "read_manifest", "split_cases"]
+__all__ = ["ManifestCase", "ManifestError", "Target", "read_manifest", "split_cases", "split_patients"]
 
 _ALIASES = {"volume": "image", "mask": "label", "prompt": "text", "patient": "case"}
 
@@ -108,8 +109,8 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ManifestCase]:
         case_id = row.get("case") or image.name.split(".")[0]
         text = " ".join(row.get("text", "").split())
         split = row.get("split", "").lower() or None
-        if split not in (None, "train", "val"):
-            raise ManifestError(f"{where}: split must be 'train' or 'val', got {split!r}")
+        if split not in (None, "train", "val", "test"):
+            raise ManifestError(f"{where}: split must be 'train', 'val' or 'test', got {split!r}")
         case = cases.get(case_id)
         if case is None:
             case = cases[case_id] = ManifestCase(case_id, image, label, split=split,
@@ -131,16 +132,63 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ManifestCase]:
 def split_cases(
     cases: Sequence[ManifestCase], val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[list[ManifestCase], list[ManifestCase]]:
-    """Patient-level train/validation split.
+    """Patient-level train/validation split (:func:`split_patients` without a test share; cases marked ``test``
+    are in neither)."""
+    train, val, _ = split_patients(cases, val_fraction, 0.0, seed)
+    return train, val
 
-    Cases with an explicit ``split`` keep it; the others are shuffled with ``seed`` and ``round(val_fraction * n)``
-    of them (at least one when there are two or more and ``val_fraction > 0``) go to validation.
+
+def _share(total: int, fraction: float, enough: int) -> int:
+    """``round(fraction * total)``, but at least one when the fraction is above 0 and ``total >= enough``."""
+    count = round(fraction * total)
+    return 1 if fraction > 0 and count == 0 and total >= enough else count
+
+
+def _largest_remainder(sizes: list[int], total: int, capacity: list[int]) -> list[int]:
+    """``total`` split over groups in proportion to ``sizes`` (largest remainders first), at most ``capacity``."""
+    whole = sum(sizes)
+    quotas = [size * total / whole for size in sizes] if whole else [0.0] * len(sizes)
+    counts = [min(int(q), c) for q, c in zip(quotas, capacity, strict=True)]
+    order = sorted(range(len(sizes)), key=lambda i: (counts[i] - quotas[i], i))
+    while sum(counts) < total and any(n < c for n, c in zip(counts, capacity, strict=True)):
+        for i in order:
+            if sum(counts) < total and counts[i] < capacity[i]:
+                counts[i] += 1
+    return counts
+
+
+def split_patients(
+    cases: Sequence[ManifestCase], val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
+    stratify: str | None = None,
+) -> tuple[list[ManifestCase], list[ManifestCase], list[ManifestCase]]:
+    """Patient-level train/validation/test split (FreqMedCLIP's "70/20/10 stratified partition" is
+    ``val_fraction = 0.2, test_fraction = 0.1, stratify = "modality"``).
+
+    Cases with an explicit ``split`` keep it; the others are shuffled with ``seed``; ``round(val_fraction * n)`` of
+    them go to validation and ``round(test_fraction * n)`` to test (at least one each when the fraction is above 0
+    and enough cases are left). With ``stratify = "modality"`` every modality gives its share of each split (largest
+    remainders), so a split never lacks a modality that has enough cases. Without a test share and without
+    stratification the split is the one :func:`split_cases` always made.
     """
-    fixed_train = [c for c in cases if c.split == "train"]
-    fixed_val = [c for c in cases if c.split == "val"]
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"validation ({val_fraction}) and test ({test_fraction}) fractions must be at least 0 and "
+                         "leave cases to train on")
+    if stratify not in (None, "modality"):
+        raise ValueError(f"stratify must be 'modality' or nothing, got {stratify!r}")
+    fixed = {name: [c for c in cases if c.split == name] for name in ("train", "val", "test")}
     free = sorted((c for c in cases if c.split is None), key=lambda c: c.case)
     random.Random(seed).shuffle(free)
-    count = round(val_fraction * len(free))
-    if val_fraction > 0 and count == 0 and len(free) >= 2:
-        count = 1
-    return fixed_train + free[count:], fixed_val + free[:count]
+    strata: dict[str, list[ManifestCase]] = {}
+    for case in free:
+        strata.setdefault((case.modality or "unknown") if stratify else "", []).append(case)
+    groups = [strata[key] for key in sorted(strata)]
+    sizes = [len(group) for group in groups]
+    val_counts = _largest_remainder(sizes, _share(len(free), val_fraction, 2), sizes)
+    left = [size - n for size, n in zip(sizes, val_counts, strict=True)]
+    test_counts = _largest_remainder(sizes, _share(len(free), test_fraction, 3), left)
+    train, val, test = list(fixed["train"]), list(fixed["val"]), list(fixed["test"])
+    for group, n_val, n_test in zip(groups, val_counts, test_counts, strict=True):
+        val += group[:n_val]
+        test += group[n_val : n_val + n_test]
+        train += group[n_val + n_test :]
+    return train, val, test

@@ -50,6 +50,11 @@ class IntensitySpec:
         if self.kind in ("window", "percentile") and not self.low < self.high:
             raise ValueError(f"intensity {self.kind} needs low < high, got {self.low} and {self.high}")
 
+    @property
+    def output_range(self) -> tuple[float, float] | None:
+        """The range normalised intensities lie in: ``(0, 1)`` for the clipped kinds, None for ``zscore``."""
+        return None if self.kind == "zscore" else (0.0, 1.0)
+
     def mapping(self, array: np.ndarray) -> IntensityMapping:
         """The affine map (and clipping) that normalises this volume."""
         if self.kind == "window":
@@ -106,6 +111,19 @@ class Preprocessing:
                 if key.upper() == modality.upper():
                     return spec
         return next(iter(self.intensity.values()))
+
+    def check_range(self, input_range: tuple[float, float], network: str) -> None:
+        """Raise ValueError naming every modality whose normalisation can leave ``input_range`` (the range a
+        pretrained tower of ``network`` was trained on)."""
+        low, high = input_range
+        outside = [modality for modality, spec in self.intensity.items()
+                   if spec.output_range is None or not low <= spec.output_range[0] <= spec.output_range[1] <= high]
+        if outside:
+            raise ValueError(
+                f"{network} takes intensities in [{low:g}, {high:g}] (its pretrained tower's input range), but the "
+                f"normalisation of {', '.join(outside)} ({', '.join(self.intensity[m].kind for m in outside)}) "
+                "leaves it: use a window, minmax or percentile normalisation for every modality."
+            )
 
     def prepare(self, slices: torch.Tensor, mapping: IntensityMapping) -> torch.Tensor:
         """Normalise and resize a batch of slices on their device.

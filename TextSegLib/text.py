@@ -15,7 +15,11 @@ A text encoder is named by its *source*:
 * ``"open_clip:<name>"``: the text tower of an open_clip model: a built-in name with an optional pretrained tag
   after ``@`` (``open_clip:ViT-B-16@openai``),
   ``open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` or
-  ``open_clip:local-dir:/path/to/folder``.
+  ``open_clip:local-dir:/path/to/folder``. A local folder loads offline: ``open_clip_config.json``, the weights
+  (``open_clip_pytorch_model.bin`` or ``open_clip_model.safetensors``), the tokenizer files
+  (``tokenizer.json`` or ``vocab.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``) and, when the
+  text tower is a Hugging Face model named by hub id as in BiomedCLIP, that model's ``config.json``; the tower is
+  then built from the folder's ``config.json`` and its weights read from the CLIP weights file.
 
 Every encoder is frozen (no gradients, eval mode) and returns :class:`TextFeatures`: per-token features (what
 TexLiverNet's agent attention reads), a validity mask and a pooled embedding. BERT-family encoders (native or
@@ -30,6 +34,7 @@ of many slices, or a re-prompt in Slicer, never encodes the same text twice.
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -310,8 +315,9 @@ class OpenClipTextEncoder(TextEncoder):
         model_name, _, pretrained = name.partition("@")
         if model_name.startswith("hf-hub:"):
             require_hub_or_cache(source, model_name.removeprefix("hf-hub:"), "open_clip_config.json")
+        local_text = _local_hugging_face_text_cfg(model_name)
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
+            model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu", **local_text)
             self.tokenizer = open_clip.get_tokenizer(model_name)
         except (OSError, RuntimeError, ValueError) as error:
             raise TextEncoderUnavailableError(
@@ -413,6 +419,36 @@ def require_hub_or_cache(source: str, repo: str, filename: str) -> None:
             f"The text encoder {source!r} is not in the local Hugging Face cache and the hub ({host}) cannot be "
             f"reached: {how}."
         ) from error
+
+
+def _local_hugging_face_text_cfg(name: str) -> dict[str, Any]:
+    """For ``local-dir:<folder>`` whose text tower is a Hugging Face model named by a hub id (BiomedCLIP's
+    ``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract``): keyword arguments for ``open_clip.create_model``
+    that build that tower from the folder's own ``config.json`` (its weights come from the folder's CLIP weights
+    file), so nothing is asked of the hub. A folder without that file or without weights is refused."""
+    if not name.startswith("local-dir:"):
+        return {}
+    folder = Path(name[len("local-dir:"):])
+    try:
+        text_cfg = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # open_clip reports what is wrong with the folder
+    hub_name = text_cfg.get("hf_model_name")
+    if not hub_name or Path(hub_name).is_dir():
+        return {}
+    from .models.blocks.backbones import open_clip_source_has_weights
+
+    missing = [what for what, present in (("config.json", (folder / "config.json").is_file()),
+                                          ("weights", open_clip_source_has_weights(name))) if not present]
+    if missing:  # open_clip would ask the hub: a local folder never does
+        raise TextEncoderUnavailableError(
+            f"The open_clip text encoder {name!r} could not be loaded: its text tower is the Hugging Face model "
+            f"{hub_name!r} and the folder lacks {' and '.join(missing)}. Put that model's config.json beside "
+            "open_clip_config.json, the CLIP weights (open_clip_pytorch_model.bin or open_clip_model.safetensors) "
+            "and the tokenizer files, and the folder loads offline."
+        )
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}}
+
 
 
 _ENCODERS: dict[tuple[str, int | None, str], TextEncoder] = {}

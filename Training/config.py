@@ -53,11 +53,15 @@ class DataSection:
     lvit_texts: str = ""
     lvit_mask_name: str = "{name}"  # mask file name from the image's: "{name}", "mask_{name}", "{stem}_mask.png"
     val_fraction: float = 0.2
+    test_fraction: float = 0.0  # patients held out of training and validation (listed in the checkpoint)
+    stratify: str = ""  # "modality": every modality gives its share of each split
     split_seed: int = 0
     # Training slices: "lesion" (those showing the target, so no slice is trained with a description of a lesion it
     # does not show) or "all" (empty targets on the rest: say in the recipe why). Validation always uses every slice.
     slices: str = "lesion"
     empty_fraction: float = 1.0  # share of lesion-free training slices kept when slices = "all"
+    min_content: float = 0.0  # training slices with less visible content than this share are dropped
+    sampling: str = "uniform"  # or "balanced": as many slices with the target as without, every epoch
     orientation: str = "LPS"
     preprocessing: dict[str, Any] = field(default_factory=dict)  # default: the architecture's
 

@@ -108,14 +108,19 @@ class SliceDataset(Dataset):
         slices: ``"all"`` slices, or only those where the target is present (``"lesion"``).
         empty_fraction: with ``"all"``, the share of target-free slices kept (chosen once, seeded).
         seed: for that choice.
+        min_content: drop target-free slices of which less than this share is visible in the network's input
+            (brighter than 1 % of the normalised volume's range above its minimum): the blank slices above and
+            below the anatomy that FreqMedCLIP's paper filters as "uninformative". Slices with the target are kept.
 
     Items: ``{"image": (C, H, W) float32, "target": (1, H, W) float32, "text": str, "case": str, "slice": int}``.
     """
 
     def __init__(self, cases: Sequence[ManifestCase], preprocessing: Preprocessing, orientation: str = "LPS",
-                 slices: str = "all", empty_fraction: float = 1.0, seed: int = 0) -> None:
+                 slices: str = "all", empty_fraction: float = 1.0, seed: int = 0, min_content: float = 0.0) -> None:
         if slices not in ("all", "lesion"):
             raise ValueError(f"slices must be 'all' or 'lesion', got {slices!r}")
+        if not 0.0 <= min_content <= 1.0:
+            raise ValueError(f"min_content is a share of a slice's pixels (0 to 1), got {min_content}")
         self.cases = list(cases)
         self.preprocessing = preprocessing
         for case in self.cases:  # declared modalities are checked before anything is read; guessed ones on reading
@@ -126,14 +131,26 @@ class SliceDataset(Dataset):
         self.items: list[SliceItem] = []
         for index, (case, volume) in enumerate(zip(self.cases, self.volumes, strict=True)):
             per_slice = {(value, volume.canonical_slice(k)): text for (value, k), text in case.slice_texts().items()}
+            informative = self._content(volume) >= min_content if min_content > 0 else \
+                np.ones(volume.label.shape[0], bool)
             for target in case.case_targets:
                 mask = volume.label != 0 if target.label_value is None else volume.label == target.label_value
                 present = mask.reshape(mask.shape[0], -1).any(axis=1)
                 for c in range(mask.shape[0]):
-                    if not present[c] and (slices == "lesion" or chooser.random() >= empty_fraction):
+                    if not present[c] and (slices == "lesion" or chooser.random() >= empty_fraction
+                                           or not informative[c]):
                         continue
                     text = per_slice.get((target.label_value, c), target.text)
                     self.items.append(SliceItem(index, c, target.label_value, text, bool(present[c])))
+
+    @staticmethod
+    def _content(volume: _CaseVolume) -> np.ndarray:
+        """Share of each canonical slice's pixels visible in the network's input: ``(K,)``."""
+        image, mapping = volume.image()
+        normalised = mapping.apply(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)))
+        low, high = float(normalised.min()), float(normalised.max())
+        visible = normalised > low + 0.01 * (high - low)
+        return visible.reshape(visible.shape[0], -1).float().mean(dim=1).numpy()
 
     def __len__(self) -> int:
         return len(self.items)

@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from TextSegLib import __version__
 from TextSegLib.checkpoints import save_checkpoint
-from TextSegLib.manifests import read_manifest, split_cases
+from TextSegLib.manifests import read_manifest, split_patients
 from TextSegLib.models import create_model, get_spec, preset_config
 from TextSegLib.preprocessing import Preprocessing
 from TextSegLib.text import TextFeatures, load_text_encoder
@@ -34,6 +34,7 @@ from TextSegLib.text import TextFeatures, load_text_encoder
 from .config import TrainConfig
 from .data import Lvit2DDataset, SliceDataset, TextTable, augment
 from .distributed import Context, all_gather_objects, convert_batchnorm
+from .sampling import BalancedSampler
 from .state import load_rng, load_state, save_rng, save_state
 
 __all__ = ["Trainer"]
@@ -95,6 +96,8 @@ class Trainer:
         self.preprocessing_meta = dict(config.data.preprocessing or spec.default_preprocessing)
         self.preprocessing = Preprocessing.from_metadata(self.preprocessing_meta,
                                                          channels=getattr(self.model_config, "in_channels", 1))
+        if spec.input_range is not None:
+            self.preprocessing.check_range(spec.input_range, spec.title)
         self._build_data()
         self.texts = TextTable(self.encoder, self._all_texts())
         prepare = getattr(network, "prepare_training", None)
@@ -125,9 +128,11 @@ class Trainer:
         data, train = self.config.data, self.config.train
         if data.manifest:
             cases = read_manifest(self.config.resolve(data.manifest))
-            train_cases, val_cases = split_cases(cases, data.val_fraction, data.split_seed)
+            train_cases, val_cases, test_cases = split_patients(cases, data.val_fraction, data.test_fraction,
+                                                                data.split_seed, data.stratify or None)
             self.train_set = SliceDataset(train_cases, self.preprocessing, data.orientation, data.slices,
-                                          data.empty_fraction, seed=data.split_seed)
+                                          data.empty_fraction, seed=data.split_seed, min_content=data.min_content)
+            self.test_cases = [c.case for c in test_cases]
             self.val_set = SliceDataset(val_cases, self.preprocessing, data.orientation, "all") if val_cases \
                 else None
             self.train_cases, self.val_cases = [c.case for c in train_cases], [c.case for c in val_cases]
@@ -142,6 +147,7 @@ class Trainer:
             self.val_set = Subset(full, [i for i, r in enumerate(full.rows) if r[3] in val_patients]) \
                 if val_patients else None
             self.train_cases, self.val_cases = sorted(set(patients) - val_patients), sorted(val_patients)
+            self.test_cases = []
         else:
             raise ValueError("The config names no data: set data.manifest or data.lvit_images.")
         if len(self.train_set) == 0:
@@ -151,8 +157,16 @@ class Trainer:
             raise ValueError(f"train.batch_size ({train.batch_size}) must be divisible by processes x accumulation "
                              f"({self.context.world_size} x {train.accumulation})")
         self.micro_batch = train.batch_size // processes
-        self.sampler = DistributedSampler(self.train_set, num_replicas=self.context.world_size,
-                                          rank=self.context.rank, shuffle=True, seed=train.seed)
+        if data.sampling == "balanced":
+            if not isinstance(self.train_set, SliceDataset):
+                raise ValueError("data.sampling = \"balanced\" needs a manifest (data.manifest).")
+            self.sampler = BalancedSampler([item.has_lesion for item in self.train_set.items],
+                                           self.context.world_size, self.context.rank, seed=train.seed)
+        elif data.sampling == "uniform":
+            self.sampler = DistributedSampler(self.train_set, num_replicas=self.context.world_size,
+                                              rank=self.context.rank, shuffle=True, seed=train.seed)
+        else:
+            raise ValueError(f"data.sampling must be \"uniform\" or \"balanced\", got {data.sampling!r}")
         self.loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=self.sampler,
                                  num_workers=train.num_workers, pin_memory=self.context.device.type == "cuda")
 
@@ -366,6 +380,7 @@ class Trainer:
             "preset": self.config.model.preset,
             "train_cases": self.train_cases,
             "val_cases": self.val_cases,
+            "test_cases": self.test_cases,
             "epoch": row["epoch"],
             "best_epoch": progress["best_epoch"],
             "val_dice": row.get("val_dice"),

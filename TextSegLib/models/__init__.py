@@ -14,12 +14,16 @@ Every registered network follows one interface:
 * optionally ``external_weights``: state-dict prefixes of frozen pretrained weights that the builder loads
   itself from a source named in the config (a CLIP vision tower, say). Checkpoints leave those tensors out and
   loading takes them from the freshly built network; without the attribute checkpoints are self-contained.
+  While a checkpoint is loaded, :func:`checkpoint_external_weights` tells a builder which prefixes the file leaves
+  out, so it never fetches pretrained weights the file stores (a fine-tuned backbone).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,8 @@ __all__ = [
     "ModelSpec",
     "PretrainedUnavailableError",
     "architectures",
+    "building_from_checkpoint",
+    "checkpoint_external_weights",
     "config_from_dict",
     "create_model",
     "get_spec",
@@ -59,6 +65,8 @@ class ModelSpec:
         checkpoint_defaults: config values for keys that checkpoints saved before the key existed lack: what
             those networks were built and trained with (checkpoints store every key, so a missing one means an
             older checkpoint).
+        input_range: the intensity range every modality must be normalised into, when a pretrained tower fixes
+            it (FreqMedCLIP's ViT: ``(0, 1)``); training refuses preprocessing that leaves it.
     """
 
     name: str
@@ -71,6 +79,7 @@ class ModelSpec:
     default_text_encoder: str = ""
     describe_text: Callable[[Any], str] | None = None
     checkpoint_defaults: Mapping[str, Any] = field(default_factory=dict)
+    input_range: tuple[float, float] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -128,6 +137,26 @@ def create_model(name: str, config: Mapping[str, Any] | Any | None = None) -> nn
     if config is None or isinstance(config, Mapping):
         config = config_from_dict(name, config)
     return spec.builder(config)
+
+
+_CHECKPOINT_EXTERNAL: ContextVar[tuple[str, ...] | None] = ContextVar("checkpoint_external", default=None)
+
+
+@contextmanager
+def building_from_checkpoint(external_weights: tuple[str, ...] | list[str]) -> Iterator[None]:
+    """Networks built inside this block get their weights from a checkpoint that stores every tensor except those
+    under ``external_weights``: builders then skip loading pretrained weights the checkpoint holds (a fine-tuned
+    backbone), so loading such a checkpoint needs nothing but its file."""
+    token = _CHECKPOINT_EXTERNAL.set(tuple(external_weights))
+    try:
+        yield
+    finally:
+        _CHECKPOINT_EXTERNAL.reset(token)
+
+
+def checkpoint_external_weights() -> tuple[str, ...] | None:
+    """Inside :func:`building_from_checkpoint`: the prefixes the checkpoint leaves out; outside: None."""
+    return _CHECKPOINT_EXTERNAL.get()
 
 
 def _import_builtin_models() -> None:

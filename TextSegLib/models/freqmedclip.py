@@ -21,8 +21,13 @@ Layout (Fig. 1, Eq. 1-18) for a ``224 x 224`` input, widths ``C1..C4`` (FPN), ``
 
 Choices where the paper is vague (each configurable):
 
-* Preprocessing (checkpoint metadata): 224 x 224, "z-score for MRI, min-max for CT" (Sec. 3.2); min-max maps the
-  volume's own minimum and maximum to ``[0, 1]``.
+* Preprocessing (checkpoint metadata): 224 x 224; CT min-max (Sec. 3.2: "min-max for CT"), the volume's own
+  minimum and maximum mapped to ``[0, 1]``. For MR the paper z-scores, but the frozen ViT was trained on images in
+  ``[0, 1]`` followed by CLIP's mean/std (about ``[-1.8, 2.1]``), and the z-scored brain1 MR reaches it at
+  ``[-5.4, 21.2]``. Any per-volume map into ``[0, 1]`` after a z-score is a window on the raw intensities (affine
+  maps compose), so MR takes the volume's 0.5 and 99.5 percentiles as its window: the z-score's purpose (the same
+  scale for every volume) kept, the outliers clipped, background black as in the images BiomedCLIP saw. The
+  architecture declares ``input_range = (0, 1)`` and training refuses a ``zscore`` normalisation for it.
 * Input: the engine gives ``[0, 1]`` slices repeated to 3 channels; the model applies BiomedCLIP's mean/std (the
   OpenAI CLIP values) to the ViT's copy itself, so checkpoints carry it and callers need not know. The frequency
   stream sees the ``[0, 1]`` slice; its DWT concatenates the four sub-bands of every channel (``4C`` channels).
@@ -56,7 +61,11 @@ Choices where the paper is vague (each configurable):
   backbone (first convolution modified ...)" suggests it); ``freq_pretrained`` loads timm's (off by default, so
   nothing is fetched). Trained stages start from them in :meth:`FreqMedCLIP.prepare_training` (training only) and
   are stored in checkpoints; with ``train_freq_encoder = False`` the frozen ImageNet stages are built with the
-  network and left out of checkpoints like the frozen ViT (``external_weights``).
+  network and left out of checkpoints like the frozen ViT (``external_weights``). ``train_freq_encoder = False``
+  without ``freq_pretrained`` is refused (it would freeze random stages).
+* Checkpoints: a frozen pretrained ViT is left out and rebuilt from ``vision_source``; a fine-tuned ViT
+  (``freeze_backbone = False``) or a random one is stored, and loading rebuilds its architecture from the tower
+  config the network records (``vision_tower``), so such a checkpoint loads from its own file alone.
 
 Table 4's ablations are switches (:data:`TABLE4_ABLATIONS`): ``use_freq_encoder = False`` leaves the semantic
 stream with one decoder; ``use_ffbi = False`` concatenates the projected bottleneck maps instead (both decoders
@@ -67,6 +76,7 @@ start from the concatenation; the text gate goes with FFBI); ``use_lffi = False`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -75,8 +85,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..text import TextFeatures
-from . import ModelSpec, register
-from .blocks.backbones import ConvNeXtPyramid, ViTTokenEncoder, load_open_clip_vision_tower
+from . import ModelSpec, checkpoint_external_weights, register
+from .blocks.backbones import (
+    ConvNeXtPyramid,
+    ViTTokenEncoder,
+    build_open_clip_vision_tower,
+    load_open_clip_vision_tower,
+)
 from .blocks.conditioning import FFBI, FiLM, TextConditionedAdapter
 from .blocks.convs import ConvNormAct, DoubleConv
 from .blocks.wavelets import haar_dwt2
@@ -104,6 +119,9 @@ class FreqMedCLIPConfig:
     Attributes:
         vision_source: open_clip model whose image tower is the semantic encoder: ``hf-hub:<repo>``,
             ``local-dir:<folder>``, ``<name>@<tag>`` or a bare name (random weights).
+        vision_tower: the image tower's open_clip config (``embed_dim``, ``vision_cfg``, ``quick_gelu``), recorded
+            by the network when it is built (leave it None). A checkpoint that stores the tower's weights (a
+            fine-tuned or random ViT) rebuilds the tower from it and never reads ``vision_source``.
         freeze_backbone: keep the ViT frozen (the paper's default). A frozen tower with pretrained weights is
             rebuilt from ``vision_source`` when a checkpoint is loaded and is not stored in it.
         vit_layers: the blocks (1-based, shallow to deep) read by the FPN, each followed by a TCA.
@@ -119,7 +137,8 @@ class FreqMedCLIPConfig:
         use_freq_encoder: build the Haar DWT + ConvNeXt stream.
         freq_model, freq_depths, freq_dims: the timm ConvNeXt and its stage depths and widths.
         freq_stem_kernel: kernel of the stride-1 stem convolution over the sub-bands.
-        train_freq_encoder: train the ConvNeXt stages (False: only its new stem is trained).
+        train_freq_encoder: train the ConvNeXt stages (False: only its new stem is trained; needs
+            ``freq_pretrained``, as frozen random stages would learn nothing).
         freq_pretrained: start ConvNeXt from timm's ImageNet weights (fetched once by timm).
         use_ffbi: bidirectional cross-attention fusion (False: concatenation).
         fusion_dim, fusion_heads: FFBI's shared width ``d`` and attention heads.
@@ -132,6 +151,7 @@ class FreqMedCLIPConfig:
     """
 
     vision_source: str = BIOMEDCLIP
+    vision_tower: dict | None = None
     freeze_backbone: bool = True
     vit_layers: tuple[int, int, int, int] = (3, 6, 9, 12)
     image_size: int = 224
@@ -183,6 +203,10 @@ class FreqMedCLIPConfig:
                              "use_dual_decoder to False as well (TABLE4_ABLATIONS['w/o FreqEnc'])")
         if self.freq_stem_kernel % 2 == 0:
             raise ValueError(f"freq_stem_kernel must be odd, got {self.freq_stem_kernel}")
+        if self.use_freq_encoder and not self.train_freq_encoder and not self.freq_pretrained:
+            raise ValueError("train_freq_encoder = False freezes the ConvNeXt stages, and with freq_pretrained = False "
+                             "they are random: frozen random weights learn nothing. Set freq_pretrained = True "
+                             "(ImageNet weights, frozen) or train_freq_encoder = True.")
 
     @property
     def reads_text(self) -> bool:
@@ -236,7 +260,15 @@ class SemanticStream(nn.Module):
 
     def __init__(self, config: FreqMedCLIPConfig) -> None:
         super().__init__()
-        tower, self.pretrained = load_open_clip_vision_tower(config.vision_source)
+        external = checkpoint_external_weights()
+        if external is not None and "semantic.backbone." not in external:  # the checkpoint stores the tower
+            if config.vision_tower is not None:
+                tower, self.pretrained = build_open_clip_vision_tower(config.vision_tower), False
+                self.tower_config = config.vision_tower
+            else:  # checkpoints from before the tower config was recorded
+                tower, self.pretrained, self.tower_config = load_open_clip_vision_tower(config.vision_source, False)
+        else:
+            tower, self.pretrained, self.tower_config = load_open_clip_vision_tower(config.vision_source)
         self.backbone = ViTTokenEncoder(tower, depth=config.vit_layers[-1])
         side, grid = config.image_size, config.image_size // 16
         if self.backbone.image_size != (side, side) or self.backbone.grid_size != (grid, grid):
@@ -393,8 +425,8 @@ class FreqMedCLIP(nn.Module):
 
     def __init__(self, config: FreqMedCLIPConfig) -> None:
         super().__init__()
-        self.config = config
         self.semantic = SemanticStream(config)
+        self.config = dataclasses.replace(config, vision_tower=self.semantic.tower_config)
         c1, c2, c3, c4 = config.fpn_widths
         d = config.fusion_dim
         pooled = config.pooled_dim if config.use_lffi else None
@@ -503,11 +535,12 @@ register(
         },
         default_preprocessing={
             "size": [224, 224],
-            "intensity": {  # Sec. 3.2: "z-score for MRI, min-max for CT"
+            "intensity": {  # Sec. 3.2 "min-max for CT"; MR in [0, 1] for the ViT (see the module docstring)
                 "CT": {"kind": "minmax"},
-                "MR": {"kind": "zscore"},
+                "MR": {"kind": "percentile", "low": 0.5, "high": 99.5},
             },
         },
+        input_range=(0.0, 1.0),
         loss=freqmedclip_loss,
         default_text_encoder=f"open_clip:{BIOMEDCLIP}",
     )

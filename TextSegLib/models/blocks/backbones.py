@@ -1,6 +1,8 @@
 """Pretrained backbones taken from open_clip and timm, cut down to what a segmentation network reads.
 
-* :func:`load_open_clip_vision_tower` builds an open_clip model from a source string and keeps its image tower.
+* :func:`load_open_clip_vision_tower` builds the image tower of an open_clip model named by a source string (for
+  ``local-dir:`` and ``hf-hub:`` the tower alone, so the text tower's files are never needed);
+  :func:`build_open_clip_vision_tower` builds one from its recorded config, without any source.
 * :class:`ViTTokenEncoder` exposes that tower's patch embedding and transformer blocks one by one, so a network
   can read (and modify) the hidden states between blocks. Both kinds of open_clip image tower are supported:
   open_clip's own ``VisionTransformer`` (OpenAI CLIP, local configs with ``layers``/``width``) and a timm ViT
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,9 +21,18 @@ from torch import nn
 
 from .. import PretrainedUnavailableError
 
-__all__ = ["BackboneUnavailableError", "ConvNeXtPyramid", "ViTTokenEncoder", "load_open_clip_vision_tower"]
+__all__ = [
+    "BackboneUnavailableError",
+    "ConvNeXtPyramid",
+    "ViTTokenEncoder",
+    "build_open_clip_vision_tower",
+    "load_open_clip_vision_tower",
+]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# open_clip's own preference among the weight files of a folder
+_PREFERRED_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                      "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 
 
 class BackboneUnavailableError(PretrainedUnavailableError):
@@ -41,28 +53,116 @@ def open_clip_source_has_weights(source: str) -> bool:
     return "@" in source
 
 
-def load_open_clip_vision_tower(source: str) -> tuple[nn.Module, bool]:
-    """The image tower of the open_clip model ``source`` and whether pretrained weights were loaded into it.
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _unavailable(source: str, error: BaseException) -> BackboneUnavailableError:
+    return BackboneUnavailableError(
+        f"The open_clip image tower {source!r} could not be loaded ({_first_line(error)}). Give 'local-dir:<folder>' "
+        "with open_clip_config.json and weights, or download it once on a machine with access to the hub."
+    )
+
+
+def build_open_clip_vision_tower(tower_cfg: dict) -> nn.Module:
+    """An open_clip image tower with random weights from ``{"embed_dim", "vision_cfg", "quick_gelu"}`` (what
+    :func:`load_open_clip_vision_tower` returns as the tower's config). Nothing is fetched: a timm tower is built
+    without its ImageNet weights."""
+    from open_clip.model import _build_vision_tower  # open_clip builds CLIP's image tower with it
+
+    vision_cfg = {**tower_cfg["vision_cfg"], "timm_model_pretrained": False}
+    return _build_vision_tower(int(tower_cfg["embed_dim"]), vision_cfg, bool(tower_cfg.get("quick_gelu", False)))
+
+
+def _tower_config(model_cfg: dict) -> dict:
+    return {"embed_dim": model_cfg["embed_dim"], "vision_cfg": dict(model_cfg["vision_cfg"]),
+            "quick_gelu": bool(model_cfg.get("quick_gelu", False))}
+
+
+def _vision_only(source: str, model_cfg: dict, checkpoint: str | None) -> nn.Module:
+    """The image tower alone, its weights the ``visual.`` tensors of ``checkpoint`` (the text tower, whose config
+    may live on the hub, is never built)."""
+    from open_clip.factory import load_state_dict
+
+    tower = build_open_clip_vision_tower(_tower_config(model_cfg))
+    if checkpoint is not None:
+        state = {key[len("visual."):]: value for key, value in load_state_dict(checkpoint).items()
+                 if key.startswith("visual.")}
+        problems = tower.load_state_dict(state, strict=False)
+        if not state or problems.missing_keys or problems.unexpected_keys:
+            raise BackboneUnavailableError(
+                f"The weights {checkpoint!r} do not fit the image tower that {source!r} describes "
+                f"({len(problems.missing_keys)} tensors missing, {len(problems.unexpected_keys)} unexpected); "
+                "the folder mixes files of different models."
+            )
+    return tower
+
+
+def _local_dir(source: str, folder: Path, weights: bool) -> tuple[dict, str | None]:
+    config_path = folder / "open_clip_config.json"
+    if not config_path.is_file():
+        raise BackboneUnavailableError(
+            f"The open_clip image tower {source!r} could not be loaded: {str(config_path)!r} does not exist. "
+            "A local-dir folder holds open_clip_config.json and the weights (open_clip_pytorch_model.bin or "
+            "open_clip_model.safetensors)."
+        )
+    try:
+        model_cfg = json.loads(config_path.read_text(encoding="utf-8"))["model_cfg"]
+    except (ValueError, KeyError) as error:
+        raise BackboneUnavailableError(f"{str(config_path)!r} is not an open_clip config (no model_cfg).") from error
+    checkpoint = None
+    if weights:
+        found = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES),
+                       key=lambda p: (_PREFERRED_WEIGHTS.index(p.name) if p.name in _PREFERRED_WEIGHTS
+                                      else len(_PREFERRED_WEIGHTS), p.suffix != ".safetensors", p.name))
+        checkpoint = str(found[0]) if found else None
+    return model_cfg, checkpoint
+
+
+def load_open_clip_vision_tower(source: str, weights: bool = True) -> tuple[nn.Module, bool, dict]:
+    """The image tower of the open_clip model ``source``, whether pretrained weights were loaded into it, and its
+    config ``{"embed_dim", "vision_cfg", "quick_gelu"}`` (enough for :func:`build_open_clip_vision_tower`).
 
     ``source`` is an open_clip model name as :mod:`TextSegLib.text` takes it without the ``open_clip:`` prefix:
     ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` (fetched once into the Hugging Face
     cache), ``local-dir:<folder>`` (``open_clip_config.json`` and weights), ``ViT-B-16@openai``, or a bare
-    architecture name for random weights. When the source names weights they must load, or this raises
+    architecture name for random weights. ``local-dir:`` and ``hf-hub:`` build the image tower alone from the
+    config and the ``visual.`` tensors of the weights file, so a folder never needs the text tower's files (for
+    BiomedCLIP, the config of ``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract``, which open_clip would ask
+    the hub for) and works offline. ``weights=False`` builds the architecture only (a checkpoint that stores the
+    tower's weights). When the source names weights and ``weights`` is true they must load, or this raises
     :class:`BackboneUnavailableError` (a silently random "pretrained" tower would be wrong and hard to notice).
     """
     import open_clip
 
-    name, _, tag = source.partition("@")
-    weighted = open_clip_source_has_weights(source)
+    weighted = weights and open_clip_source_has_weights(source)
     try:
-        model = open_clip.create_model(name, pretrained=tag or None, device="cpu", require_pretrained=weighted)
-    except (OSError, RuntimeError, ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BackboneUnavailableError(
-            f"The open_clip image tower {source!r} could not be loaded ({message}). Give 'local-dir:<folder>' "
-            "with open_clip_config.json and weights, or download it once on a machine with access to the hub."
-        ) from error
-    return model.visual, weighted
+        if source.startswith("local-dir:"):
+            folder = Path(source[len("local-dir:"):])
+            if not folder.is_dir():
+                raise FileNotFoundError(f"no folder {str(folder)!r}")
+            model_cfg, checkpoint = _local_dir(source, folder, weighted)
+            return _vision_only(source, model_cfg, checkpoint), checkpoint is not None, _tower_config(model_cfg)
+        if source.startswith("hf-hub:"):
+            from open_clip.pretrained import download_pretrained_from_hf
+
+            repo = source[len("hf-hub:"):]
+            config_path = download_pretrained_from_hf(repo, filename="open_clip_config.json")
+            model_cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))["model_cfg"]
+            checkpoint = download_pretrained_from_hf(repo) if weighted else None
+            return _vision_only(source, model_cfg, checkpoint), weighted, _tower_config(model_cfg)
+        name, _, tag = source.partition("@")
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None:
+            raise ValueError(f"open_clip knows no model {name!r}")
+        model = open_clip.create_model(name, pretrained=(tag if weighted else None) or None, device="cpu",
+                                       require_pretrained=weighted)
+    except BackboneUnavailableError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise _unavailable(source, error) from error
+    return model.visual, weighted, _tower_config(model_cfg)
 
 
 class ViTTokenEncoder(nn.Module):
