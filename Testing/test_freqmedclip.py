@@ -396,6 +396,8 @@ def test_the_prompt_reaches_the_output_only_through_tca_gate_and_lffi(vit_folder
     with torch.no_grad():
         a, b = model(image, random_text(1, seed=1)), model(image, random_text(1, seed=2))
     assert model.config.reads_text == reads
+    described = get_spec("freqmedclip").describe_text(model.config)  # what the catalogue and the panel say
+    assert ("changes the output" in described) == reads and ("ignored" in described) == (not reads)
     if reads:
         assert not torch.allclose(a, b, atol=1e-6)
     else:

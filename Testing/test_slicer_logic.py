@@ -160,13 +160,20 @@ def test_process_segments_lung2_and_a_rerun_replaces_only_its_own_segment(textse
     assert [item for item in snapshot(segmentation, volume) if item[0] == user_id] == before_user
 
 
-def test_cancel_returns_at_once_and_leaves_the_scene_as_it_was(textseg, scene, tmp_path):
+@pytest.fixture
+def running(textseg, scene):
+    """A run on lung2 (one slice per batch) that has started segmenting, with the scene's node IDs before it."""
     volume = load_volume(scene, CASE["image"], "lung2")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "results")
     before = node_ids(scene)
     logic = textseg.TextSegLogic()
     run = logic.startProcessing(volume, PROMPT, DEMO_MODEL, device="CPU", batchSize=1)
     wait_for_progress(run)
+    return logic, run, segmentation, before
+
+
+def test_cancel_returns_at_once_and_leaves_the_scene_as_it_was(scene, running):
+    logic, run, segmentation, before = running
     started = time.monotonic()
     run.cancel()
     assert run.poll() and run.cancelled
@@ -176,13 +183,8 @@ def test_cancel_returns_at_once_and_leaves_the_scene_as_it_was(textseg, scene, t
     assert run.progress[0] < run.progress[1]
 
 
-def test_a_killed_worker_is_reported_and_the_next_run_uses_a_fresh_one(textseg, scene, tmp_path):
-    volume = load_volume(scene, CASE["image"], "lung2")
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "results")
-    before = node_ids(scene)
-    logic = textseg.TextSegLogic()
-    run = logic.startProcessing(volume, PROMPT, DEMO_MODEL, device="CPU", batchSize=1)
-    wait_for_progress(run)
+def test_a_killed_worker_is_reported_and_the_next_run_uses_a_fresh_one(scene, running, tmp_path):
+    logic, run, segmentation, before = running
     worker = logic.worker()
     killed = worker.pid
     os.kill(killed, signal.SIGKILL)
@@ -216,6 +218,18 @@ def test_bad_input_is_refused_with_a_value_error_and_changes_nothing(textseg, sc
     with pytest.raises(ValueError, match="threshold"):
         logic.process(volume, segmentation, PROMPT, DEMO_MODEL, threshold=1.5)
     assert node_ids(scene) == before and segmentation.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_requirements_are_compared_as_pip_compares_them(textseg):
+    """PEP 440 through ``packaging``: local versions (``2.15.0+cpu``), pre-releases, any number of parts."""
+    import importlib.metadata
+
+    logic = textseg.TextSegLogic
+    torch_version = importlib.metadata.version("torch")
+    assert logic._satisfied(f"torch>={torch_version}") and not logic._satisfied(f"torch>{torch_version}")
+    assert logic._satisfied("numpy>=1.26,<3") and not logic._satisfied("numpy>=99")
+    assert not logic._satisfied("a-package-nobody-installed>=1")
+    assert logic().missingDependencies() == []  # this environment has everything requirements.txt asks for
 
 
 def test_an_older_slicer_is_refused_with_one_message(textseg, scene):

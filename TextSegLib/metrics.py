@@ -119,12 +119,7 @@ def surface_distances(
     None when either mask is empty. Work is confined to the masks' joint bounding box (plus one voxel), which
     gives the same distances as the whole array.
     """
-    p, r = _binary(prediction), _binary(reference)
-    if p.shape != r.shape:
-        raise ValueError(f"prediction {p.shape} and reference {r.shape} have different shapes")
-    spacing = tuple(float(s) for s in (spacing if spacing is not None else (1.0,) * p.ndim))
-    if len(spacing) != p.ndim:
-        raise ValueError(f"spacing {spacing} does not match {p.ndim} dimensions")
+    p, r, spacing = _checked(prediction, reference, spacing)
     if not p.any() or not r.any():
         return None
     union = np.argwhere(p | r)

@@ -522,10 +522,24 @@ def freqmedclip_loss(config: FreqMedCLIPConfig, bce_weight: float = 1.0, semanti
     return loss
 
 
+def describe_freqmedclip_text(config: FreqMedCLIPConfig) -> str:
+    """What the prompt does in a FreqMedCLIP of ``config`` (for the catalogue)."""
+    if not config.reads_text:
+        return "The prompt is ignored (TCA, the FFBI text gate and LFFI are all switched off)."
+    where = [name for name, used in (("the ViT adapters (TCA)", config.use_tca),
+                                     ("FFBI's text gate", config.use_ffbi and config.use_text_gate),
+                                     ("every decoder stage (LFFI)", config.use_lffi)) if used]
+    listed = where[0] if len(where) == 1 else f"{', '.join(where[:-1])} and {where[-1]}"
+    return (f"The prompt conditions {listed} on every slice, so it changes the output. The network "
+            "segments what it was trained to find from such prompts; it picks other targets by name only if trained "
+            "on several.")
+
+
 register(
     ModelSpec(
         name="freqmedclip",
         title="FreqMedCLIP",
+        describe_text=describe_freqmedclip_text,
         config_class=FreqMedCLIPConfig,
         builder=FreqMedCLIP,
         presets={
