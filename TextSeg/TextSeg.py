@@ -123,6 +123,7 @@ server (<code>textseg serve</code>) to segment on another computer, for example 
 <p>Python console: <code>slicer.util.getModuleLogic("TextSeg").process(volumeNode, segmentationNode,
 "a large soft-tissue mass in the posterior left lower lung", "my-model")</code> returns the segment ID.
 Batch: <code>Slicer --no-main-window --python-script TextSegBatch.py -- &lt;textseg segment options&gt;</code>.</p>
+<p>TextSeg needs 3D Slicer 5.10 or later (Python 3.11 or later).</p>
 <p>If you use TextSeg, please cite the paper of the network you used:</p>
 <ul>
 <li>Xiaoyan Jiang, Zhi Zhou, Hailing Wang, Guozhong Wang, Zhijun Fang. <i>TexLiverNet: Leveraging Medical
