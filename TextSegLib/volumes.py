@@ -32,6 +32,7 @@ __all__ = [
     "check_volume",
     "check_volume_file",
     "guess_modality",
+    "labels_on_grid",
     "orientation_code",
     "read_volume",
     "write_image",
@@ -342,6 +343,32 @@ class CanonicalTransform:
     def spacing(self, spacing: tuple[float, float, float]) -> tuple[float, float, float]:
         """Voxel size along the canonical ``i, j, k`` axes."""
         return tuple(float(spacing[axis]) for axis in self.source_axes)
+
+
+def labels_on_grid(labels: Volume, reference: Volume, tolerance_mm: float = 0.5) -> np.ndarray:
+    """``labels`` (an integer label map) on ``reference``'s voxel grid, matched in physical (LPS) space.
+
+    Each reference voxel takes the label whose voxel contains its centre (nearest neighbour), so a label file
+    stored with another axis order, flip or origin (patient B of ``../shared/data/totalsegmentator``) lines up with
+    its image. Returns ``(K, J, I)`` of the labels' dtype. Raises :class:`VolumeError` when the two do not cover
+    the same region (their corners differ by more than ``tolerance_mm``): labels of another image.
+    """
+    import SimpleITK as sitk
+
+    def corners(volume: Volume) -> np.ndarray:
+        i, j, k = volume.size_ijk
+        index = np.array([[a, b, c, 1.0] for a in (0, i - 1) for b in (0, j - 1) for c in (0, k - 1)])
+        points = (volume.ijk_to_lps() @ index.T).T[:, :3]
+        return points[np.lexsort(points.T[::-1])]
+
+    gap = float(np.abs(corners(labels) - corners(reference)).max())
+    if gap > tolerance_mm:
+        raise VolumeError(f"{labels.source or 'The label file'} does not cover the same region as "
+                          f"{reference.source or 'the image'} (corners {gap:.1f} mm apart): use the labels of this "
+                          "image.")
+    resampled = sitk.Resample(labels.to_sitk(), reference.to_sitk(np.zeros(reference.array.shape, np.uint8)),
+                              sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.to_sitk().GetPixelID())
+    return sitk.GetArrayFromImage(resampled)
 
 
 def write_image(path: str | os.PathLike[str], array: np.ndarray, like: Volume, compress: bool = True) -> None:
