@@ -9,6 +9,7 @@ import slicerio
 import torch
 
 from TextSegLib.inference import BatchTuner, CancelToken, InferenceEngine, load_model, resolve_device
+from TextSegLib.results import MIN_FOUND_ML
 from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
 from TextSegLib.text import PROMPT_CACHE
 from TextSegLib.volumes import Volume
@@ -256,6 +257,16 @@ def test_threshold_and_empty_results(lung2_slab, model):
     result = engine.segment(lung2_slab, PROMPT, threshold=highest, probability=True)
     assert result.probability.max() < 1.0  # no probability above the highest threshold below 1
     assert result.empty and result.voxel_count == 0 and result.threshold == highest
+    assert not result.found and result.max_probability == float(result.probability.max())
+    assert result.presence == f"not found (maximum probability {result.max_probability:.2f}, threshold 1.00)"
+    found = engine.segment(lung2_slab, PROMPT, threshold=0.5, probability=True)
+    assert found.voxel_ml == pytest.approx(np.prod(lung2_slab.spacing) / 1000)
+    assert found.found == (found.volume_ml >= MIN_FOUND_ML) and found.presence.startswith(
+        "found" if found.found else "not found")
+    speck = int(np.ceil(MIN_FOUND_ML / found.voxel_ml)) - 1  # voxels above the threshold, under a finding's volume
+    threshold = float(np.sort(found.probability, axis=None)[-speck - 1])
+    few = engine.segment(lung2_slab, PROMPT, threshold=threshold)
+    assert few.voxel_count == speck and not few.found and "under the 0.05 mL of a finding" in few.presence
     for threshold in (0.0, 1.0, 5):  # a probability threshold lies strictly between 0 and 1
         with pytest.raises(ValueError, match="between 0 and 1"):
             engine.segment(lung2_slab, PROMPT, threshold=threshold)

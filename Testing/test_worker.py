@@ -93,6 +93,8 @@ def test_requests_and_results_survive_the_wire(slab, expected):
     np.testing.assert_array_equal(result.probability, expected.probability)
     assert [(m.id, m.sha256) for m in result.models] == [(m.id, m.sha256) for m in expected.models]
     assert (result.prompt, result.threshold, result.device) == (expected.prompt, expected.threshold, "cpu")
+    assert (result.max_probability, result.voxel_ml) == (expected.max_probability, expected.voxel_ml)
+    assert result.presence == expected.presence and expected.max_probability == float(expected.probability.max())
 
 
 @pytest.mark.parametrize(("body", "message"), [

@@ -821,8 +821,9 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
             name=segment.GetName(), voxels=result.voxel_count, ml=millilitres, seconds=result.seconds,
             device=(result.device or "?").upper())
         notes = list(run.notes)
-        if result.empty:
-            notes.append(_("Nothing was found above the threshold: the segment is empty."))
+        if not result.found:
+            notes.append(_("Not found: {evidence}.").format(evidence=result.presence.removeprefix("not found ")
+                                                             .strip("()")))
         return " ".join([text, *notes]), bool(notes)
 
     def process(self, inputVolume: vtkMRMLScalarVolumeNode | None,

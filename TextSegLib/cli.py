@@ -30,8 +30,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
 from .common import OutputTransaction, TextSegError, check_writable, first_line
 from .volumes import case_name
@@ -278,12 +276,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 segments.append(segment_for_result(result, name, index))
                 if args.probability:
                     probabilities.append(result.probability)
-                spacing = np.prod(volume.spacing)
-                line = (f"{case_name(source)}: {name!r}: {result.voxel_count} voxels "
-                        f"({result.voxel_count * spacing / 1000.0:.1f} mL) in {result.seconds:.1f} s")
-                if result.empty:
-                    line += " - nothing found above the threshold; the segment is empty"
-                print(line, flush=True)
+                print(f"{case_name(source)}: {name!r}: {result.voxel_count} voxels ({result.volume_ml:.1f} mL) "
+                      f"in {result.seconds:.1f} s; {result.presence}", flush=True)
             transaction.add(target, lambda temporary, s=segments, v=volume: write_seg_nrrd(temporary, s, v))
             for path, probability in zip(probability_targets, probabilities, strict=True):
                 transaction.add(path, lambda temporary, p=probability, v=volume: write_image(temporary, p, v))
@@ -383,7 +377,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        run_demo(Path(args.output), args.device, args.model, progress=report)
+        run_demo(Path(args.output), args.device, args.model, args.case, progress=report)
     finally:
         bar.close()
     return 0
@@ -463,9 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "refuse to start)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    demo = sub.add_parser("demo", help="segment the bundled real CT case with the demo model and show the result")
+    from .demo import CASE_DIRS, DEFAULT_CASE, DEMO_MODEL
+
+    demo = sub.add_parser("demo", help="segment a bundled real CT by name with the shipped model and score it")
     demo.add_argument("-o", "--output", default="textseg-demo", help="folder for the .seg.nrrd and the PNG")
-    demo.add_argument("-m", "--model", default="demo-texlivernet-small", help="catalogue id or checkpoint")
+    demo.add_argument("--case", default=DEFAULT_CASE, choices=sorted(CASE_DIRS),
+                      help="abdomen (default: patient B, held out, twelve structures by name) or lung2 (a lesion)")
+    demo.add_argument("-m", "--model", default=DEMO_MODEL, help="catalogue id or checkpoint")
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)

@@ -407,6 +407,8 @@ class InferenceEngine:
             modality=modality,
             notes=[note] if note else [],
             device=str(self.device),
+            max_probability=float(accumulated.max()),
+            voxel_ml=float(np.prod(volume.spacing)) / 1000.0,
         )
 
     @staticmethod

@@ -12,7 +12,11 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["CancelToken", "ModelIdentity", "ModelRecord", "SegmentationResult"]
+__all__ = ["MIN_FOUND_ML", "CancelToken", "ModelIdentity", "ModelRecord", "SegmentationResult"]
+
+#: The smallest mask, in mL, that counts as a finding. Below it (a few stray voxels above the threshold) a result
+#: says "not found". 0.05 mL is under the smallest lesion in ``../shared/data/pyradiomics`` (breast1, 0.13 mL).
+MIN_FOUND_ML = 0.05
 
 
 class CancelToken:
@@ -62,6 +66,9 @@ class SegmentationResult:
         modality: "CT" or "MR", as the run treated the volume.
         notes: warnings for the user (for example a fall-back from the GPU to the CPU).
         device: where the networks ran ("cpu", "cuda", ...), "" when unknown.
+        max_probability: the highest voxel probability in the volume (NaN when unknown): the evidence for
+            :attr:`found`.
+        voxel_ml: the volume of one voxel in mL (NaN when unknown).
     """
 
     mask: np.ndarray
@@ -73,6 +80,8 @@ class SegmentationResult:
     modality: str = ""
     notes: list[str] = field(default_factory=list)
     device: str = ""
+    max_probability: float = float("nan")
+    voxel_ml: float = float("nan")
 
     @property
     def voxel_count(self) -> int:
@@ -81,3 +90,26 @@ class SegmentationResult:
     @property
     def empty(self) -> bool:
         return self.voxel_count == 0
+
+    @property
+    def volume_ml(self) -> float:
+        return self.voxel_count * self.voxel_ml
+
+    @property
+    def found(self) -> bool:
+        """Whether the prompt's target was found: the mask holds at least :data:`MIN_FOUND_ML` (any voxel when the
+        voxel size is unknown)."""
+        if self.voxel_ml != self.voxel_ml:  # NaN: unknown voxel size
+            return not self.empty
+        return self.volume_ml >= MIN_FOUND_ML
+
+    @property
+    def presence(self) -> str:
+        """One line saying whether the target was found and on what evidence, e.g. ``"not found (maximum
+        probability 0.31, threshold 0.50)"``."""
+        evidence = f"maximum probability {self.max_probability:.2f}, threshold {self.threshold:.2f}"
+        if self.found:
+            return f"found ({evidence})"
+        if not self.empty:
+            evidence += f"; {self.volume_ml:.3f} mL above the threshold, under the {MIN_FOUND_ML} mL of a finding"
+        return f"not found ({evidence})"

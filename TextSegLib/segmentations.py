@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TAG_CHECKPOINT",
+    "TAG_FOUND",
     "TAG_MODEL",
     "TAG_PROMPT",
     "TAG_VERSION",
@@ -71,6 +72,7 @@ TAG_PROMPT = "TextSeg.Prompt"
 TAG_MODEL = "TextSeg.Model"
 TAG_CHECKPOINT = "TextSeg.CheckpointSHA256"
 TAG_VERSION = "TextSeg.Version"
+TAG_FOUND = "TextSeg.Found"
 
 # Distinct, saturated colours that read well over grey CT/MR (RGB in 0..1); used in prompt order.
 PALETTE: tuple[tuple[float, float, float], ...] = (
@@ -117,6 +119,7 @@ def segment_for_result(result: SegmentationResult, name: str | None = None, inde
         TAG_MODEL: "+".join(info.id for info in result.models),
         TAG_CHECKPOINT: ",".join(info.sha256 or "" for info in result.models),
         TAG_VERSION: __version__,
+        TAG_FOUND: result.presence,
     }
     entry = terminology_for_prompt(result.prompt)
     color = entry.color or PALETTE[index % len(PALETTE)]

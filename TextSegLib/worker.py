@@ -32,7 +32,8 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
     Stops the job before its next batch of slices.
 ``GET /v1/jobs/<id>/result``
     A frame whose header is the result's metadata (``prompt``, ``threshold``, ``seconds``, ``modality``, ``notes``,
-    ``device``, ``models`` ``[{"id", "sha256", "name", "architecture"}]``, ``shape``, ``probability`` (bool)) and
+    ``device``, ``models`` ``[{"id", "sha256", "name", "architecture"}]``, ``shape``, ``probability`` (bool),
+    ``max_probability`` and ``voxel_ml``, the evidence for "found" / "not found") and
     whose payload is the mask as packed bits (``numpy.packbits`` of the ``(K, J, I)`` mask) followed, when asked
     for, by the float32 probabilities. The job is forgotten once its result has been read.
 ``DELETE /v1/jobs/<id>``
@@ -246,6 +247,7 @@ def encode_result(result: SegmentationResult) -> bytes:
         "models": [{"id": m.id, "sha256": m.sha256, "name": getattr(m, "name", ""),
                     "architecture": getattr(m, "architecture", "")} for m in result.models],
         "shape": list(result.mask.shape), "probability": result.probability is not None,
+        "max_probability": result.max_probability, "voxel_ml": result.voxel_ml,
     }
     payloads = [np.packbits(result.mask.astype(bool), axis=None).tobytes()]
     if result.probability is not None:
@@ -270,7 +272,8 @@ def decode_result(body: bytes) -> SegmentationResult:
               for m in header["models"]]
     return SegmentationResult(mask, probability, header["prompt"], models, float(header["threshold"]),
                               float(header["seconds"]), header.get("modality", ""), list(header.get("notes", [])),
-                              header.get("device", ""))
+                              header.get("device", ""), float(header.get("max_probability", "nan")),
+                              float(header.get("voxel_ml", "nan")))
 
 
 # ------------------------------------------------------------------------------------------------------ client
