@@ -1,14 +1,17 @@
-"""The demo: a real CT case segmented from its text by the shipped demo model, with a picture to look at.
+"""The demo: a held-out abdominal CT segmented by name with the shipped model, scored, with a picture to look at.
 
-``textseg demo`` reads the case bundled in ``TextSegLib/data/demo/`` (lung2 of the pyradiomics sample data,
-BSD-3-Clause, licence beside it), segments it with the shipped checkpoint from its text line, writes the
-``.seg.nrrd`` and a PNG montage of the lesion slices (reference outlined in green, prediction in red) and prints
-the agreement with the reference.
+``textseg demo`` reads patient B (bundled in ``TextSegLib/data/abdomen/``: a DICOM series that the shipped model
+never saw, with TotalSegmentator's silver-standard labels), segments every structure its ``case.json`` names, from
+"the liver" to "the left kidney" (absent from this scan), in one run, writes one ``.seg.nrrd`` and a PNG montage
+(reference outlined in green, prediction in red) and prints per-structure Dice and HD95 against the labels, compared
+in physical space, and whether each was found. ``textseg demo --case lung2`` does the same for the lung2 lesion
+(pyradiomics, ``TextSegLib/data/demo/``), which the model was trained on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,20 +20,29 @@ import numpy as np
 
 from .volumes import CanonicalTransform, Volume
 
-__all__ = ["DEMO_DIR", "DEMO_MODEL", "demo_case", "montage", "run_demo"]
+__all__ = ["CASE_DIRS", "DEFAULT_CASE", "DEMO_DIR", "DEMO_MODEL", "demo_case", "montage", "run_demo",
+           "structure_montage"]
 
-DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
-DEMO_MODEL = "demo-texlivernet-small"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEMO_DIR = DATA_DIR / "demo"
+CASE_DIRS = {"abdomen": DATA_DIR / "abdomen", "lung2": DEMO_DIR}
+DEFAULT_CASE = "abdomen"
+DEMO_MODEL = "abdomen-texlivernet-small"
 
 REFERENCE_COLOUR = (40, 220, 70)
 PREDICTION_COLOUR = (255, 70, 50)
 
 
-def demo_case() -> dict[str, Any]:
-    """The bundled case's description (``case.json``) with absolute file paths."""
-    info = json.loads((DEMO_DIR / "case.json").read_text())
-    info["image"] = DEMO_DIR / info["image"]
-    info["label"] = DEMO_DIR / info["label"]
+def demo_case(name: str = "lung2") -> dict[str, Any]:
+    """A bundled case's description (its ``case.json``) with absolute file paths: ``"lung2"`` (the chest CT with
+    one lesion) or ``"abdomen"`` (patient B). ``targets`` lists ``{"structure", "prompt", "label_value"}``; a null
+    label value is a structure the scan does not contain."""
+    if name not in CASE_DIRS:
+        raise ValueError(f"There is no demo case {name!r}; choose one of {', '.join(CASE_DIRS)}.")
+    folder = CASE_DIRS[name]
+    info = json.loads((folder / "case.json").read_text())
+    info["image"] = folder / info["image"]
+    info["label"] = folder / info["label"]
     return info
 
 
@@ -99,40 +111,129 @@ def montage(volume: Volume, prediction: np.ndarray, reference: np.ndarray | None
     return path
 
 
-def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL,
+def structure_montage(volume: Volume, entries: list[tuple[str, np.ndarray, np.ndarray | None]], path: Path,
+                      title: str, window: tuple[float, float], tile_size: int = 224) -> Path:
+    """PNG with one whole slice per structure, in the radiological convention, reference and prediction outlined.
+
+    ``entries``: ``(caption, prediction, reference)`` with ``(K, J, I)`` masks on the volume's grid (reference None
+    for a structure the scan does not contain). Each tile shows the slice where the reference is largest (else the
+    prediction, else the middle slice).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    transform = CanonicalTransform.create(volume.direction, "LPS")
+    image = transform.forward(volume.array)
+    low, high = window
+    font = ImageFont.load_default()
+    per_row = 4
+    header, caption = 34, 16
+    grid_rows = -(-len(entries) // per_row)
+    sheet = Image.new("RGB", (per_row * tile_size, header + grid_rows * (tile_size + caption)), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 4), title, fill=(255, 255, 255), font=font)
+    draw.text((6, 18), "reference", fill=REFERENCE_COLOUR, font=font)
+    draw.text((80, 18), "TextSeg", fill=PREDICTION_COLOUR, font=font)
+    for number, (text, prediction, reference) in enumerate(entries):
+        predicted = transform.forward(prediction != 0)
+        truth = transform.forward(reference != 0) if reference is not None else np.zeros_like(predicted)
+        shown = truth if truth.any() else predicted
+        index = int(shown.reshape(shown.shape[0], -1).sum(axis=1).argmax()) if shown.any() else image.shape[0] // 2
+        grey = np.clip((image[index].astype(np.float32) - low) / (high - low), 0, 1)
+        tile = Image.fromarray((grey * 255).astype(np.uint8)).resize((tile_size, tile_size), Image.BILINEAR)
+        rgb = np.array(tile.convert("RGB"))
+        for mask, colour in ((truth, REFERENCE_COLOUR), (predicted, PREDICTION_COLOUR)):
+            big = np.array(Image.fromarray(mask[index].astype(np.uint8) * 255).resize(
+                (tile_size, tile_size), Image.NEAREST)) > 0
+            rgb[_outline(big)] = colour
+        x, y = (number % per_row) * tile_size, header + (number // per_row) * (tile_size + caption)
+        sheet.paste(Image.fromarray(rgb), (x, y))
+        draw.text((x + 4, y + tile_size + 2), text, fill=(200, 200, 200), font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _figure(value: float, digits: int) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: str = DEFAULT_CASE,
              progress: Callable[[int, int], None] | None = None, report: Callable[[str], None] = print
              ) -> dict[str, Any]:
-    """Segment the bundled case, write ``<case>.seg.nrrd`` and ``<case>_montage.png`` to ``output``, and return
-    the metrics against the reference."""
-    from .inference import InferenceEngine, load_model
-    from .metrics import evaluate_case
-    from .segmentations import segment_for_result, write_seg_nrrd
-    from .volumes import read_volume
+    """Segment a bundled case by every prompt of its ``case.json``, write ``<case>.seg.nrrd`` and
+    ``<case>_montage.png`` to ``output``, report per-target figures and return them.
 
-    case = demo_case()
-    volume = read_volume(case["image"], modality=case["modality"])
-    reference = read_volume(case["label"]).array != 0
+    Returns ``{"rows": [{"structure", "prompt", "present", "found", "max_probability", "volume_ml",
+    "reference_ml", "dice", "hd95"}, ...], "mean_dice": ..., "segmentation": path, "montage": path}``; Dice and HD95
+    (mm) are NaN for a structure the scan does not contain.
+    """
+    from .inference import InferenceEngine, load_model
+    from .metrics import dice, hd95
+    from .segmentations import segment_for_result, write_seg_nrrd
+    from .volumes import labels_on_grid, read_volume
+
+    info = demo_case(case)
+    volume = read_volume(info["image"], modality=info["modality"])
+    labels = labels_on_grid(read_volume(info["label"]), volume)
     loaded = load_model(model, device)
     k, j, i = volume.array.shape
-    report(f"TextSeg demo: {case['case']} ({case['modality']}, {i} x {j} x {k} voxels)")
-    report(f"Prompt: \"{case['prompt']}\"")
+    source = "DICOM series" if Path(info["image"]).is_dir() else Path(info["image"]).name
+    report(f"TextSeg demo: {info['title']} ({info['modality']}, {i} x {j} x {k} voxels, {source})")
     report(f"Model: {loaded.id} ({loaded.info.name or loaded.info.architecture}) on {loaded.device}")
-    result = InferenceEngine(loaded).segment(volume, case["prompt"], progress=progress)
-    output.mkdir(parents=True, exist_ok=True)
-    seg_path = output / f"{case['case']}.seg.nrrd"
-    write_seg_nrrd(seg_path, [segment_for_result(result, "TextSeg: " + case["prompt"])], volume)
-    spacing = tuple(float(s) for s in volume.spacing[::-1])
-    metrics = evaluate_case(result.mask, reference, spacing)
-    millilitres = float(np.prod(volume.spacing)) / 1000.0
-    report(f"Found {result.voxel_count:,} voxels ({result.voxel_count * millilitres:.1f} mL); the reference has "
-           f"{int(reference.sum()):,} ({reference.sum() * millilitres:.1f} mL). Time: {result.seconds:.1f} s")
-    report(f"Dice {metrics['dice']:.3f}   IoU {metrics['iou']:.3f}   HD95 {metrics['hd95']:.1f} mm   "
-           f"ASSD {metrics['assd']:.1f} mm")
     trained_on = loaded.info.training.get("train_cases", [])
-    if case["case"] in trained_on:
-        report(f"Note: {case['case']} is one of the {len(trained_on)} cases this model was trained on, so this is "
-               "not a held-out result; the README gives leave-one-case-out figures.")
-    png_path = montage(volume, result.mask, reference, output / f"{case['case']}_montage.png",
-                       f"{case['case']}: \"{case['prompt']}\"   Dice {metrics['dice']:.3f}", case["modality"])
+    held_out = info["case"] not in trained_on
+    report("This case is held out: the model never saw it." if held_out else
+           f"Note: {info['case']} is one of the {len(trained_on)} cases this model was trained on, so this is not a "
+           "held-out result.")
+    engine = InferenceEngine(loaded)
+    targets = info["targets"]
+    total = len(targets) * k
+
+    def step(index: int) -> Callable[[int, int], None] | None:
+        return None if progress is None else lambda done, _: progress(index * k + done, total)
+
+    spacing = tuple(float(s) for s in volume.spacing[::-1])
+    millilitres = float(np.prod(volume.spacing)) / 1000.0
+    rows, specs, entries = [], [], []
+    for index, target in enumerate(targets):
+        result = engine.segment(volume, target["prompt"], progress=step(index))
+        present = target["label_value"] is not None
+        reference = labels == target["label_value"] if present else None
+        row = {"structure": target["structure"], "prompt": target["prompt"], "present": present,
+               "found": result.found, "max_probability": result.max_probability, "volume_ml": result.volume_ml,
+               "reference_ml": float(reference.sum()) * millilitres if present else 0.0,
+               "dice": dice(result.mask, reference) if present else math.nan,
+               "hd95": hd95(result.mask, reference, spacing) if present else math.nan}
+        rows.append(row)
+        specs.append(segment_for_result(result, target["structure"], index))
+        caption = f"{target['structure']}: Dice {row['dice']:.2f}" if present else \
+            f"{target['structure']} (absent): {'found' if result.found else 'not found'}"
+        entries.append((caption, result.mask, reference))
+    output.mkdir(parents=True, exist_ok=True)
+    seg_path = output / f"{info['case']}.seg.nrrd"
+    write_seg_nrrd(seg_path, specs, volume)
+    width = max(len(r["structure"]) for r in rows) + 2
+    report(f"{'structure':<{width}}{'Dice':>6}{'HD95 mm':>9}{'mL':>9}{'ref. mL':>9}  result")
+    for row in rows:
+        verdict = "found" if row["found"] else "not found"
+        reference_ml = _figure(row["reference_ml"] if row["present"] else math.nan, 1)
+        report(f"{row['structure']:<{width}}{_figure(row['dice'], 3):>6}{_figure(row['hd95'], 1):>9}"
+               f"{row['volume_ml']:>9.1f}{reference_ml:>9}  {verdict} "
+               f"(max p {row['max_probability']:.2f}){'' if row['present'] else ', absent from the scan'}")
+    present = [r for r in rows if r["present"]]
+    mean_dice = float(np.mean([r["dice"] for r in present])) if present else math.nan
+    absent = [r for r in rows if not r["present"]]
+    report(f"Mean Dice over the {len(present)} structures in the scan: {mean_dice:.3f}. Said \"not found\" for "
+           f"{sum(not r['found'] for r in absent)} of {len(absent)} absent and {sum(not r['found'] for r in present)} "
+           f"of {len(present)} present structures.")
+    report(f"Dice and HD95 are measured against {info.get('labels', 'the reference labels')}, on the image's grid "
+           "in physical space.")
+    png_path = output / f"{info['case']}_montage.png"
+    title = f"{info['title']}: mean Dice {mean_dice:.3f}"
+    if len(entries) == 1 and present:  # one lesion: the slices through it, cropped around it
+        _, prediction, reference = entries[0]
+        montage(volume, prediction, reference, png_path, f"{title}  \"{targets[0]['prompt']}\"", info["modality"])
+    else:
+        structure_montage(volume, entries, png_path, title, tuple(info["display_window"]))
     report(f"Wrote {seg_path} and {png_path}")
-    return {"metrics": metrics, "segmentation": seg_path, "montage": png_path, "result": result}
+    return {"rows": rows, "mean_dice": mean_dice, "segmentation": seg_path, "montage": png_path}
