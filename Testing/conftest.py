@@ -19,6 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TEXTSEG_DATA", REPO.parent / "shared" / "data" / "pyradiomics"))
 CASES = ("lung1", "lung2", "brain1", "brain2", "breast1")
+TOTALSEG = REPO.parent / "shared" / "data" / "totalsegmentator"  # two abdominal CTs and an MR, named structures
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CASES as PYRADIOMICS_CASES
 from safetensors.torch import load_file
 
 from TextSegLib.inference import InferenceEngine, load_model
@@ -79,8 +80,9 @@ def test_paper_configs_hold_the_papers_recipes():
     freq = load_config(CONFIGS / "freqmedclip.toml")
     assert (freq.optim.lr, freq.optim.t_max, freq.train.epochs, freq.train.early_stop_patience) == (1e-4, 100, 100, 10)
     assert (freq.train.batch_size, freq.train.accumulation) == (32, 2)  # 4 per GPU x 4 GPUs x accumulation 2
-    demo = load_config(CONFIGS / "demo.toml")
-    assert demo.text.encoder == "minilm" and demo.model.preset == "small"
+    shipped = load_config(CONFIGS / "shipped.toml")
+    assert shipped.text.encoder == "minilm" and shipped.model.preset == "small"
+    assert shipped.data.preprocessing["size"] == [128, 128] and shipped.train.epochs == 8
 
 
 def test_config_overrides_and_errors():
@@ -296,7 +298,7 @@ def test_leave_one_out_never_trains_on_the_held_out_case(tmp_path, data_dir, ann
     from Training.leave_one_out import main as leave_one_out
 
     manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain2", "breast1"], annotations)
-    assert leave_one_out(["--config", str(CONFIGS / "demo.toml"), "--output", str(tmp_path / "loo"),
+    assert leave_one_out(["--config", str(CONFIGS / "shipped.toml"), "--output", str(tmp_path / "loo"),
                           "--set", f"data.manifest=\"{manifest}\"", "--set", "train.epochs=1",
                           "--set", "train.max_steps=1", "--set", "data.slices=\"lesion\""]) == 0
     for held_out, other in (("brain2", "breast1"), ("breast1", "brain2")):
@@ -312,7 +314,7 @@ def test_leave_one_out_resumes_an_interrupted_fold_and_skips_a_finished_one(tmp_
     from Training.leave_one_out import main as leave_one_out
 
     manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain2", "breast1"], annotations)
-    common = ["--config", str(CONFIGS / "demo.toml"), "--output", str(tmp_path / "loo"), "--cases", "brain2",
+    common = ["--config", str(CONFIGS / "shipped.toml"), "--output", str(tmp_path / "loo"), "--cases", "brain2",
               "--set", f"data.manifest=\"{manifest}\"", "--set", "data.slices=\"lesion\"", "--set", "train.epochs=2"]
     log = tmp_path / "loo" / "brain2" / "log.csv"
     assert leave_one_out([*common, "--set", "train.max_steps=1"]) == 0  # stands for a run cut off after epoch 1
@@ -409,3 +411,28 @@ def test_validation_logs_iou_with_dice(tmp_path, data_dir, annotations):
     metrics = trainer.validate()
     assert 0.0 < metrics["val_dice"] < 1.0
     assert metrics["val_iou"] == pytest.approx(metrics["val_dice"] / (2 - metrics["val_dice"]))
+
+
+def test_structure_manifests_name_each_structure_by_its_phrasings_with_each_case_s_label_values(tmp_path):
+    """CT and MR label maps number structures differently; rows take each case's own values, only for structures
+    present, and never a held-out paraphrase."""
+    from Training.structures import CASES, STRUCTURES, label_values, write_manifest
+
+    target = write_manifest(tmp_path / "m.csv", ["ct_a", "mr_a"])
+    cases = {case.case: case for case in read_manifest(target)}
+    assert set(cases) == {"ct_a", "mr_a"}
+    for name, case in cases.items():
+        values = label_values(CASES[name].table)
+        expected = [(text, values[s.name]) for s in STRUCTURES if s.name in values for text in s.phrasings]
+        assert [(t.text, t.label_value) for t in case.targets] == expected
+    liver = next(s for s in STRUCTURES if s.name == "liver")
+    assert {t.label_value for t in cases["ct_a"].targets if t.text == "the liver"} == {5}
+    assert {t.label_value for t in cases["mr_a"].targets if t.text == "the liver"} == {
+        label_values(CASES["mr_a"].table)["liver"]}
+    trained = {t.text for case in cases.values() for t in case.targets}
+    assert not trained & {p for s in STRUCTURES for p in s.paraphrases} and liver.prompt in trained
+    shipped = read_manifest(Path(__file__).resolve().parents[1] / "Training" / "manifests" / "shipped.csv")
+    assert [case.case for case in shipped] == ["ct_a", "mr_a", *PYRADIOMICS_CASES]
+    assert [(t.text, t.label_value) for t in shipped[0].targets] == [(t.text, t.label_value)
+                                                                    for t in cases["ct_a"].targets]
+    assert all(len(case.targets) == 4 for case in shipped[2:])  # a lesion weighs as much as a structure

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import TOTALSEG
 
 from TextSegLib.volumes import (
     CanonicalTransform,
@@ -20,6 +21,7 @@ from TextSegLib.volumes import (
     VolumeError,
     check_volume_file,
     guess_modality,
+    labels_on_grid,
     orientation_code,
     read_volume,
     write_image,
@@ -447,3 +449,25 @@ def test_canonical_transform_permutes_spacing():
     assert transform.spacing((1.0, 2.0, 3.0)) == (2.0, 3.0, 1.0)
     array = np.random.default_rng(2).random((3, 4, 5))  # K=3, J=4, I=5
     assert transform.forward(array).shape == (5, 3, 4)
+
+
+
+def test_patient_b_labels_are_put_on_the_dicom_grid_in_physical_space():
+    """Patient B's label file is stored y-flipped: matched in physical space, every voxel keeps its label."""
+    image = read_volume(TOTALSEG / "ct_b_dicom")
+    labels = read_volume(TOTALSEG / "ct_b_labels.nii.gz")
+    assert labels.array.shape == image.array.shape and labels.origin != image.origin
+    on_grid = labels_on_grid(labels, image)
+    reference = sitk.Resample(sitk.ReadImage(str(TOTALSEG / "ct_b_labels.nii.gz")), image.to_sitk(),
+                              sitk.Transform(), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(on_grid, sitk.GetArrayFromImage(reference))
+    liver = on_grid == 5  # ct_b_labels.csv: 5 = liver
+    assert liver.sum() == (labels.array == 5).sum()
+    assert 40 < image.array[liver].mean() < 140  # liver parenchyma in HU; the raw array lands on other tissue
+    assert not 40 < image.array[labels.array == 5].mean() < 140
+
+
+def test_labels_of_another_image_are_refused(lung2, data_dir):
+    labels = read_volume(data_dir / "lung1_label.nrrd")
+    with pytest.raises(VolumeError, match="does not cover the same region"):
+        labels_on_grid(labels, lung2)

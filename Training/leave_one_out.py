@@ -1,6 +1,6 @@
 """Leave-one-case-out evaluation: train on all cases but one, segment the held-out case, repeat for every case.
 
-    python Training/leave_one_out.py --config Training/configs/demo.toml --output runs/loo
+    python Training/leave_one_out.py --config Training/configs/shipped.toml --output runs/loo
 
 Each fold trains in ``<output>/<case>/`` with the config's recipe on the other cases (no validation split, the last
 epoch is kept, so the held-out case influences nothing), then segments the held-out volume with its own text
