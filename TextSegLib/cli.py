@@ -301,6 +301,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------- web
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        from .web import serve_web
+    except ImportError as error:
+        raise UsageError(f"textseg web needs trame-slicer ({error.name} is missing): pip install "
+                         "'textseg[web]'.") from None
+    serve_web(args.host, args.port, args.server, args.token or os.environ.get("TEXTSEG_TOKEN"), args.models_dir)
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------- evaluate
 
 
@@ -434,6 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-line", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
+
+    web = sub.add_parser("web", help="segment in a web browser, with Slicer's slice and 3D views")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer "
+                     "only; the page has no log-in, see the README before using another)")
+    web.add_argument("--port", type=int, default=8780, help="port (default 8780; 0 picks a free one)")
+    web.add_argument("--server", help="segment on a TextSeg worker service (`textseg serve`) at this URL "
+                     "(default: a worker process on this computer)")
+    web.add_argument("--token", help="the server's token (default: $TEXTSEG_TOKEN)")
+    web.set_defaults(func=cmd_web)
 
     evaluate = sub.add_parser("evaluate", help="compare predictions with references (files, folders, or a "
                               "dataset manifest segmented by a model)")

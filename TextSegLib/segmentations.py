@@ -65,6 +65,7 @@ __all__ = [
     "store_result",
     "update_volume_node",
     "volume_from_node",
+    "volume_to_node",
     "write_seg_nrrd",
 ]
 
@@ -454,17 +455,33 @@ def update_volume_node(volume_node: vtkMRMLScalarVolumeNode, array: np.ndarray,
                        reference_node: vtkMRMLScalarVolumeNode) -> None:
     """Fill ``volume_node`` with ``array`` (``(K, J, I)``) on ``reference_node``'s grid, geometry and transform
     (used for probability volumes)."""
+    if array.shape != _voxel_shape(reference_node):
+        raise ValueError(f"array shape {array.shape} differs from the volume's {_voxel_shape(reference_node)}")
+    volume_node.SetAndObserveImageData(_image_data(array))
+    volume_node.SetIJKToRASMatrix(_numpy_to_matrix(_ijk_to_ras(reference_node)))
+    volume_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+
+
+def _image_data(array: np.ndarray):
+    """A ``vtkImageData`` holding a copy of ``array`` (``(K, J, I)``), without geometry (nodes keep it)."""
     import vtk
     from vtkmodules.util import numpy_support
 
-    if array.shape != _voxel_shape(reference_node):
-        raise ValueError(f"array shape {array.shape} differs from the volume's {_voxel_shape(reference_node)}")
     image = vtk.vtkImageData()
     image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
-    volume_node.SetAndObserveImageData(image)
-    volume_node.SetIJKToRASMatrix(_numpy_to_matrix(_ijk_to_ras(reference_node)))
-    volume_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+    return image
+
+
+def volume_to_node(volume: Volume, scene, name: str) -> vtkMRMLScalarVolumeNode:
+    """A new scalar volume node in ``scene`` holding a copy of ``volume``'s voxels and its geometry (LPS converted
+    to RAS), with default display nodes: the inverse of :func:`volume_from_node`."""
+    check_volume(volume)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetAndObserveImageData(_image_data(volume.array))
+    node.SetIJKToRASMatrix(_numpy_to_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.ijk_to_lps()))
+    node.CreateDefaultDisplayNodes()
+    return node
 
 
 def show_closed_surface(segmentation_node: vtkMRMLSegmentationNode) -> list[str]:
