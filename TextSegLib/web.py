@@ -154,7 +154,7 @@ class TextSegWebApp:
         first = default_model if default_model in self.models else next(iter(self.models), "")
         self.state.update({
             "trame__title": "TextSeg",
-            "models": [{"id": m.id, "title": f"{m.title} ({m.architecture})"} for m in models],
+            "models": [{"id": m.id, "title": m.title if m.title == m.id else f"{m.title} ({m.id})"} for m in models],
             "model_id": first,
             "prompt": "",
             "segment_name": "",
@@ -263,7 +263,7 @@ class TextSegWebApp:
         except VolumeError as error:
             self._say(str(error), "error")
             return
-        self._show_volume(volume, case_name(Path(upload.name)))
+        self._show_volume(volume, case_name(Path(upload.name)).removesuffix(".zip"))
 
     def _show_volume(self, volume: Volume, name: str) -> None:
         """Replace the scene's volume (and its segments) by ``volume``."""

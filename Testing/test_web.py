@@ -1,0 +1,302 @@
+"""``textseg web`` in a real headless Chromium: a real server on 127.0.0.1, the real shipped model, real files.
+
+The tests share one server and one browser tab and run in the order written (as a user would): open the demo
+case and segment it, then cancel a run, try an empty prompt, an unreadable upload and a damaged model (each must
+leave the segments as they were), then upload real files. The expected segment comes from ``textseg segment`` on
+the same case with the same model, run beside the page.
+
+Chromium is Debian's ``chromium`` package (``make test`` installs it; ``$CHROMIUM`` names another binary).
+``TEXTSEG_WEB_SCREENSHOTS=<folder>`` also writes the README's screenshots there (``web-before.png``,
+``web-after.png``) and prints the time from pressing Segment to the segment on screen.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+WAIT_MS = 240_000  # a cold start on two busy cores: the worker loads torch and the model
+PANEL_WIDTH = 400  # the panel's width in pixels (TextSegWebApp's navigation drawer); the views lie right of it
+
+
+def _chromium() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("Chromium is missing: run `make system-packages` (Debian's chromium package) or set $CHROMIUM")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """A user models folder holding a damaged copy of the shipped model (bytes in its weights flipped)."""
+    from TextSegLib.checkpoints import Catalogue
+    from TextSegLib.demo import DEMO_MODEL
+
+    folder = tmp_path_factory.mktemp("web-models")
+    damaged = folder / "damaged.safetensors"
+    shutil.copyfile(Catalogue(folder).resolve(DEMO_MODEL), damaged)
+    data = bytearray(damaged.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    damaged.write_bytes(bytes(data))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected(models_dir, tmp_path_factory):
+    """``textseg segment`` on the demo case with the demo model and prompt (started now, read when needed)."""
+    from TextSegLib.demo import DEMO_MODEL, demo_case
+
+    case = demo_case()
+    output = tmp_path_factory.mktemp("web-cli") / "lung2.seg.nrrd"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "TextSegLib.cli", "--models-dir", str(models_dir), "segment", str(case["image"]),
+         "-p", case["prompt"], "-m", DEMO_MODEL, "-o", str(output), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_environment(), text=True)
+
+    def result() -> Path:
+        out, _ = process.communicate(timeout=WAIT_MS / 1000)
+        assert process.returncode == 0, out
+        return output
+
+    yield result
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, expected, tmp_path_factory):
+    """``textseg web`` on a free port of 127.0.0.1; yields its URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("web-server") / "server.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "TextSegLib.cli", "--models-dir", str(models_dir), "web", "--port", str(port)],
+            stdout=handle, stderr=subprocess.STDOUT, env=_environment())
+    url = None
+    deadline = time.monotonic() + 120
+    while url is None and time.monotonic() < deadline and process.poll() is None:
+        found = re.search(r"TextSeg web: (http://\S+)", log.read_text(errors="replace"))
+        url = found.group(1) if found else time.sleep(0.2)
+    assert url == f"http://127.0.0.1:{port}/", log.read_text(errors="replace")[-3000:]
+    yield url
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=_chromium(), args=["--headless=new", "--no-sandbox", "--disable-gpu",
+                                               "--disable-dev-shm-usage"])
+        tab = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+        tab.set_default_timeout(WAIT_MS)
+        tab.goto(server)
+        tab.wait_for_selector("#textseg-demo")
+        yield tab
+        browser.close()
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _views(page) -> np.ndarray:
+    """The slice and 3D views as RGB pixels ``(H, W, 3)``, once two screenshots in a row agree (rendering done)."""
+    from PIL import Image
+
+    previous = None
+    deadline = time.monotonic() + 30
+    while True:
+        shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))[:, PANEL_WIDTH:].astype(int)
+        if (previous is not None and np.array_equal(shot, previous)) or time.monotonic() > deadline:
+            return shot
+        previous = shot
+        time.sleep(0.5)
+
+
+def _rows(page) -> list[str]:
+    return [row.inner_text() for row in page.query_selector_all(".textseg-segment")]
+
+
+def _message(page) -> str:
+    alerts = page.query_selector_all("#textseg-message")
+    assert len(alerts) == 1, f"{len(alerts)} messages shown"
+    return alerts[0].inner_text()
+
+
+def _wait_idle(page) -> None:
+    page.wait_for_selector("#textseg-segment")
+
+
+def _segment_colour(page) -> np.ndarray:
+    colour = page.eval_on_selector(".textseg-color", "e => getComputedStyle(e).backgroundColor")
+    return np.array([int(v) for v in re.findall(r"\d+", colour)[:3]])
+
+
+def _segment_millilitres(path: Path) -> float:
+    from TextSegLib.segmentations import read_seg_nrrd
+
+    segmentation = read_seg_nrrd(path)
+    (segment,) = segmentation["segments"]
+    voxels = np.count_nonzero(segmentation["voxels"] == segment["labelValue"])
+    spacing = np.linalg.norm(np.asarray(segmentation["ijkToLPS"])[:3, :3], axis=0)
+    return voxels * float(np.prod(spacing)) / 1000.0
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+
+def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expected, tmp_path):
+    from TextSegLib.demo import demo_case
+    from TextSegLib.segmentations import read_seg_nrrd
+
+    case = demo_case()
+    page.click("#textseg-demo")
+    page.wait_for_function("document.querySelector('#textseg-volume').textContent.includes('512 x 512 x 61')")
+    assert page.input_value("#textseg-prompt") == case["prompt"]
+    assert _rows(page) == []
+    before = _views(page)
+    screenshots = os.environ.get("TEXTSEG_WEB_SCREENSHOTS")
+    if screenshots:
+        Path(screenshots).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(screenshots) / "web-before.png"))
+
+    started = time.monotonic()
+    page.click("#textseg-segment")
+    page.wait_for_selector("#textseg-cancel")
+    page.wait_for_selector(".textseg-segment")
+    listed = time.monotonic() - started
+    while np.array_equal(_views(page), before):
+        time.sleep(0.1)
+    shown = time.monotonic() - started
+    _wait_idle(page)
+    after = _views(page)
+    if screenshots:
+        page.screenshot(path=str(Path(screenshots) / "web-after.png"))
+        print(f"\nSegment pressed -> segment in the list {listed:.1f} s, in the views {shown:.1f} s")
+
+    reference = expected()
+    (row,) = _rows(page)
+    assert case["prompt"] in row
+    assert f"{_segment_millilitres(reference):.2f} mL" in row
+    assert "voxels" in _message(page)
+
+    # The views change where the segment is, towards its colour: hide it and compare.
+    page.click(".textseg-visibility")
+    page.wait_for_selector(".textseg-visibility .mdi-eye-off")
+    hidden = _views(page)
+    assert not np.array_equal(before, after)
+    changed = np.abs(after - hidden).sum(axis=2) > 60
+    assert changed.sum() > 500, f"only {changed.sum()} pixels show the segment"
+    towards = ((after - hidden)[changed] * (_segment_colour(page) - hidden[changed])).sum(axis=1) > 0
+    assert towards.mean() > 0.9, f"{towards.mean():.2f} of the changed pixels move towards the segment's colour"
+    page.click(".textseg-visibility")
+    page.wait_for_selector(".textseg-visibility .mdi-eye")
+
+    with page.expect_download() as download:
+        page.click("#textseg-download")
+    path = tmp_path / "web.seg.nrrd"
+    download.value.save_as(path)
+    assert download.value.suggested_filename == "lung2.seg.nrrd"
+    web, cli = read_seg_nrrd(path), read_seg_nrrd(reference)
+    np.testing.assert_array_equal(web["voxels"], cli["voxels"])
+    np.testing.assert_allclose(web["ijkToLPS"], cli["ijkToLPS"])
+    for mine, theirs in zip(web["segments"], cli["segments"], strict=True):
+        for key in ("name", "color", "tags", "terminology", "labelValue"):
+            assert mine.get(key) == theirs.get(key), key
+
+
+def test_cancel_stops_the_run_and_keeps_the_segments(page):
+    rows = _rows(page)
+    assert len(rows) == 1
+    page.fill("#textseg-prompt", "a small solid nodule in the right upper lung near the mediastinum")
+    page.click("#textseg-segment")
+    page.wait_for_function("/Segmenting: [1-9]/.test(document.body.innerText)")
+    page.click("#textseg-cancel")
+    _wait_idle(page)
+    assert "Cancelled" in _message(page)
+    assert _rows(page) == rows
+
+
+def test_an_empty_prompt_is_one_message_and_changes_nothing(page):
+    rows = _rows(page)
+    page.fill("#textseg-prompt", "   ")
+    page.click("#textseg-segment")
+    page.wait_for_selector("#textseg-message:has-text('The prompt is empty')")
+    assert "type what to segment" in _message(page)
+    assert page.query_selector("#textseg-cancel") is None
+    assert _rows(page) == rows
+
+
+def test_an_unreadable_upload_is_one_message_and_changes_nothing(page, tmp_path):
+    rows, volume = _rows(page), page.inner_text("#textseg-volume")
+    broken = tmp_path / "broken.nrrd"
+    broken.write_bytes(b"NRRD0004\ntype: what\nthis is not a header\n\n\x00\x01")
+    page.set_input_files("#textseg-upload", str(broken))
+    page.wait_for_selector("#textseg-message:has-text('broken.nrrd')")
+    assert "Cannot open 'broken.nrrd'" in _message(page)
+    assert page.inner_text("#textseg-volume") == volume
+    assert _rows(page) == rows
+
+
+def test_a_damaged_model_is_one_message_and_changes_nothing(page):
+    from TextSegLib.demo import demo_case
+
+    rows = _rows(page)
+    page.click("#textseg-model", force=True)  # the selected title lies over the input
+    page.click(".v-list-item:has-text('(damaged)')")
+    page.fill("#textseg-prompt", demo_case()["prompt"])
+    page.click("#textseg-segment")
+    page.wait_for_selector("#textseg-message:has-text('segments are as they were')")
+    assert "damaged" in _message(page).lower()
+    assert _rows(page) == rows
+
+
+@pytest.mark.parametrize("kind", ["nrrd", "zipped DICOM"])
+def test_real_files_upload(page, tmp_path, kind):
+    from TextSegLib.volumes import read_volume
+
+    if kind == "nrrd":
+        source = upload = SHARED / "pyradiomics" / "brain1_image.nrrd"
+    else:
+        source = SHARED / "totalsegmentator" / "ct_b_dicom"
+        upload = tmp_path / "ct_b.zip"
+        with zipfile.ZipFile(upload, "w") as archive:
+            for file in sorted(source.iterdir()):
+                archive.write(file, f"ct_b_dicom/{file.name}")
+    k, j, i = read_volume(source).array.shape
+    page.set_input_files("#textseg-upload", str(upload))
+    page.wait_for_function(f"document.querySelector('#textseg-volume').textContent.includes('{i} x {j} x {k}')")
+    assert f"Loaded {upload.name.split('.')[0]}" in _message(page)
+    assert _rows(page) == []
