@@ -1,10 +1,11 @@
 # Set-up and checks. `make demo` creates .venv, installs TextSeg and runs the demo on the bundled real CT;
-# `make test` installs TextSeg with its test tools and runs ruff and pytest.
+# `make test` installs TextSeg with its test tools and the system packages the browser tests need, and runs ruff and
+# pytest.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint benchmark demo
+.PHONY: install test lint benchmark demo system-packages
 
 $(BIN)/textseg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +21,19 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: lint
+# Testing/test_web.py drives Debian's Chromium; the views render on Mesa (EGL, or OSMesa where EGL is missing).
+# Installed with apt-get (as root, or through sudo) only when one is missing; elsewhere, install them by hand.
+SYSTEM_PACKAGES := chromium libegl1 libgl1-mesa-dri libosmesa6
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+system-packages:
+	@if dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
+	else echo "make: install $(SYSTEM_PACKAGES) (or their equivalents) with your system's package manager"; exit 1; fi
+
+test: lint system-packages
 	$(BIN)/pytest
 
 benchmark: install

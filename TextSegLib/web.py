@@ -521,8 +521,11 @@ class TextSegWebApp:
                           density="compact", hide_details=True, classes="mb-3")
                 v.VSelect(id="textseg-model", label="Model", v_model=("model_id",), items=("models",),
                           item_title="title", item_value="id", density="compact", hide_details=True)
-                html.Div("{{ model_description }}", classes="text-caption mt-1")
-                html.Div("{{ model_text_role }}", v_if=("model_text_role",), classes="text-caption font-italic")
+                with html.Div(classes="text-caption mt-1"):
+                    html.Span("{{ model_description }}")
+                    with v.VIcon(icon="mdi-information-outline", v_if=("model_text_role",), size="small",
+                                 classes="ml-1"):
+                        v.VTooltip(text=("model_text_role",), activator="parent", location="bottom", max_width=380)
                 with html.Div(classes="my-1"):
                     v.VChip("{{ example }}", v_for="example in model_examples", key="example", size="x-small",
                             classes="ma-1", click="prompt = example")
