@@ -2,7 +2,8 @@
 
 The tests share one server and one browser tab and run in the order written (as a user would): open the demo
 case and segment it, then cancel a run, try an empty prompt, an unreadable upload and a damaged model (each must
-leave the segments as they were), then upload real files. The expected segment comes from ``textseg segment`` on
+leave the segments as they were), overlay the probability map and delete the segment, segment through a
+``textseg serve`` worker (``--server``), then upload real files. The expected segment comes from ``textseg segment`` on
 the same case with the same model, run beside the page.
 
 Chromium is Debian's ``chromium`` package (``make test`` installs it; ``$CHROMIUM`` names another binary).
@@ -18,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -87,28 +89,38 @@ def expected(models_dir, tmp_path_factory):
         process.wait()
 
 
-@pytest.fixture(scope="module")
-def server(models_dir, expected, tmp_path_factory):
-    """``textseg web`` on a free port of 127.0.0.1; yields its URL."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("web-server") / "server.log"
+def _start(arguments: list[str], ready: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """Run ``textseg <arguments>``, its output to ``log``; return the process and the URL in its ``ready`` line."""
     with open(log, "w") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "TextSegLib.cli", "--models-dir", str(models_dir), "web", "--port", str(port)],
-            stdout=handle, stderr=subprocess.STDOUT, env=_environment())
+        process = subprocess.Popen([sys.executable, "-m", "TextSegLib.cli", *arguments], stdout=handle,
+                                   stderr=subprocess.STDOUT, env=_environment())
     url = None
     deadline = time.monotonic() + 120
     while url is None and time.monotonic() < deadline and process.poll() is None:
-        found = re.search(r"TextSeg web: (http://\S+)", log.read_text(errors="replace"))
+        found = re.search(ready + r" (http://\S+)", log.read_text(errors="replace"))
         url = found.group(1) if found else time.sleep(0.2)
-    assert url == f"http://127.0.0.1:{port}/", log.read_text(errors="replace")[-3000:]
-    yield url
+    assert url, log.read_text(errors="replace")[-3000:]
+    return process, url
+
+
+def _stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:
         process.wait(20)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, expected, tmp_path_factory):
+    """``textseg web`` on a free port of 127.0.0.1; yields its URL."""
+    port = _free_port()
+    process, url = _start(["--models-dir", str(models_dir), "web", "--port", str(port)], "TextSeg web:",
+                          tmp_path_factory.mktemp("web-server") / "server.log")
+    assert url == f"http://127.0.0.1:{port}/"
+    yield url
+    _stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +159,15 @@ def _views(page) -> np.ndarray:
 def _changed(one: np.ndarray, other: np.ndarray) -> np.ndarray:
     """Pixels that differ by more than JPEG noise between two views images."""
     return np.abs(one - other).sum(axis=2) > 60
+
+
+def _views_once(page, condition, what: str) -> np.ndarray:
+    """The views once ``condition(views)`` holds (the server renders after the click's round trip); fails saying
+    ``what`` did not happen within a minute."""
+    deadline = time.monotonic() + 60
+    while not condition(shot := _views(page)):
+        assert time.monotonic() < deadline, what
+    return shot
 
 
 def _rows(page) -> list[str]:
@@ -197,7 +218,7 @@ def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expect
     page.wait_for_selector("#textseg-progress")
     page.wait_for_selector(".textseg-segment")
     _wait_idle(page)
-    after = _views(page)
+    after = _views_once(page, lambda shot: _changed(shot, before).sum() > 500, "the views do not change")
 
     reference = expected()
     (row,) = _rows(page)
@@ -208,7 +229,7 @@ def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expect
     # The views change where the segment is, towards its colour: hide it and compare.
     page.click(".textseg-visibility")
     page.wait_for_selector(".textseg-visibility .mdi-eye-off")
-    hidden = _views(page)
+    hidden = _views_once(page, lambda shot: _changed(shot, after).sum() > 500, "hiding the segment changes nothing")
     assert not np.array_equal(before, after)
     changed = _changed(after, hidden)
     assert changed.sum() > 500, f"only {changed.sum()} pixels show the segment"
@@ -258,7 +279,9 @@ def test_an_unreadable_upload_is_one_message_and_changes_nothing(page, tmp_path)
     broken.write_bytes(b"NRRD0004\ntype: what\nthis is not a header\n\n\x00\x01")
     page.set_input_files("#textseg-upload", str(broken))
     page.wait_for_selector("#textseg-message:has-text('broken.nrrd')")
-    assert "Cannot open 'broken.nrrd'" in _message(page)
+    message = _message(page)
+    assert message.startswith("Cannot read 'broken.nrrd': it is not an image TextSeg can read"), message
+    assert tempfile.gettempdir() not in message
     assert page.inner_text("#textseg-volume") == volume
     assert _rows(page) == rows
 
@@ -279,15 +302,53 @@ def test_a_damaged_model_is_one_message_and_changes_nothing(page):
 def test_the_probability_map_overlays_the_slices_and_delete_removes_the_segment(page):
     shown = _views(page)
     page.click(".textseg-probability")
-    overlaid = _views(page)
-    assert _changed(overlaid, shown).mean() > 0.05, "the probability map does not cover the slices"
+    _views_once(page, lambda shot: _changed(shot, shown).mean() > 0.05, "the probability map does not cover the slices")
     page.click(".textseg-probability")
-    assert _changed(_views(page), shown).mean() < 0.01, "the probability map stays after it was hidden"
+    _views_once(page, lambda shot: _changed(shot, shown).mean() < 0.01, "the probability map stays after it was hidden")
     page.click(".textseg-delete")
     page.wait_for_selector("text=No segments yet.")
     assert _rows(page) == []
     assert page.is_disabled("#textseg-download")
-    assert _changed(_views(page), shown).sum() > 500, "the deleted segment still shows"
+    _views_once(page, lambda shot: _changed(shot, shown).sum() > 500, "the deleted segment still shows")
+
+
+def test_with_server_the_page_segments_on_a_textseg_serve_worker(page, expected, models_dir, tmp_path):
+    """``textseg web --server``: the models and the segmentation come from a ``textseg serve`` with a token."""
+    from TextSegLib.demo import DEMO_MODEL
+
+    token = "web-test-token"
+    worker, worker_url = _start(["--models-dir", str(models_dir), "serve", "--port", "0", "--token", token,
+                                 "--ready-line"], "TEXTSEG-WORKER-READY", tmp_path / "serve.log")
+    try:
+        web, url = _start(["web", "--port", str(_free_port()), "--server", worker_url, "--token", token],
+                          "TextSeg web:", tmp_path / "web.log")
+        try:
+            tab = page.context.browser.new_page(viewport={"width": 1400, "height": 900})
+            tab.set_default_timeout(WAIT_MS)
+            tab.goto(url)
+            tab.wait_for_selector(f"text=segments on the TextSeg server at {worker_url}")
+            tab.click("#textseg-model", force=True)
+            assert tab.is_visible(".v-list-item:has-text('(damaged)')")  # the server's catalogue, not this one's
+            tab.click(f".v-list-item:has-text('({DEMO_MODEL})')")
+            tab.click("#textseg-demo")
+            tab.wait_for_function("document.querySelector('#textseg-volume').textContent.includes('voxels')")
+            tab.click("#textseg-segment")
+            tab.wait_for_selector(".textseg-segment")
+            assert f"{_segment_millilitres(expected()):.2f} mL" in _rows(tab)[0]
+            tab.close()
+        finally:
+            _stop(web)
+    finally:
+        _stop(worker)
+
+
+def test_an_unreachable_server_is_one_line_at_start():
+    port = _free_port()  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "TextSegLib.cli", "web", "--server", f"http://127.0.0.1:{port}"],
+                          capture_output=True, text=True, env=_environment(), timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"textseg: error: Cannot reach the TextSeg server at http://127.0.0.1:{port}")
+    assert done.stderr.count("\n") == 1, done.stderr
 
 
 @pytest.mark.parametrize("kind", ["nrrd", "zipped DICOM"])
@@ -307,3 +368,22 @@ def test_real_files_upload(page, tmp_path, kind):
     page.wait_for_function(f"document.querySelector('#textseg-volume').textContent.includes('{i} x {j} x {k}')")
     assert f"Loaded {upload.name.split('.')[0]}" in _message(page)
     assert _rows(page) == []
+
+
+def test_uploads_that_are_not_zipped_dicom_series_are_refused_in_one_line():
+    """Without a browser: what the page says for zip files it cannot use."""
+    from TextSegLib.volumes import VolumeError
+    from TextSegLib.web import read_upload
+
+    with pytest.raises(VolumeError, match=r"^'x\.zip' is not a readable zip file .*; upload NRRD"):
+        read_upload("x.zip", b"PK but not a zip")
+    escaping = io.BytesIO()
+    with zipfile.ZipFile(escaping, "w") as archive:
+        archive.writestr("../escaped.dcm", b"DICM")
+    with pytest.raises(VolumeError, match="outside its folder"):
+        read_upload("evil.zip", escaping.getvalue())
+    text = io.BytesIO()
+    with zipfile.ZipFile(text, "w") as archive:
+        archive.writestr("notes/readme.txt", "not an image")
+    with pytest.raises(VolumeError, match=r"^No DICOM series found in the folder 'notes\.zip'"):
+        read_upload("notes.zip", text.getvalue())

@@ -88,16 +88,11 @@ def read_upload(name: str, content: bytes) -> Volume:
             path = _dicom_folder(unpacked)
         try:
             volume = read_volume(path)
-        except VolumeError as error:
-            raise VolumeError(f"Cannot open {base!r}: {_reason(error)} Upload {UPLOAD_KINDS}.") from None
+        except VolumeError as error:  # the library's message, naming the upload instead of its temporary copy
+            text = first_line(error).replace(str(path), base).replace(str(Path(folder) / "unpacked"), base)
+            raise VolumeError(text) from None
         volume.source = base
         return volume
-
-
-def _reason(error: BaseException) -> str:
-    """The library's message without the temporary path it names."""
-    text = first_line(error)
-    return text if text.endswith(".") else text + "."
 
 
 # ---------------------------------------------------------------------------------------------- application
@@ -599,6 +594,9 @@ def serve_web(host: str = "127.0.0.1", port: int = DEFAULT_PORT, server: str | N
         environment = {"TEXTSEG_MODELS_DIR": models_dir} if models_dir else {}
         worker = LocalWorker(environment=environment)
         models = [ModelChoice.from_entry(entry) for entry in Catalogue(models_dir).entries()]
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # as `textseg segment`: ITK's multi-line warnings
     trame = get_server("textseg-web", client_type="vue3")
     app = TextSegWebApp(trame, worker, models, DEMO_MODEL)
     if not server:
