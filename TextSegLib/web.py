@@ -111,7 +111,8 @@ class TextSegWebApp:
 
     Args:
         server: a trame server (``trame.app.get_server(client_type="vue3")``).
-        worker: the worker that segments (:func:`TextSegLib.worker.shared_worker`).
+        worker: the worker that segments (a :class:`~TextSegLib.worker.LocalWorker` or
+            :class:`~TextSegLib.worker.RemoteWorker`).
         models: the models a user can pick (``ModelChoice`` list).
         default_model: the model chosen when the page opens (when it is among ``models``).
     """
