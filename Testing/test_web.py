@@ -3,8 +3,8 @@
 The tests share one server and one browser tab and run in the order written (as a user would): open the demo
 case and segment it, then cancel a run, try an empty prompt, an unreadable upload and a damaged model (each must
 leave the segments as they were), overlay the probability map and delete the segment, segment through a
-``textseg serve`` worker (``--server``), then upload real files. The expected segment comes from ``textseg segment`` on
-the same case with the same model, run beside the page.
+``textseg serve`` worker (``--server``), then upload real files. The expected segment comes from ``textseg
+segment`` on the same case with the same model, run beside the page. The last two tests need no browser.
 
 Chromium is Debian's ``chromium`` package (``make test`` installs it; ``$CHROMIUM`` names another binary).
 ``Benchmarks/web_screenshots.py`` takes the README's screenshots and times the page without a second run beside it.
@@ -387,3 +387,21 @@ def test_uploads_that_are_not_zipped_dicom_series_are_refused_in_one_line():
         archive.writestr("notes/readme.txt", "not an image")
     with pytest.raises(VolumeError, match=r"^No DICOM series found in the folder 'notes\.zip'"):
         read_upload("notes.zip", text.getvalue())
+
+
+def test_a_volume_shown_in_the_scene_is_the_volume_read():
+    """``volume_to_node`` (what the page shows) gives back, through ``volume_from_node`` (what the Slicer module
+    sends to the worker), the voxels and geometry ``read_volume`` read, also for a file whose axes are not LPS."""
+    import slicer
+
+    from TextSegLib.segmentations import volume_from_node, volume_to_node
+    from TextSegLib.volumes import read_volume
+
+    scene = slicer.vtkMRMLScene()
+    for path in (SHARED / "pyradiomics" / "lung2_image.nrrd", SHARED / "totalsegmentator" / "ct_a_image.nii.gz"):
+        volume = read_volume(path)
+        back = volume_from_node(volume_to_node(volume, scene, path.name))
+        np.testing.assert_array_equal(back.array, volume.array)
+        np.testing.assert_allclose(back.spacing, volume.spacing, rtol=1e-6)
+        np.testing.assert_allclose(back.origin, volume.origin, atol=1e-4)
+        np.testing.assert_allclose(back.direction, volume.direction, atol=1e-6)
