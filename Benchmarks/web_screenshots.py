@@ -1,9 +1,10 @@
 """Screenshots of ``textseg web`` before and after segmenting the demo case, and the time it takes.
 
-Starts ``textseg web`` on a free port of 127.0.0.1, opens it in headless Chromium (Debian's ``chromium``; ``$CHROMIUM``
-names another), opens the demo case, writes ``web-before.png``, presses Segment and measures the time until the
-segment is in the list and until the slice views show it, writes ``web-after.png``, then segments a second prompt
-with the worker warm (model loaded) and measures again::
+Starts ``textseg web`` on a free port of 127.0.0.1, opens it in headless Chromium (Debian's ``chromium``;
+``$CHROMIUM`` names another), opens the demo case (the one ``textseg demo`` segments), writes ``web-before.png``,
+presses Segment for its first structure and measures the time until the segment is in the list and until the
+slice views show it, writes ``web-after.png``, then segments its second structure with the worker warm (model
+loaded) and measures again::
 
     python Benchmarks/web_screenshots.py [--output Docs]
 
@@ -62,7 +63,7 @@ def main() -> int:
     output.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import sync_playwright
 
-    from TextSegLib.demo import demo_case
+    from TextSegLib.demo import DEFAULT_CASE, demo_case
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -91,11 +92,11 @@ def main() -> int:
             page.wait_for_function("document.querySelector('#textseg-volume').textContent.includes('voxels')")
             time.sleep(3.0)
             page.screenshot(path=str(output / "web-before.png"))
-            case = demo_case()
-            first = segment(page, case["prompt"], 0)
+            case = demo_case(DEFAULT_CASE)
+            first = segment(page, case["targets"][0]["prompt"], 0)
             time.sleep(3.0)
             page.screenshot(path=str(output / "web-after.png"))
-            second = segment(page, "a small solid nodule in the right upper lung near the mediastinum", 1)
+            second = segment(page, case["targets"][1]["prompt"], 1)
             browser.close()
         load = os.getloadavg()[0]
         for label, (listed, shown, run) in (("first prompt (model loading included)", first),

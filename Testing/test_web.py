@@ -1,9 +1,9 @@
 """``textseg web`` in a real headless Chromium: a real server on 127.0.0.1, the real shipped model, real files.
 
 The tests share one server and one browser tab and run in the order written (as a user would): open the demo
-case and segment it, then cancel a run, try an empty prompt, an unreadable upload and a damaged model (each must
-leave the segments as they were), overlay the probability map and delete the segment, segment through a
-``textseg serve`` worker (``--server``), then upload real files. The expected segment comes from ``textseg
+case and segment it, try an empty prompt, an unreadable upload and a damaged model (each must leave the segments
+as they were), overlay the probability map and delete the segment, segment through a ``textseg serve`` worker
+(``--server``), upload real files, and cancel a run on the last one. The expected segment comes from ``textseg
 segment`` on the same case with the same model, run beside the page. The last two tests need no browser.
 
 Chromium is Debian's ``chromium`` package (``make test`` installs it; ``$CHROMIUM`` names another binary).
@@ -69,10 +69,10 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def expected(models_dir, tmp_path_factory):
     """``textseg segment`` on the demo case with the demo model and prompt (started now, read when needed)."""
-    from TextSegLib.demo import DEMO_MODEL, demo_case
+    from TextSegLib.demo import DEFAULT_CASE, DEMO_MODEL, demo_case
 
-    case = demo_case()
-    output = tmp_path_factory.mktemp("web-cli") / "lung2.seg.nrrd"
+    case = demo_case(DEFAULT_CASE)
+    output = tmp_path_factory.mktemp("web-cli") / "demo.seg.nrrd"
     process = subprocess.Popen(
         [sys.executable, "-m", "TextSegLib.cli", "--models-dir", str(models_dir), "segment", str(case["image"]),
          "-p", case["prompt"], "-m", DEMO_MODEL, "-o", str(output), "-q"],
@@ -170,6 +170,17 @@ def _views_once(page, condition, what: str) -> np.ndarray:
     return shot
 
 
+def _wait_for_volume(page, volume) -> None:
+    """Wait until the page names a volume of ``volume``'s size as loaded."""
+    k, j, i = volume.array.shape
+    page.wait_for_function(f"document.querySelector('#textseg-volume').textContent.includes('{i} x {j} x {k} ')")
+
+
+def _choose_model(page, model_id: str) -> None:
+    page.click("#textseg-model", force=True)  # the selected title lies over the input
+    page.click(f".v-list-item:has-text('({model_id})')")
+
+
 def _rows(page) -> list[str]:
     return [row.inner_text() for row in page.query_selector_all(".textseg-segment")]
 
@@ -203,12 +214,13 @@ def _segment_millilitres(path: Path) -> float:
 
 
 def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expected, tmp_path):
-    from TextSegLib.demo import demo_case
+    from TextSegLib.demo import DEFAULT_CASE, demo_case
     from TextSegLib.segmentations import read_seg_nrrd
+    from TextSegLib.volumes import read_volume
 
-    case = demo_case()
+    case = demo_case(DEFAULT_CASE)
     page.click("#textseg-demo")
-    page.wait_for_function("document.querySelector('#textseg-volume').textContent.includes('512 x 512 x 61')")
+    _wait_for_volume(page, read_volume(case["image"]))
     assert page.input_value("#textseg-prompt") == case["prompt"]
     assert _rows(page) == []
     before = _views(page)
@@ -242,25 +254,13 @@ def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expect
         page.click("#textseg-download")
     path = tmp_path / "web.seg.nrrd"
     download.value.save_as(path)
-    assert download.value.suggested_filename == "lung2.seg.nrrd"
+    assert download.value.suggested_filename == f"{case['case']}.seg.nrrd"
     web, cli = read_seg_nrrd(path), read_seg_nrrd(reference)
     np.testing.assert_array_equal(web["voxels"], cli["voxels"])
     np.testing.assert_allclose(web["ijkToLPS"], cli["ijkToLPS"])
     for mine, theirs in zip(web["segments"], cli["segments"], strict=True):
         for key in ("name", "color", "tags", "terminology", "labelValue"):
             assert mine.get(key) == theirs.get(key), key
-
-
-def test_cancel_stops_the_run_and_keeps_the_segments(page):
-    rows = _rows(page)
-    assert len(rows) == 1
-    page.fill("#textseg-prompt", "a small solid nodule in the right upper lung near the mediastinum")
-    page.click("#textseg-segment")
-    page.wait_for_function("/Segmenting: [1-9]/.test(document.body.innerText)")
-    page.click("#textseg-cancel")
-    _wait_idle(page)
-    assert "Cancelled" in _message(page)
-    assert _rows(page) == rows
 
 
 def test_an_empty_prompt_is_one_message_and_changes_nothing(page):
@@ -287,16 +287,16 @@ def test_an_unreadable_upload_is_one_message_and_changes_nothing(page, tmp_path)
 
 
 def test_a_damaged_model_is_one_message_and_changes_nothing(page):
-    from TextSegLib.demo import demo_case
+    from TextSegLib.demo import DEFAULT_CASE, DEMO_MODEL, demo_case
 
     rows = _rows(page)
-    page.click("#textseg-model", force=True)  # the selected title lies over the input
-    page.click(".v-list-item:has-text('(damaged)')")
-    page.fill("#textseg-prompt", demo_case()["prompt"])
+    _choose_model(page, "damaged")
+    page.fill("#textseg-prompt", demo_case(DEFAULT_CASE)["prompt"])
     page.click("#textseg-segment")
     page.wait_for_selector("#textseg-message:has-text('segments are as they were')")
     assert "damaged" in _message(page).lower()
     assert _rows(page) == rows
+    _choose_model(page, DEMO_MODEL)
 
 
 def test_the_probability_map_overlays_the_slices_and_delete_removes_the_segment(page):
@@ -351,23 +351,40 @@ def test_an_unreachable_server_is_one_line_at_start():
     assert done.stderr.count("\n") == 1, done.stderr
 
 
-@pytest.mark.parametrize("kind", ["nrrd", "zipped DICOM"])
+@pytest.mark.parametrize("kind", ["zipped DICOM", "nrrd"])
 def test_real_files_upload(page, tmp_path, kind):
     from TextSegLib.volumes import read_volume
 
     if kind == "nrrd":
-        source = upload = SHARED / "pyradiomics" / "brain1_image.nrrd"
+        source = upload = SHARED / "pyradiomics" / "lung2_image.nrrd"
     else:
         source = SHARED / "totalsegmentator" / "ct_b_dicom"
         upload = tmp_path / "ct_b.zip"
         with zipfile.ZipFile(upload, "w") as archive:
             for file in sorted(source.iterdir()):
                 archive.write(file, f"ct_b_dicom/{file.name}")
-    k, j, i = read_volume(source).array.shape
     page.set_input_files("#textseg-upload", str(upload))
-    page.wait_for_function(f"document.querySelector('#textseg-volume').textContent.includes('{i} x {j} x {k}')")
+    _wait_for_volume(page, read_volume(source))
     assert f"Loaded {upload.name.split('.')[0]}" in _message(page)
     assert _rows(page) == []
+
+
+def test_cancel_stops_the_run_and_keeps_the_segments(page):
+    """On the uploaded lung2 (61 slices): one segment, then a run of one slice per batch cancelled mid-way."""
+    page.fill("#textseg-prompt", "the left lung")
+    page.click("#textseg-segment")
+    page.wait_for_selector(".textseg-segment")
+    _wait_idle(page)
+    rows = _rows(page)
+    page.fill("#textseg-prompt", "the right lung")
+    page.fill("#textseg-batch-size", "1")
+    page.click("#textseg-segment")
+    page.wait_for_function("/Segmenting: [1-9][0-9]* of 61/.test(document.body.innerText)")
+    page.click("#textseg-cancel")
+    _wait_idle(page)
+    assert "Cancelled" in _message(page)
+    assert _rows(page) == rows
+    page.fill("#textseg-batch-size", "")
 
 
 def test_uploads_that_are_not_zipped_dicom_series_are_refused_in_one_line():

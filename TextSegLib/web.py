@@ -157,6 +157,7 @@ class TextSegWebApp:
             "devices": list(DEVICES),
             "device": "auto",
             "threshold": "",
+            "batch_size": "",
             "window_presets": list(WINDOW_PRESETS),
             "window_preset": "Automatic",
             "volume_name": "",
@@ -226,10 +227,11 @@ class TextSegWebApp:
     # ------------------------------------------------------------------------------------------------ volume
 
     def open_demo(self) -> None:
-        """Load the bundled demo case and put its prompt in the prompt field."""
-        from .demo import demo_case
+        """Load the bundled demo case (the one ``textseg demo`` segments) and put its first prompt in the prompt
+        field."""
+        from .demo import DEFAULT_CASE, demo_case
 
-        case = demo_case()
+        case = demo_case(DEFAULT_CASE)
         try:
             volume = read_volume(case["image"], modality=case["modality"])
         except VolumeError as error:
@@ -308,7 +310,14 @@ class TextSegWebApp:
             except ValueError:
                 raise TextSegValueError(f"The threshold {text!r} is not a number; give one between 0 and 1, or "
                                         "leave it empty for the model's.") from None
-        return SegmentRequest(prompt, [self.state.model_id], self.state.device, None, threshold, True,
+        batch_size = None
+        text = str(self.state.batch_size or "").strip()
+        if text:
+            if not text.isdigit() or int(text) < 1:
+                raise TextSegValueError(f"The batch size {text!r} is not a whole number of at least 1; leave it "
+                                        "empty to let TextSeg choose.")
+            batch_size = int(text)
+        return SegmentRequest(prompt, [self.state.model_id], self.state.device, batch_size, threshold, True,
                               self.volume.modality).validate()
 
     def start_segment(self) -> None:
@@ -397,17 +406,16 @@ class TextSegWebApp:
         display = self.segmentation_node.GetDisplayNode()
         display.SetSegmentVisibility(segment_id, True)
         notes = show_closed_surface(self.segmentation_node) + list(result.notes)
-        if result.empty:
-            notes.append("Nothing was found above the threshold: the segment is empty.")
-        else:
+        if not result.empty:
             self._jump_to(result.mask)
         if self.state.probability_shown == segment_id:
             self._show_probability(segment_id)
         self._refresh_segments()
         segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
         self._say(" ".join([f"{segment.GetName()}: {result.voxel_count} voxels ({millilitres:.2f} mL) in "
-                            f"{result.seconds:.1f} s on {(result.device or '?').upper()}.", *notes]),
-                  "warning" if notes else "success")
+                            f"{result.seconds:.1f} s on {(result.device or '?').upper()}; {result.presence}.",
+                            *notes]),
+                  "success" if result.found and not notes else "warning")
 
     def _jump_to(self, mask: np.ndarray) -> None:
         """Move every slice view through the voxel of ``mask`` nearest its centre of mass (the views keep their
@@ -535,6 +543,8 @@ class TextSegWebApp:
                     v.VTextField(id="textseg-threshold", label="Threshold", v_model=("threshold",),
                                  placeholder=("`model's: ${model_threshold}`",), density="compact",
                                  hide_details=True)
+                    v.VTextField(id="textseg-batch-size", label="Batch size", v_model=("batch_size",),
+                                 placeholder="automatic", density="compact", hide_details=True)
                 v.VBtn("Segment", id="textseg-segment", v_if=("!running",), click=self.start_segment,
                        color="primary", block=True, classes="mt-3")
                 v.VBtn("Cancel", id="textseg-cancel", v_else=True, click=self.cancel, disabled=("cancelling",),
