@@ -14,7 +14,8 @@ structure present in it, three ways:
 (b) *swapped*: structures ``s_1 .. s_n`` (in ``STRUCTURES`` order) are asked with a fixed derangement of the
     prompts, ``s_i`` with the canonical prompt of ``s_{i+1}`` (``s_n`` with ``s_1``'s). Dice against ``s_i``'s own
     label: a network that ignores the prompt scores as in (a), one that follows it drops. (b') the same output
-    against the label of the structure the prompt names (``s_{i+1}``): high when the network follows the prompt;
+    against the label of the structure the prompt names (``s_{i+1}``) is in the CSV (``dice_named``); it equals
+    (a) for ``s_{i+1}``, since that prompt is ``s_{i+1}``'s right prompt, so the tables leave it out;
 (c) *paraphrase*: each of the structure's held-out phrasings ("liver parenchyma", "the hepatic organ"), never
     seen in training; Dice against the structure's label, averaged over its phrasings.
 
@@ -146,9 +147,11 @@ def score_prompts(model: InferenceEngine | LoadedModel | Predictor, volume: Volu
                 asked.append((condition, structure, named.prompt, named))
             else:
                 asked += [(condition, structure, text, structure) for text in structure.paraphrases]
-    rows = []
+    rows, masks = [], {}
     for condition, structure, prompt, named in asked:
-        mask = np.asarray(predict(prompt)) != 0
+        if prompt not in masks:  # a swapped prompt is another structure's right prompt: segmented once
+            masks[prompt] = np.asarray(predict(prompt)) != 0
+        mask = masks[prompt]
         reference = labels == values[structure.name]
         rows.append({"condition": condition, "structure": structure.name, "prompt": prompt,
                      "prompt_names": named.name, "dice": dice(mask, reference),
@@ -181,12 +184,11 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_markdown(table: Sequence[dict[str, Any]]) -> str:
-    """A :func:`summarise` table as Markdown."""
-    lines = ["| structure | (a) right | (b) swapped, own label | (b') swapped, named label | (c) unseen phrasings |",
-             "|---|---|---|---|---|"]
+    """A :func:`summarise` table as Markdown: (a), (b) and (c). (b') is left out: the swapped prompt of ``s_i`` is
+    the right prompt of ``s_{i+1}``, so its output and its Dice against ``s_{i+1}`` are (a)'s for ``s_{i+1}``."""
+    lines = ["| structure | (a) right prompt | (b) swapped prompt | (c) unseen phrasings |", "|---|---|---|---|"]
     for row in table:
-        cells = ["-" if row[c] is None else f"{row[c]:.3f}"
-                 for c in ("right", "swapped", "swapped_named", "paraphrase")]
+        cells = ["-" if row[c] is None else f"{row[c]:.3f}" for c in ("right", "swapped", "paraphrase")]
         name = f"**{row['structure']}**" if row["structure"] == "mean" else row["structure"].replace("_", " ")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
