@@ -72,13 +72,26 @@ def test_a_prompt_follower_and_a_prompt_ignorer_score_as_they_must(held_out):
     assert [r["structure"] for r in table] == [*swaps, "mean"]
     assert table[-1]["right"] == table[-1]["paraphrase"] == table[-1]["swapped_named"] == 1.0
     assert table[-1]["swapped"] < 0.05
+    assert table[-1]["p_right"] == table[-1]["p_paraphrase"] == 1.0 and table[-1]["p_swapped"] == 0.0
 
     liver = labels == values["liver"]
     ignored = summarise(score_prompts(lambda prompt: liver, None, labels, values, structures))
     for row in ignored:
         assert row["swapped"] == pytest.approx(row["right"]) == pytest.approx(row["paraphrase"])
+        assert row["p_swapped"] == pytest.approx(row["p_right"])
     assert ignored[0]["structure"] == "liver" and ignored[0]["right"] == 1.0
     assert all(row["right"] < 0.2 for row in ignored[1:-1])
+
+
+def test_probabilities_given_by_a_predictor_are_averaged_inside_each_label(held_out):
+    _volume, labels, values = held_out
+    structures = scored_structures()[:2]  # liver, spleen
+    liver, spleen = labels == values["liver"], labels == values["spleen"]
+    probability = np.where(liver, 0.8, np.where(spleen, 0.3, 0.0)).astype(np.float32)
+    rows = score_prompts(lambda prompt: (probability > 0.5, probability), None, labels, values, structures,
+                         ["right"])
+    assert [(r["structure"], r["probability_inside"], r["dice"]) for r in rows] == [
+        ("liver", pytest.approx(0.8), 1.0), ("spleen", pytest.approx(0.3), 0.0)]
 
 
 def test_scoring_refuses_structures_the_labels_lack_and_unknown_conditions(held_out):
@@ -101,7 +114,8 @@ def test_the_script_trains_scores_and_skips_a_finished_network(tmp_path, capsys)
     assert conditions == ["right"] * 2 + ["swapped"] * 2 + ["paraphrase"] * 4
     assert {row["network"] for row in rows} == {"texlivernet"}
     assert [(r["structure"], r["prompt"]) for r in rows[2:4]] == [("liver", "the spleen"), ("spleen", "the liver")]
-    assert all(0.0 <= float(row["dice"]) <= 1.0 for row in rows)
+    assert all(0.0 <= float(row[key]) <= 1.0 for row in rows for key in ("dice", "probability_inside"))
+    assert all(0.0 < float(row["probability_inside"]) < 1.0 for row in rows)  # the engine's probabilities
     with open(output / "manifest.csv", newline="") as handle:
         trained = list(csv.DictReader(handle))
     assert {row["case"] for row in trained} == {"ct_a", "mr_a"}
@@ -109,7 +123,7 @@ def test_the_script_trains_scores_and_skips_a_finished_network(tmp_path, capsys)
     assert {row["text"] for row in trained}.isdisjoint(paraphrases)
     markdown = (output / "prompt_effect.md").read_text()
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert len(table) == 4 and table[0].count("|") == 5  # header, liver, spleen, mean
+    assert len(table) == 4 and table[0].count("|") == 8  # header, liver, spleen, mean
     assert "--steps 2" in markdown and "Trained 2 steps" in markdown
 
     model = output / "texlivernet" / "model.safetensors"

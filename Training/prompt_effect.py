@@ -64,14 +64,16 @@ NETWORKS = ("texlivernet", "mmrdl", "freqmedclip")
 CONDITIONS = ("right", "swapped", "paraphrase")
 TRAIN_CASES = ("ct_a", "mr_a")
 HELD_OUT = "ct_b"
-FIELDS = ("network", "condition", "structure", "prompt", "prompt_names", "dice", "dice_named", "predicted_voxels",
-          "reference_voxels")
+FIELDS = ("network", "condition", "structure", "prompt", "prompt_names", "dice", "dice_named", "probability_inside",
+          "predicted_voxels", "reference_voxels")
+SCORES = ("dice", "dice_named", "probability_inside")
 
 #: The small open_clip ViT standing in for BiomedCLIP's (random weights, trained); ``image_size`` is set per run.
 STAND_IN_VIT = {"embed_dim": 128, "vision_cfg": {"layers": 4, "width": 192, "head_width": 64, "patch_size": 16},
                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
 
-Predictor = Callable[[str], np.ndarray]
+#: ``prompt -> (K, J, I) mask``, or ``prompt -> (mask, probability)`` with the probability in ``[0, 1]``.
+Predictor = Callable[[str], np.ndarray | tuple[np.ndarray, np.ndarray]]
 
 
 def swap_map(names: Sequence[str]) -> dict[str, str]:
@@ -104,7 +106,12 @@ def _predictor(model: InferenceEngine | LoadedModel | Predictor, volume: Volume 
         if volume is None:
             raise ValueError("A model segments a volume: give the volume to score on.")
         engine = model
-        return lambda prompt: engine.segment(volume, prompt).mask
+
+        def segment(prompt: str) -> tuple[np.ndarray, np.ndarray]:
+            result = engine.segment(volume, prompt, probability=True)
+            return result.mask, result.probability
+
+        return segment
     if callable(model):
         return model
     raise TypeError(f"Expected an InferenceEngine, a LoadedModel or a prompt -> mask function, not "
@@ -117,7 +124,7 @@ def score_prompts(model: InferenceEngine | LoadedModel | Predictor, volume: Volu
     """Segment ``volume`` with ``model`` under each condition and score against ``labels``.
 
     Args:
-        model: a loaded model or engine (run on ``volume``), or any ``prompt -> (K, J, I) mask`` function.
+        model: a loaded model or engine (run on ``volume``), or any :data:`Predictor` function.
         volume: the volume to segment (unused by a function).
         labels: ``(K, J, I)`` integer label map on the volume's grid.
         values: ``structure name -> label value`` in ``labels``.
@@ -126,7 +133,10 @@ def score_prompts(model: InferenceEngine | LoadedModel | Predictor, volume: Volu
 
     Returns one row per segmentation: ``condition``, ``structure`` (the one asked for and scored against),
     ``prompt``, ``prompt_names`` (the structure the prompt names), ``dice`` (against ``structure``'s label),
-    ``dice_named`` (against ``prompt_names``' label), ``predicted_voxels``, ``reference_voxels``.
+    ``dice_named`` (against ``prompt_names``' label), ``probability_inside`` (the mean probability inside
+    ``structure``'s label: threshold-free, so it tells right from swapped also where no voxel passes the threshold;
+    a function that returns only a mask gives its mask as the probability), ``predicted_voxels``,
+    ``reference_voxels``.
     """
     unknown = sorted(set(conditions) - set(CONDITIONS))
     if unknown:
@@ -147,24 +157,28 @@ def score_prompts(model: InferenceEngine | LoadedModel | Predictor, volume: Volu
                 asked.append((condition, structure, named.prompt, named))
             else:
                 asked += [(condition, structure, text, structure) for text in structure.paraphrases]
-    rows, masks = [], {}
+    rows, outputs = [], {}
     for condition, structure, prompt, named in asked:
-        if prompt not in masks:  # a swapped prompt is another structure's right prompt: segmented once
-            masks[prompt] = np.asarray(predict(prompt)) != 0
-        mask = masks[prompt]
+        if prompt not in outputs:  # a swapped prompt is another structure's right prompt: segmented once
+            answer = predict(prompt)
+            mask, probability = answer if isinstance(answer, tuple) else (answer, answer)
+            outputs[prompt] = np.asarray(mask) != 0, np.asarray(probability, dtype=np.float32)
+        mask, probability = outputs[prompt]
         reference = labels == values[structure.name]
         rows.append({"condition": condition, "structure": structure.name, "prompt": prompt,
                      "prompt_names": named.name, "dice": dice(mask, reference),
                      "dice_named": dice(mask, labels == values[named.name]),
+                     "probability_inside": float(probability[reference].mean()),
                      "predicted_voxels": int(np.count_nonzero(mask)),
                      "reference_voxels": int(np.count_nonzero(reference))})
     return rows
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per structure (in row order) and a final ``mean`` row: ``right``, ``swapped`` (Dice against the structure
-    asked for), ``swapped_named`` (against the structure the swapped prompt names) and ``paraphrase`` (mean over the
-    structure's unseen phrasings); a condition not scored is None."""
+    """Per structure (in row order) and a final ``mean`` row: Dice ``right``, ``swapped`` (against the structure
+    asked for), ``swapped_named`` (against the structure the swapped prompt names), ``paraphrase`` (mean over the
+    structure's unseen phrasings), and the mean probability inside the structure's label for each condition
+    (``p_right``, ``p_swapped``, ``p_paraphrase``); a condition not scored is None."""
     names = list(dict.fromkeys(row["structure"] for row in rows))
 
     def mean(values: list[float]) -> float | None:
@@ -174,21 +188,27 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in names:
         mine = [row for row in rows if row["structure"] == name]
         pick = {condition: [row for row in mine if row["condition"] == condition] for condition in CONDITIONS}
-        table.append({"structure": name, "right": mean([r["dice"] for r in pick["right"]]),
-                      "swapped": mean([r["dice"] for r in pick["swapped"]]),
-                      "swapped_named": mean([r["dice_named"] for r in pick["swapped"]]),
-                      "paraphrase": mean([r["dice"] for r in pick["paraphrase"]])})
-    columns = ("right", "swapped", "swapped_named", "paraphrase")
+        entry: dict[str, Any] = {"structure": name, "swapped_named": mean([r["dice_named"] for r in pick["swapped"]])}
+        for condition in CONDITIONS:
+            entry[condition] = mean([r["dice"] for r in pick[condition]])
+            entry[f"p_{condition}"] = mean([r["probability_inside"] for r in pick[condition]])
+        table.append(entry)
+    columns = [key for key in table[0] if key != "structure"] if table else []
     table.append({"structure": "mean", **{c: mean([r[c] for r in table if r[c] is not None]) for c in columns}})
     return table
 
 
 def to_markdown(table: Sequence[dict[str, Any]]) -> str:
-    """A :func:`summarise` table as Markdown: (a), (b) and (c). (b') is left out: the swapped prompt of ``s_i`` is
-    the right prompt of ``s_{i+1}``, so its output and its Dice against ``s_{i+1}`` are (a)'s for ``s_{i+1}``."""
-    lines = ["| structure | (a) right prompt | (b) swapped prompt | (c) unseen phrasings |", "|---|---|---|---|"]
+    """A :func:`summarise` table as Markdown: Dice and mean probability inside the label for (a), (b) and (c).
+
+    (b') is left out: the swapped prompt of ``s_i`` is the right prompt of ``s_{i+1}``, so its output and its Dice
+    against ``s_{i+1}`` are (a)'s for ``s_{i+1}``.
+    """
+    lines = ["| structure | Dice (a) right | Dice (b) swapped | Dice (c) unseen | P inside (a) | P inside (b) | "
+             "P inside (c) |", "|---|---|---|---|---|---|---|"]
+    keys = ("right", "swapped", "paraphrase", "p_right", "p_swapped", "p_paraphrase")
     for row in table:
-        cells = ["-" if row[c] is None else f"{row[c]:.3f}" for c in ("right", "swapped", "paraphrase")]
+        cells = ["-" if row[c] is None else f"{row[c]:.3f}" for c in keys]
         name = f"**{row['structure']}**" if row["structure"] == "mean" else row["structure"].replace("_", " ")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -246,14 +266,13 @@ def _rows_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "dice": f"{row['dice']:.4f}", "dice_named": f"{row['dice_named']:.4f}"})
+        writer.writerow({**row, **{key: f"{row[key]:.4f}" for key in SCORES}})
     return buffer.getvalue()
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     with open(path, newline="") as handle:
-        return [{**row, "dice": float(row["dice"]), "dice_named": float(row["dice_named"])}
-                for row in csv.DictReader(handle)]
+        return [{**row, **{key: float(row[key]) for key in SCORES}} for row in csv.DictReader(handle)]
 
 
 def main(argv: list[str] | None = None) -> int:
