@@ -331,7 +331,7 @@ def _run(output: Path, networks: list[str], structures: tuple[Structure, ...], s
             print(f"[{network}] training {steps} steps ...", file=sys.stderr)
             checkpoint = train_network(network, folder, manifest, steps, size, extra)
             clear_model_cache()
-            engine = InferenceEngine(load_model(checkpoint, "cpu"))
+            engine = InferenceEngine(load_model(checkpoint, "auto"))
             print(f"[{network}] scoring patient B ...", file=sys.stderr)
             scoring = time.perf_counter()
             found = score_prompts(engine, volume, labels, values, scored)
