@@ -30,7 +30,8 @@ variant, not the paper's pretrained tower.
 A network whose run has finished (model and scores present) is not trained or scored again; an interrupted run
 resumes from its training state. Writes ``<output>/prompt_effect.csv`` (one row per segmentation) and
 ``<output>/prompt_effect.md`` (per-network tables with the command and the times), and prints the tables.
-:func:`score_prompts` scores any loaded model the same way (the shipped model's test uses it).
+:func:`score_prompts` scores any loaded model the same way (for a test of the shipped model); the tables also give
+the mean probability inside each label, threshold-free.
 """
 
 from __future__ import annotations
