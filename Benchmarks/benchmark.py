@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from TextSegLib.checkpoints import CheckpointInfo
-from TextSegLib.demo import DEMO_DIR
+from TextSegLib.demo import DEMO_DIR, DEMO_MODEL
 from TextSegLib.inference import InferenceEngine, LoadedModel, load_model
 from TextSegLib.models import create_model, get_spec, preset_config
 from TextSegLib.preprocessing import Preprocessing
@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the engine with torch.compile")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
-    parser.add_argument("--model", default="demo-texlivernet-small", help="checkpoint for the end-to-end rows")
+    parser.add_argument("--model", default=DEMO_MODEL, help="checkpoint for the end-to-end rows")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one CPU memory figure
     args = parser.parse_args()

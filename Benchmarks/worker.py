@@ -1,6 +1,6 @@
 """What the worker process costs and saves: re-prompting through the worker against in-process, and the round trip.
 
-    python Benchmarks/worker.py [--device cpu|cuda] [--model demo-texlivernet-small]
+    python Benchmarks/worker.py [--device cpu|cuda] [--model abdomen-freqmedclip-small]
 
 For the real lung2 CT (512 x 512 x 61) and a 512 x 512 x 300 CT made from it (``benchmark.resampled``), with the
 shipped demo model, it prints:

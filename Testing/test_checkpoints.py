@@ -275,8 +275,9 @@ def test_settings_are_covered_by_the_digest_and_old_files_can_be_signed(tmp_path
         sign_checkpoint(broken)
 
 
-def test_the_shipped_demo_checkpoint_is_signed():
+def test_the_shipped_checkpoint_is_signed():
     from TextSegLib.checkpoints import SHIPPED_MODELS_DIR
+    from TextSegLib.demo import DEMO_MODEL
 
-    _, info = load_checkpoint(SHIPPED_MODELS_DIR / "demo-texlivernet-small.safetensors")
+    _, info = load_checkpoint(SHIPPED_MODELS_DIR / f"{DEMO_MODEL}.safetensors")
     assert info.digest and info.threshold == 0.5 and info.orientation == "LPS"

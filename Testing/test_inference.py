@@ -8,6 +8,7 @@ import SimpleITK as sitk
 import slicerio
 import torch
 
+from TextSegLib.demo import DEMO_MODEL
 from TextSegLib.inference import BatchTuner, CancelToken, InferenceEngine, load_model, resolve_device
 from TextSegLib.results import MIN_FOUND_ML
 from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
@@ -395,9 +396,10 @@ def test_reduced_precision_masks_agree_with_fp32_on_the_real_case(lung2):
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16: the engine computes in fp32 here")
-    demo = load_model("demo-texlivernet-small", "cpu")
-    fast = InferenceEngine(demo).segment(lung2, PROMPT, probability=True)
-    exact = InferenceEngine(demo, amp=False).segment(lung2, PROMPT, probability=True)
+    demo = load_model(DEMO_MODEL, "cpu")
+    prompt = "the right autochthonous back muscle"  # a structure the shipped model finds in a chest CT
+    fast = InferenceEngine(demo).segment(lung2, prompt, probability=True)
+    exact = InferenceEngine(demo, amp=False).segment(lung2, prompt, probability=True)
     difference = float(np.abs(fast.probability - exact.probability).max())
     assert 0.0 < difference < 0.5  # really computed differently, never wildly
     assert exact.voxel_count > 10_000 and dice(fast.mask, exact.mask) >= 0.99

@@ -133,3 +133,11 @@ def test_the_script_trains_scores_and_skips_a_finished_network(tmp_path, capsys)
     assert model.stat().st_mtime_ns == stamp
     assert "training" not in capsys.readouterr().err
     assert (output / "prompt_effect.md").read_text().split("\n", 1)[1] == markdown.split("\n", 1)[1]
+
+    scored = tmp_path / "scored"  # --model scores a trained checkpoint as it is, with the same rows
+    assert main(["--output", str(scored), "--model", str(model), "--structures", "liver,spleen"]) == 0
+    with open(scored / "prompt_effect.csv", newline="") as handle:
+        again = list(csv.DictReader(handle))
+    assert [(r["condition"], r["structure"], r["prompt"], r["dice"]) for r in again] == [
+        (r["condition"], r["structure"], r["prompt"], r["dice"]) for r in rows]
+    assert not (scored / "texlivernet").exists() and "Scored in" in (scored / "prompt_effect.md").read_text()

@@ -27,7 +27,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_DIR = DATA_DIR / "demo"
 CASE_DIRS = {"abdomen": DATA_DIR / "abdomen", "lung2": DEMO_DIR}
 DEFAULT_CASE = "abdomen"
-DEMO_MODEL = "abdomen-texlivernet-small"
+DEMO_MODEL = "abdomen-freqmedclip-small"
 
 REFERENCE_COLOUR = (40, 220, 70)
 PREDICTION_COLOUR = (255, 70, 50)

@@ -110,10 +110,10 @@ def evaluate_pairs(pairs: Sequence[tuple[str, Path, Path]], segment: str | None 
 def evaluate_manifest(engine, cases, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Segment every case of a manifest with its own text(s) and compare with its label, on the volume's grid.
 
-    One row per case target (per lesion value when the manifest gives per-lesion texts); per-slice texts are not
-    used here (a volume is segmented from one prompt). Cases without a label are skipped with a warning; a
-    manifest without any labelled case raises :class:`~TextSegLib.manifests.ManifestError` (there is nothing to
-    compare with).
+    One row per distinct case target (per lesion value when the manifest gives per-lesion texts; a target the
+    manifest repeats to weigh it in training is evaluated once); per-slice texts are not used here (a volume is
+    segmented from one prompt). Cases without a label are skipped with a warning; a manifest without any labelled
+    case raises :class:`~TextSegLib.manifests.ManifestError` (there is nothing to compare with).
     """
     import logging
 
@@ -138,7 +138,7 @@ def evaluate_manifest(engine, cases, progress: Callable[[str], None] | None = No
         volume = read_volume(case.image, modality=case.modality)
         label = read_volume(case.label).array
         spacing = tuple(float(s) for s in volume.spacing[::-1])
-        for target in case.case_targets:
+        for target in dict.fromkeys(case.case_targets):
             if progress is not None:
                 progress(case.case)
             result = engine.segment(volume, target.text)

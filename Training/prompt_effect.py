@@ -2,6 +2,7 @@
 
     python Training/prompt_effect.py --output runs/prompt_effect                 # the three networks
     python Training/prompt_effect.py --output runs/pe --networks texlivernet --steps 2 --structures liver,spleen
+    python Training/prompt_effect.py --output runs/pe-shipped --model abdomen-freqmedclip-small    # score, no training
 
 Each network (small preset, the offline MiniLM text encoder) trains on TotalSegmentator's CT patient A and the
 abdominal MR with every structure named only by its trained phrasings (``Training/structures.py``: "the liver",
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                              "spin; one thread measured 10x faster there)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="further config overrides for every network")
+    parser.add_argument("--model", help="score this trained model (catalogue id or checkpoint) instead of training")
     args = parser.parse_args(argv)
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     unknown = sorted(set(networks) - set(NETWORKS))
@@ -312,9 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
+        if args.model:
+            return _score_model(Path(args.output).resolve(), args.model, structures, command)
         return _run(Path(args.output).resolve(), networks, structures, args.steps, args.size, args.set, command)
     finally:
         torch.set_num_threads(previous)
+
+
+def _score_model(output: Path, model: str, structures: tuple[Structure, ...], command: str) -> int:
+    """Score one trained model on patient B under every condition; write and print its table."""
+    output.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model, "auto")
+    volume, labels, values = patient_b()
+    started = time.perf_counter()
+    rows = [{**row, "network": loaded.id} for row in score_prompts(loaded, volume, labels, values,
+                                                                     scored_structures(structures))]
+    (output / "prompt_effect.csv").write_text(_rows_csv(rows))
+    table = summarise(rows)
+    markdown = (f"Command: `{command}`\n\n### {loaded.id}\n\nScored in {time.perf_counter() - started:.0f} s "
+                "(patient B; silver-standard labels).\n\n" + to_markdown(table))
+    (output / "prompt_effect.md").write_text(markdown)
+    print(markdown)
+    return 0
 
 
 def _run(output: Path, networks: list[str], structures: tuple[Structure, ...], steps: int, size: int,
