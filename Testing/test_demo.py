@@ -92,18 +92,19 @@ def test_textseg_demo_scores_held_out_patient_b_in_physical_space(abdomen_demo):
     case = demo_case("abdomen")
     image = read_volume(case["image"])
     labels = labels_on_grid(read_volume(case["label"]), image)
-    segments = {spec.name: spec for spec in read_seg_nrrd(output / "patient_b.seg.nrrd")}
+    segments = {segment["name"]: segment for segment in read_seg_nrrd(output / "patient_b.seg.nrrd")["segments"]}
     rows = _printed_rows(out)
     dices = {}
     for target in case["targets"]:
-        spec = segments[target["structure"]]
         verdict = rows[target["structure"]]
-        assert spec.tags[TAG_FOUND].startswith("found" if verdict[4] == "found" else "not found")
+        tag = segments[target["structure"]]["tags"][TAG_FOUND]
+        assert tag.startswith("found" if verdict[4] == "found" else "not found")
         if target["label_value"] is None:
             assert verdict[:2] == ["-", "-"] and "absent from the scan" in " ".join(verdict)
             continue
         printed = float(verdict[0])
-        assert printed == pytest.approx(dice(spec.mask, labels == target["label_value"]), abs=5e-4)
+        mask, _ = read_mask(output / "patient_b.seg.nrrd", target["structure"])
+        assert printed == pytest.approx(dice(mask, labels == target["label_value"]), abs=5e-4)
         dices[target["structure"]] = printed
     mean = float(re.search(r"Mean Dice over the 9 structures in the scan: (\d\.\d+)", out).group(1))
     assert mean == pytest.approx(np.mean(list(dices.values())), abs=1e-3)

@@ -364,8 +364,12 @@ def test_real_files_upload(page, tmp_path, kind):
             for file in sorted(source.iterdir()):
                 archive.write(file, f"ct_b_dicom/{file.name}")
     page.set_input_files("#textseg-upload", str(upload))
+    # The page may already show a volume of the same size (the demo case is patient B): wait for this upload's
+    # message, then check the volume.
+    loaded = f"Loaded {upload.name.split('.')[0]}"
+    page.wait_for_function(f"(document.querySelector('#textseg-message') || {{}}).textContent?.includes('{loaded}')")
     _wait_for_volume(page, read_volume(source))
-    assert f"Loaded {upload.name.split('.')[0]}" in _message(page)
+    assert loaded in _message(page)
     assert _rows(page) == []
 
 
