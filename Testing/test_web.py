@@ -263,6 +263,29 @@ def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expect
             assert mine.get(key) == theirs.get(key), key
 
 
+def test_several_prompts_give_several_segments_and_a_repeated_prompt_replaces_its_own(page):
+    from TextSegLib.demo import DEFAULT_CASE, demo_case
+    from TextSegLib.volumes import read_volume
+
+    case = demo_case(DEFAULT_CASE)
+    page.click("#textseg-demo")  # a new volume replaces the previous one and its segments
+    _wait_for_volume(page, read_volume(case["image"]))
+    page.wait_for_function("document.querySelectorAll('.textseg-segment').length === 0")
+    prompts = [target["prompt"] for target in case["targets"][:2]]  # "the liver", "the spleen"
+    for count, prompt in enumerate([*prompts, prompts[1]], start=1):
+        page.fill("#textseg-prompt", prompt)
+        page.click("#textseg-segment")
+        page.wait_for_selector("#textseg-cancel")
+        _wait_idle(page)
+        page.wait_for_function(f"document.querySelector('#textseg-message')?.textContent.startsWith('{prompt}:')")
+        rows = _rows(page)
+        assert len(rows) == min(count, 2), rows
+        assert prompt in rows[-1] if count <= 2 else any(prompt in row for row in rows)
+    assert [sum(prompt in row for row in rows) for prompt in prompts] == [1, 1]
+    page.locator(".textseg-delete").nth(1).click()  # leave one segment, as the tests below expect
+    page.wait_for_function("document.querySelectorAll('.textseg-segment').length === 1")
+
+
 def test_an_empty_prompt_is_one_message_and_changes_nothing(page):
     rows = _rows(page)
     page.fill("#textseg-prompt", "   ")
