@@ -151,10 +151,15 @@ def test_process_segments_lung2_and_a_rerun_replaces_only_its_own_segment(textse
     before_user = [item for item in snapshot(segmentation, volume) if item[0] == user_id]
 
     logic = textseg.TextSegLogic()
-    segment_id = logic.process(volume, segmentation, PROMPT, DEMO_MODEL, device="CPU")
-    expected = InferenceEngine(load_model(DEMO_MODEL, "cpu")).segment(volume_from_node(volume), PROMPT).mask
+    segment_id = logic.process(volume, segmentation, PROMPT, DEMO_MODEL, device="CPU", batchSize=4)
+    engine = InferenceEngine(load_model(DEMO_MODEL, "cpu"), batch_size=4)
+    reference = engine.segment(volume_from_node(volume), PROMPT, probability=True)
+    expected = reference.mask
     assert 0 < expected.sum() < expected.size
-    np.testing.assert_array_equal(segment_array(segmentation, segment_id, volume), expected)
+    # The worker process computes in bf16 like this engine, with its own threads: a voxel may only flip where the
+    # probability lies at the threshold (measured: 8 of 16 million voxels in one CI run, none in others).
+    differs = segment_array(segmentation, segment_id, volume) != expected
+    assert differs.sum() <= 100 and np.all(np.abs(reference.probability[differs] - reference.threshold) < 0.05)
     segment = segmentation.GetSegmentation().GetSegment(segment_id)
     assert segment.GetName() == PROMPT and segment_tag(segment, TAG_PROMPT) == PROMPT
     assert segment_tag(segment, TAG_MODEL) == DEMO_MODEL
