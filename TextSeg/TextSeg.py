@@ -822,8 +822,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
             device=(result.device or "?").upper())
         notes = list(run.notes)
         if not result.found:
-            notes.append(_("Not found: {evidence}.").format(evidence=result.presence.removeprefix("not found ")
-                                                             .strip("()")))
+            notes.append(_("Not found: {evidence}.").format(evidence=result.evidence))
         return " ".join([text, *notes]), bool(notes)
 
     def process(self, inputVolume: vtkMRMLScalarVolumeNode | None,

@@ -104,12 +104,15 @@ class SegmentationResult:
         return self.volume_ml >= MIN_FOUND_ML
 
     @property
+    def evidence(self) -> str:
+        """What :attr:`found` rests on, e.g. ``"maximum probability 0.31, threshold 0.50"``."""
+        evidence = f"maximum probability {self.max_probability:.2f}, threshold {self.threshold:.2f}"
+        if not self.found and not self.empty:
+            evidence += f"; {self.volume_ml:.3f} mL above the threshold, under the {MIN_FOUND_ML} mL of a finding"
+        return evidence
+
+    @property
     def presence(self) -> str:
         """One line saying whether the target was found and on what evidence, e.g. ``"not found (maximum
         probability 0.31, threshold 0.50)"``."""
-        evidence = f"maximum probability {self.max_probability:.2f}, threshold {self.threshold:.2f}"
-        if self.found:
-            return f"found ({evidence})"
-        if not self.empty:
-            evidence += f"; {self.volume_ml:.3f} mL above the threshold, under the {MIN_FOUND_ML} mL of a finding"
-        return f"not found ({evidence})"
+        return f"{'found' if self.found else 'not found'} ({self.evidence})"
