@@ -38,13 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from TextSegLib.checkpoints import CheckpointInfo
-from TextSegLib.demo import DEMO_DIR, DEMO_MODEL
-from TextSegLib.inference import InferenceEngine, LoadedModel, load_model
-from TextSegLib.models import create_model, get_spec, preset_config
-from TextSegLib.preprocessing import Preprocessing
-from TextSegLib.text import TextFeatures, load_text_encoder
-from TextSegLib.volumes import CanonicalTransform, Volume, read_volume, write_image
+from TextSegLib.engine.checkpoints import CheckpointInfo
+from TextSegLib.engine.inference import InferenceEngine
+from TextSegLib.engine.loading import LoadedModel, load_model
+from TextSegLib.engine.preprocessing import Preprocessing
+from TextSegLib.evaluation.demo import DEMO_DIR, DEMO_MODEL
+from TextSegLib.io.volumes import CanonicalTransform, Volume, read_volume, write_image
+from TextSegLib.models.registry import create_model, get_spec, preset_config
+from TextSegLib.text.features import TextFeatures
+from TextSegLib.text.sources import load_text_encoder
 
 LUNG2 = DEMO_DIR / "lung2_image.nrrd"  # the real lung2 CT, packaged with TextSeg for the demo
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"

@@ -63,13 +63,13 @@ def main() -> int:
     output.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import sync_playwright
 
-    from TextSegLib.demo import DEFAULT_CASE, demo_case
+    from TextSegLib.evaluation.demo import DEFAULT_CASE, demo_case
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    server = subprocess.Popen([sys.executable, "-m", "TextSegLib.cli", "web", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "TextSegLib", "web", "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=environment, text=True)
     try:
         url = None

@@ -22,10 +22,12 @@ import time
 
 from benchmark import resampled  # Benchmarks/benchmark.py: python puts the script's folder on the path
 
-from TextSegLib.demo import DEMO_MODEL, demo_case
-from TextSegLib.inference import InferenceEngine, load_model
-from TextSegLib.volumes import Volume, read_volume
-from TextSegLib.worker import LocalWorker, SegmentRequest
+from TextSegLib.engine.inference import InferenceEngine
+from TextSegLib.engine.loading import load_model
+from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
+from TextSegLib.io.volumes import Volume, read_volume
+from TextSegLib.service.local import LocalWorker
+from TextSegLib.service.protocol import SegmentRequest
 
 PROMPTS = ("a large soft-tissue mass in the posterior left lower lung", "a solid mass in the left lung")
 

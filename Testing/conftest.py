@@ -43,14 +43,14 @@ def annotations(data_dir) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def lung2(data_dir):
-    from TextSegLib.volumes import read_volume
+    from TextSegLib.io.volumes import read_volume
 
     return read_volume(data_dir / "lung2_image.nrrd")
 
 
 @pytest.fixture(scope="session")
 def minilm():
-    from TextSegLib.text import load_text_encoder
+    from TextSegLib.text.sources import load_text_encoder
 
     return load_text_encoder("minilm")
 
@@ -64,8 +64,8 @@ def make_small_texlivernet(seed: int = 0, **overrides):
     """
     import SimpleITK as sitk
 
-    from TextSegLib.models import create_model, preset_config
-    from TextSegLib.text import TextFeatures
+    from TextSegLib.models.registry import create_model, preset_config
+    from TextSegLib.text.features import TextFeatures
 
     torch.manual_seed(seed)
     model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384, **overrides))
@@ -91,7 +91,7 @@ def make_small_texlivernet(seed: int = 0, **overrides):
 
 
 def save_small_checkpoint(path: Path, seed: int = 0, **overrides):
-    from TextSegLib.checkpoints import save_checkpoint
+    from TextSegLib.engine.checkpoints import save_checkpoint
 
     model = make_small_texlivernet(seed, **overrides)
     return save_checkpoint(

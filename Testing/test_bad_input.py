@@ -28,19 +28,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from TextSegLib.checkpoints import Catalogue, CheckpointError, load_checkpoint, metadata_digest
-from TextSegLib.cli import main
-from TextSegLib.common import TextSegError
-from TextSegLib.inference import InferenceEngine, load_model
-from TextSegLib.segmentations import (
-    TAG_PROMPT,
-    SegmentSpec,
-    decode_tag,
-    encode_tag,
-    read_seg_nrrd,
-    write_seg_nrrd,
-)
-from TextSegLib.volumes import Volume, read_volume
+from TextSegLib.app.cli import main
+from TextSegLib.core.errors import TextSegError
+from TextSegLib.engine.catalogue import Catalogue
+from TextSegLib.engine.checkpoints import CheckpointError, load_checkpoint, metadata_digest
+from TextSegLib.engine.inference import InferenceEngine
+from TextSegLib.engine.loading import load_model
+from TextSegLib.io.segnrrd import TAG_PROMPT, SegmentSpec, decode_tag, encode_tag, read_seg_nrrd, write_seg_nrrd
+from TextSegLib.io.volumes import Volume, read_volume
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 TEXTSEG = Path(sys.executable).parent / "textseg"

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from TextSegLib import __version__
-from TextSegLib.checkpoints import (
-    Catalogue,
+from TextSegLib.core.errors import PretrainedUnavailableError
+from TextSegLib.engine.catalogue import Catalogue
+from TextSegLib.engine.checkpoints import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
@@ -24,8 +25,8 @@ from TextSegLib.checkpoints import (
     sign_checkpoint,
     weights_digest,
 )
-from TextSegLib.models import ModelSpec, PretrainedUnavailableError, register
-from TextSegLib.text import TextFeatures
+from TextSegLib.models.registry import ModelSpec, register
+from TextSegLib.text.features import TextFeatures
 
 
 @dataclass(frozen=True)
@@ -276,8 +277,8 @@ def test_settings_are_covered_by_the_digest_and_old_files_can_be_signed(tmp_path
 
 
 def test_the_shipped_checkpoint_is_signed():
-    from TextSegLib.checkpoints import SHIPPED_MODELS_DIR
-    from TextSegLib.demo import DEMO_MODEL
+    from TextSegLib.engine.catalogue import SHIPPED_MODELS_DIR
+    from TextSegLib.evaluation.demo import DEMO_MODEL
 
     _, info = load_checkpoint(SHIPPED_MODELS_DIR / f"{DEMO_MODEL}.safetensors")
     assert info.digest and info.threshold == 0.5 and info.orientation == "LPS"

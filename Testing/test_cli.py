@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from test_checkpoints import rewrite_metadata
 
 from TextSegLib import __version__
-from TextSegLib.cli import main
-from TextSegLib.metrics import evaluate_case
-from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, decode_tag
+from TextSegLib.app.cli import main
+from TextSegLib.evaluation.metrics import evaluate_case
+from TextSegLib.io.segnrrd import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, decode_tag
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 
@@ -51,7 +51,7 @@ def test_segment_lung2_writes_segments_with_geometry_names_and_tags(tmp_path, ca
     assert first["color"] != second["color"]
     assert decode_tag(first["tags"][TAG_PROMPT]) == PROMPT
     assert decode_tag(second["tags"][TAG_PROMPT]) == "lung | nodule"  # a '|' survives the tag encoding
-    from TextSegLib.checkpoints import file_sha256
+    from TextSegLib.engine.checkpoints import file_sha256
 
     assert first["tags"][TAG_MODEL] == small_checkpoint.name.removesuffix(".safetensors")
     assert first["tags"][TAG_CHECKPOINT] == file_sha256(small_checkpoint)
@@ -193,8 +193,8 @@ def test_bad_input_gives_one_line_a_nonzero_exit_and_writes_nothing(case, messag
 def write_label_as_seg(path: Path, label: Path, name: str = "lesion", shift: int = 0) -> None:
     image = sitk.ReadImage(str(label))
     array = np.roll(sitk.GetArrayFromImage(image) != 0, shift, axis=2)
-    from TextSegLib.segmentations import SegmentSpec, write_seg_nrrd
-    from TextSegLib.volumes import Volume
+    from TextSegLib.io.segnrrd import SegmentSpec, write_seg_nrrd
+    from TextSegLib.io.volumes import Volume
 
     write_seg_nrrd(path, [SegmentSpec(array.astype(np.uint8), name, (1.0, 0.0, 0.0))], Volume.from_sitk(image))
 
@@ -273,8 +273,9 @@ def test_evaluate_a_manifest_with_a_model(tmp_path, capsys, data_dir, annotation
     assert [row["case"] for row in table["cases"]] == ["brain2", "breast1"]
     assert table["cases"][1]["text"] == annotations["breast1"]["prompt"]
     # The same numbers as segmenting and evaluating by hand.
-    from TextSegLib.inference import InferenceEngine, load_model
-    from TextSegLib.volumes import read_volume
+    from TextSegLib.engine.inference import InferenceEngine
+    from TextSegLib.engine.loading import load_model
+    from TextSegLib.io.volumes import read_volume
 
     volume = read_volume(data_dir / "breast1_image.nrrd")
     mask = InferenceEngine(load_model(small_checkpoint, "cpu")).segment(volume, annotations["breast1"]["prompt"]).mask

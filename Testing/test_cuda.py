@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from TextSegLib.demo import DEMO_DIR, DEMO_MODEL
-from TextSegLib.inference import CancelToken, InferenceEngine, clear_model_cache, load_model
-from TextSegLib.volumes import Volume, read_volume
+from TextSegLib.engine.inference import CancelToken, InferenceEngine
+from TextSegLib.engine.loading import clear_model_cache, load_model
+from TextSegLib.evaluation.demo import DEMO_DIR, DEMO_MODEL
+from TextSegLib.io.volumes import Volume, read_volume
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"

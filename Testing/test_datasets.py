@@ -10,9 +10,9 @@ import SimpleITK as sitk
 import torch
 from test_volumes import write_dicom_series
 
-from TextSegLib.manifests import ManifestError, read_manifest
-from TextSegLib.models import get_spec
-from TextSegLib.preprocessing import Preprocessing
+from TextSegLib.engine.preprocessing import Preprocessing
+from TextSegLib.io.manifests import ManifestError, read_manifest
+from TextSegLib.models.registry import get_spec
 from Training.config import load_config
 from Training.convert_ircadb import convert
 from Training.data import Lvit2DDataset, SliceDataset

@@ -13,15 +13,16 @@ import SimpleITK as sitk
 from conftest import TOTALSEG
 from PIL import Image
 
-from TextSegLib.checkpoints import SHIPPED_MODELS_DIR, Catalogue, read_checkpoint_info
-from TextSegLib.cli import main
-from TextSegLib.demo import CASE_DIRS, DEMO_DIR, DEMO_MODEL, demo_case, montage
-from TextSegLib.evaluation import read_mask
-from TextSegLib.inference import load_model
-from TextSegLib.metrics import dice
-from TextSegLib.results import MIN_FOUND_ML
-from TextSegLib.segmentations import TAG_FOUND, read_seg_nrrd
-from TextSegLib.volumes import Volume, labels_on_grid, read_volume
+from TextSegLib.app.cli import main
+from TextSegLib.core.results import MIN_FOUND_ML
+from TextSegLib.engine.catalogue import SHIPPED_MODELS_DIR, Catalogue
+from TextSegLib.engine.checkpoints import read_checkpoint_info
+from TextSegLib.engine.loading import load_model
+from TextSegLib.evaluation.demo import CASE_DIRS, DEMO_DIR, DEMO_MODEL, demo_case, montage
+from TextSegLib.evaluation.metrics import dice
+from TextSegLib.evaluation.tables import read_mask
+from TextSegLib.io.segnrrd import TAG_FOUND, read_seg_nrrd
+from TextSegLib.io.volumes import Volume, labels_on_grid, read_volume
 from Training.prompt_effect import patient_b, score_prompts, scored_structures, summarise
 from Training.structures import STRUCTURES, label_values
 

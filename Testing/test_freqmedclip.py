@@ -21,16 +21,18 @@ import torch
 from conftest import TINY_TEXT_CFG, assert_same_grid, open_clip_folder
 from test_blocks import check_shape_and_gradients
 
-from TextSegLib.checkpoints import load_checkpoint, save_checkpoint
-from TextSegLib.cli import main
-from TextSegLib.inference import InferenceEngine, load_model
-from TextSegLib.models import architectures, config_from_dict, create_model, get_spec, preset_config
+from TextSegLib.app.cli import main
+from TextSegLib.engine.checkpoints import load_checkpoint, save_checkpoint
+from TextSegLib.engine.inference import InferenceEngine
+from TextSegLib.engine.loading import load_model
+from TextSegLib.engine.preprocessing import Preprocessing
+from TextSegLib.io.segnrrd import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, decode_tag
+from TextSegLib.io.volumes import Volume
 from TextSegLib.models.blocks.backbones import (
     BackboneUnavailableError,
     ConvNeXtPyramid,
     ViTTokenEncoder,
     load_open_clip_vision_tower,
-    open_clip_source_has_weights,
 )
 from TextSegLib.models.blocks.conditioning import (
     FFBI,
@@ -51,10 +53,9 @@ from TextSegLib.models.freqmedclip import (
     FusionHead,
     LFFIDecoder,
 )
-from TextSegLib.preprocessing import Preprocessing
-from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, decode_tag
-from TextSegLib.text import TextFeatures, load_text_encoder
-from TextSegLib.volumes import Volume
+from TextSegLib.models.registry import architectures, config_from_dict, create_model, get_spec, preset_config
+from TextSegLib.text.features import TextFeatures
+from TextSegLib.text.sources import load_text_encoder, open_clip_source_has_weights
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 
@@ -673,7 +674,7 @@ def test_textseg_segment_lung2_with_a_freqmedclip_ensemble(checkpoints, data_dir
     assert segment["name"] == "mass"
     assert decode_tag(segment["tags"][TAG_PROMPT]) == PROMPT
     assert segment["tags"][TAG_MODEL] == "freqmedclip-0+freqmedclip-1"
-    from TextSegLib.checkpoints import file_sha256
+    from TextSegLib.engine.checkpoints import file_sha256
 
     assert segment["tags"][TAG_CHECKPOINT] == ",".join(file_sha256(p) for p in checkpoints)
     mask = slicerio.segment_mask(slicerio.read_segmentation(str(out)), segment)

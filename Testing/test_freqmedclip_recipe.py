@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from TextSegLib.manifests import ManifestCase, Target
-from TextSegLib.models import create_model, get_spec, preset_config
+from TextSegLib.engine.preprocessing import Preprocessing
+from TextSegLib.io.manifests import ManifestCase, Target
 from TextSegLib.models.freqmedclip import CLIP_MEAN, CLIP_STD
-from TextSegLib.preprocessing import Preprocessing
+from TextSegLib.models.registry import create_model, get_spec, preset_config
 
 BRAIN_TEXT = "a contrast-enhancing lesion in the left cerebral hemisphere with irregular margins"
 # [0, 1] images after CLIP's mean/std: the range the frozen ViT was trained on
@@ -36,9 +36,10 @@ def vit_inputs(model, images: torch.Tensor, text) -> torch.Tensor:
 def test_mr_reaches_the_vit_in_its_training_range(data_dir, vit_folder, minilm, tmp_path):
     """The real brain MR, prepared by the training data path and by the inference engine, reaches the ViT within
     CLIP's range of [0, 1] images; the paper's z-score gives [-5.4, 21.2] and is refused."""
-    from TextSegLib.checkpoints import save_checkpoint
-    from TextSegLib.inference import InferenceEngine, load_model
-    from TextSegLib.volumes import read_volume
+    from TextSegLib.engine.checkpoints import save_checkpoint
+    from TextSegLib.engine.inference import InferenceEngine
+    from TextSegLib.engine.loading import load_model
+    from TextSegLib.io.volumes import read_volume
     from Training.data import SliceDataset
 
     spec = get_spec("freqmedclip")
@@ -78,7 +79,7 @@ def test_every_default_normalisation_of_freqmedclip_stays_in_unit_range(data_dir
     preprocessing = Preprocessing.from_metadata(spec.default_preprocessing, channels=3)
     preprocessing.check_range(spec.input_range, spec.title)
     for case, modality in (("lung2", "CT"), ("brain2", "MR"), ("breast1", "MR")):
-        from TextSegLib.volumes import read_volume
+        from TextSegLib.io.volumes import read_volume
 
         array = read_volume(data_dir / f"{case}_image.nrrd").array
         mapping = preprocessing.intensity_for(modality).mapping(array)
@@ -97,7 +98,7 @@ def synthetic_cohort(ct: int, mr: int) -> list[ManifestCase]:
 
 
 def test_70_20_10_stratified_patient_splits():
-    from TextSegLib.manifests import split_cases, split_patients
+    from TextSegLib.io.manifests import split_cases, split_patients
 
     cases = synthetic_cohort(ct=20, mr=10)
     train, val, test = split_patients(cases, 0.2, 0.1, seed=4, stratify="modality")
@@ -209,8 +210,8 @@ def seed_checkpoints(tmp_path_factory, vit_folder, biomedclip_like_folder, data_
     """Three small FreqMedCLIPs of one config (seeds 0-2), calibrated on real lung2 slices, saved as checkpoints."""
     from test_freqmedclip import calibrated_model
 
-    from TextSegLib.checkpoints import save_checkpoint
-    from TextSegLib.text import load_text_encoder
+    from TextSegLib.engine.checkpoints import save_checkpoint
+    from TextSegLib.text.sources import load_text_encoder
 
     source = f"open_clip:local-dir:{biomedclip_like_folder}"
     encoder = load_text_encoder(source)
@@ -227,10 +228,12 @@ def seed_checkpoints(tmp_path_factory, vit_folder, biomedclip_like_folder, data_
 def test_three_runs_export_as_one_catalogue_model_that_averages_them(seed_checkpoints, tmp_path, lung2):
     from safetensors.torch import load_file
 
-    from TextSegLib.checkpoints import Catalogue, load_checkpoint
-    from TextSegLib.inference import InferenceEngine, load_model
+    from TextSegLib.engine.catalogue import Catalogue
+    from TextSegLib.engine.checkpoints import load_checkpoint
+    from TextSegLib.engine.inference import InferenceEngine
+    from TextSegLib.engine.loading import load_model
+    from TextSegLib.io.volumes import Volume
     from TextSegLib.models.ensemble import Ensemble
-    from TextSegLib.volumes import Volume
     from Training.ensemble import export_ensemble
 
     path = tmp_path / "freqmedclip-ensemble.safetensors"
@@ -269,7 +272,7 @@ def test_three_runs_export_as_one_catalogue_model_that_averages_them(seed_checkp
 
 
 def test_only_runs_of_one_recipe_make_an_ensemble(seed_checkpoints, vit_folder, biomedclip_like_folder, tmp_path):
-    from TextSegLib.checkpoints import CheckpointError, save_checkpoint
+    from TextSegLib.engine.checkpoints import CheckpointError, save_checkpoint
     from Training.ensemble import export_ensemble
 
     other = tmp_path / "other.safetensors"
@@ -287,7 +290,7 @@ def test_the_recipe_trains_an_ensemble_of_seeds_on_a_stratified_split(tmp_path, 
     test patient, joined into one file; a second call trains nothing."""
     from test_training import CONFIGS, SHORT, write_manifest
 
-    from TextSegLib.checkpoints import read_checkpoint_info
+    from TextSegLib.engine.checkpoints import read_checkpoint_info
     from Training.ensemble import main
 
     manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain1", "brain2", "breast1"], annotations)

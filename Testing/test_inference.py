@@ -8,12 +8,15 @@ import SimpleITK as sitk
 import slicerio
 import torch
 
-from TextSegLib.demo import DEMO_MODEL
-from TextSegLib.inference import BatchTuner, CancelToken, InferenceEngine, load_model, resolve_device
-from TextSegLib.results import MIN_FOUND_ML
-from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
-from TextSegLib.text import PROMPT_CACHE
-from TextSegLib.volumes import Volume
+from TextSegLib.core.results import MIN_FOUND_ML
+from TextSegLib.engine.acceleration import BatchTuner
+from TextSegLib.engine.devices import resolve_device
+from TextSegLib.engine.inference import CancelToken, InferenceEngine
+from TextSegLib.engine.loading import load_model
+from TextSegLib.evaluation.demo import DEMO_MODEL
+from TextSegLib.io.segnrrd import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
+from TextSegLib.io.volumes import Volume
+from TextSegLib.text.features import PROMPT_CACHE
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 
@@ -291,7 +294,7 @@ def test_engine_rejects_bad_settings(model):
 def test_a_checkpoint_naming_an_encoder_of_the_wrong_width_is_refused(small_checkpoint, bert_folder, tmp_path):
     from test_checkpoints import rewrite_metadata
 
-    from TextSegLib.checkpoints import CheckpointError
+    from TextSegLib.engine.checkpoints import CheckpointError
 
     wrong = tmp_path / "wrong-encoder.safetensors"
     rewrite_metadata(small_checkpoint, wrong, text_encoder={"source": f"hf:{bert_folder}", "max_tokens": 40})
@@ -302,7 +305,7 @@ def test_a_checkpoint_naming_an_encoder_of_the_wrong_width_is_refused(small_chec
 def test_staged_pipeline_bookkeeping_on_the_cpu(lung2_slab, model, monkeypatch):
     """The CUDA path's staging (prefetch, double buffers, delayed downloads, out-of-memory restart) run with
     synchronous stand-ins for the CUDA streams: the engine's result must not change."""
-    from TextSegLib import inference
+    from TextSegLib.engine import inference
 
     exact = InferenceEngine(model, batch_size=5, amp=False)
     reference = exact.segment(lung2_slab, PROMPT, probability=True).probability
@@ -328,8 +331,8 @@ def test_staged_pipeline_bookkeeping_on_the_cpu(lung2_slab, model, monkeypatch):
 def test_compiled_networks_match_eager_and_fall_back(monkeypatch):
     """``compile=True`` wraps networks in torch.compile, padding short batches; a failing compiler leaves the
     eager network in charge with a warning."""
-    from TextSegLib.inference import _CompiledOrEager
-    from TextSegLib.text import TextFeatures
+    from TextSegLib.engine.acceleration import _CompiledOrEager
+    from TextSegLib.text.features import TextFeatures
 
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
@@ -368,8 +371,8 @@ def test_compiled_networks_match_eager_and_fall_back(monkeypatch):
 def test_batchnorm_folding_keeps_the_outputs(model):
     import copy
 
-    from TextSegLib.inference import fold_batchnorm
-    from TextSegLib.text import TextFeatures
+    from TextSegLib.engine.acceleration import fold_batchnorm
+    from TextSegLib.text.features import TextFeatures
 
     network = copy.deepcopy(model.network).eval()
     folded = fold_batchnorm(copy.deepcopy(network))
@@ -391,8 +394,8 @@ def test_batchnorm_folding_keeps_the_outputs(model):
 def test_reduced_precision_masks_agree_with_fp32_on_the_real_case(lung2):
     """The engine's default reduced precision (bf16 on a CPU that has it) against fp32, with the trained demo
     model on lung2: masks agree to a Dice of at least 0.99."""
-    from TextSegLib.inference import cpu_has_native_bf16
-    from TextSegLib.metrics import dice
+    from TextSegLib.engine.devices import cpu_has_native_bf16
+    from TextSegLib.evaluation.metrics import dice
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16: the engine computes in fp32 here")

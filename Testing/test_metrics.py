@@ -19,7 +19,7 @@ from conftest import CASES, read_label
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
-from TextSegLib import metrics
+from TextSegLib.evaluation import metrics
 
 FACES = ndimage.generate_binary_structure(3, 1)
 PERTURBATIONS = ("identical", "shift_k", "shift_j", "shift_i", "eroded", "dilated", "far_blob")

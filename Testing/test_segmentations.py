@@ -20,9 +20,18 @@ from slicerio.segmentation import terminology_entry_from_string, terminology_ent
 from vtkmodules.util import numpy_support
 
 from TextSegLib import __version__
-from TextSegLib.checkpoints import file_sha256
-from TextSegLib.inference import CancelToken, InferenceEngine, load_model
-from TextSegLib.segmentations import (
+from TextSegLib.app.mrml import (
+    find_segment_by_prompt,
+    put_segment,
+    segment_tag,
+    store_result,
+    update_volume_node,
+    volume_from_node,
+)
+from TextSegLib.engine.checkpoints import file_sha256
+from TextSegLib.engine.inference import CancelToken, InferenceEngine
+from TextSegLib.engine.loading import load_model
+from TextSegLib.io.segnrrd import (
     PALETTE,
     TAG_CHECKPOINT,
     TAG_MODEL,
@@ -30,17 +39,11 @@ from TextSegLib.segmentations import (
     TAG_VERSION,
     SegmentSpec,
     decode_tag,
-    find_segment_by_prompt,
-    put_segment,
     segment_for_result,
-    segment_tag,
-    store_result,
-    update_volume_node,
-    volume_from_node,
     write_seg_nrrd,
 )
-from TextSegLib.terminology import FINDINGS, terminology_for_prompt
-from TextSegLib.volumes import VolumeError
+from TextSegLib.io.terminology import FINDINGS, terminology_for_prompt
+from TextSegLib.io.volumes import VolumeError
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 SLICES = slice(24, 36)  # twelve real slices through the lung2 lesion

@@ -23,16 +23,10 @@ import pytest
 import slicer
 from test_segmentations import add_user_segment, segment_array, snapshot
 
-from TextSegLib.demo import DEMO_MODEL, demo_case
-from TextSegLib.segmentations import (
-    TAG_FOUND,
-    TAG_MODEL,
-    TAG_PROMPT,
-    segment_tag,
-    show_closed_surface,
-    volume_from_node,
-)
-from TextSegLib.worker import WorkerError
+from TextSegLib.app.mrml import segment_tag, show_closed_surface, volume_from_node
+from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
+from TextSegLib.io.segnrrd import TAG_FOUND, TAG_MODEL, TAG_PROMPT
+from TextSegLib.service.protocol import WorkerError
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "TextSeg"
@@ -140,7 +134,8 @@ def wait_for_progress(run, timeout: float = 300.0) -> None:
 
 def test_process_segments_lung2_and_a_rerun_replaces_only_its_own_segment(textseg, scene):
     """``process()`` on the real lung2 CT with the shipped model, into a real segmentation node."""
-    from TextSegLib.inference import InferenceEngine, load_model
+    from TextSegLib.engine.inference import InferenceEngine
+    from TextSegLib.engine.loading import load_model
 
     volume = load_volume(scene, CASE["image"], "lung2")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "results")
@@ -318,7 +313,7 @@ def test_the_panels_run_path_is_not_starved_by_a_main_thread_holding_the_gil(tex
     panel = time.perf_counter() - started
 
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "TextSegLib.cli", "segment", str(CASE["image"]), "-p", PROMPT, "-m",
+    subprocess.run([sys.executable, "-m", "TextSegLib", "segment", str(CASE["image"]), "-p", PROMPT, "-m",
                     DEMO_MODEL, "--device", "cpu", "-q", "-o", str(tmp_path / "lung2.seg.nrrd")], check=True,
                    capture_output=True, cwd=REPO)
     command = time.perf_counter() - started

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import slicer
 
-from TextSegLib.terminology import FINDINGS, STRUCTURES, TerminologyEntry, terminology_for_prompt
+from TextSegLib.io.terminology import FINDINGS, STRUCTURES, TerminologyEntry, terminology_for_prompt
 
 TERMINOLOGIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slicer-terminologies"
 GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"

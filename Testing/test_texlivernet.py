@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from TextSegLib.models import architectures, config_from_dict, create_model, get_spec, preset_config
+from TextSegLib.models.registry import architectures, config_from_dict, create_model, get_spec, preset_config
 from TextSegLib.models.texlivernet import TexLiverNet, TexLiverNetConfig
-from TextSegLib.text import TextFeatures
+from TextSegLib.text.features import TextFeatures
 
 
 def random_text(batch: int, length: int = 9, dim: int = 384, seed: int = 0) -> TextFeatures:
@@ -197,7 +197,7 @@ def test_checkpoints_from_before_the_roll_fix_keep_their_function(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from TextSegLib.checkpoints import load_checkpoint, save_checkpoint, sign_checkpoint
+    from TextSegLib.engine.checkpoints import load_checkpoint, save_checkpoint, sign_checkpoint
 
     model = create_model("texlivernet", preset_config("texlivernet", "small", text_dim=384))
     path = tmp_path / "new.safetensors"

@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from TextSegLib.text import (
-    PROMPT_CACHE,
-    PromptError,
-    TextEncoderUnavailableError,
-    TextFeatures,
-    load_text_encoder,
-    validate_prompt,
-)
+from TextSegLib.core.options import PromptError, validate_prompt
+from TextSegLib.text.features import PROMPT_CACHE, TextEncoderUnavailableError, TextFeatures
+from TextSegLib.text.sources import load_text_encoder
 
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 
@@ -215,13 +210,13 @@ def minilm_folder():
 
 @pytest.fixture(scope="module")
 def minilm_transformers(minilm_folder):
-    from TextSegLib.text import HuggingFaceTextEncoder
+    from TextSegLib.text.sources import HuggingFaceTextEncoder
 
     return HuggingFaceTextEncoder("minilm-transformers", str(minilm_folder))
 
 
 def test_minilm_runs_on_the_built_in_bert(minilm, minilm_transformers):
-    from TextSegLib.bert import BertTextEncoder
+    from TextSegLib.text.bert import BertTextEncoder
 
     assert isinstance(minilm, BertTextEncoder)
     assert (minilm.dim, minilm.pooled_dim, minilm.max_tokens) == (384, 384, 512)
@@ -232,8 +227,8 @@ def test_minilm_runs_on_the_built_in_bert(minilm, minilm_transformers):
 
 def test_minilm_truncation_matches_transformers(minilm_folder, minilm_transformers):
     """Prompts longer than max_tokens keep [CLS], the start of the text and [SEP], as transformers' tokenizer does."""
-    from TextSegLib.bert import BertTextEncoder
-    from TextSegLib.text import HuggingFaceTextEncoder
+    from TextSegLib.text.bert import BertTextEncoder
+    from TextSegLib.text.sources import HuggingFaceTextEncoder
 
     native = BertTextEncoder("minilm", minilm_folder, max_tokens=16)
     reference = HuggingFaceTextEncoder("minilm-transformers", str(minilm_folder), max_tokens=16)
@@ -251,7 +246,7 @@ def test_minilm_truncation_matches_transformers(minilm_folder, minilm_transforme
 
 
 def test_minilm_loads_without_transformers():
-    code = ("import sys; from TextSegLib.text import load_text_encoder; "
+    code = ("import sys; from TextSegLib.text.sources import load_text_encoder; "
             "encoder = load_text_encoder('minilm'); encoder.encode(['a nodule']); "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
@@ -260,8 +255,8 @@ def test_minilm_loads_without_transformers():
 
 
 def test_bert_folders_run_on_the_built_in_bert(bert_folder):
-    from TextSegLib.bert import BertTextEncoder
-    from TextSegLib.text import HuggingFaceTextEncoder
+    from TextSegLib.text.bert import BertTextEncoder
+    from TextSegLib.text.sources import HuggingFaceTextEncoder
 
     native = load_text_encoder(str(bert_folder))
     assert isinstance(native, BertTextEncoder) and isinstance(load_text_encoder(f"hf:{bert_folder}"), BertTextEncoder)
@@ -275,8 +270,8 @@ def test_bert_weights_with_a_prefix_and_heads(tmp_path, bert_folder):
     """A BertForMaskedLM folder: keys start with ``bert.``, the MLM head (and no pooler) is ignored."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from TextSegLib.bert import BertTextEncoder
-    from TextSegLib.text import HuggingFaceTextEncoder
+    from TextSegLib.text.bert import BertTextEncoder
+    from TextSegLib.text.sources import HuggingFaceTextEncoder
 
     torch.manual_seed(1)
     config = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
@@ -311,8 +306,8 @@ def _edited_copy(bert_folder, folder, config_changes=None, drop=(), reshape=()):
 
 def test_built_in_bert_refuses_other_architectures(bert_folder, tmp_path):
     """Unsupported configs are refused with what to do; load_text_encoder runs such folders with transformers."""
-    from TextSegLib.bert import BertTextEncoder
-    from TextSegLib.text import HuggingFaceTextEncoder
+    from TextSegLib.text.bert import BertTextEncoder
+    from TextSegLib.text.sources import HuggingFaceTextEncoder
 
     for changes, message in (({"hidden_act": "relu"}, "hidden_act 'relu'"),
                              ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
@@ -324,7 +319,7 @@ def test_built_in_bert_refuses_other_architectures(bert_folder, tmp_path):
 
 
 def test_built_in_bert_refuses_incomplete_weights(bert_folder, tmp_path):
-    from TextSegLib.bert import BertTextEncoder
+    from TextSegLib.text.bert import BertTextEncoder
 
     query = "encoder.layer.0.attention.self.query.weight"
     missing = _edited_copy(bert_folder, tmp_path / "missing", drop=[query])

@@ -15,11 +15,12 @@ import torch
 from conftest import CASES as PYRADIOMICS_CASES
 from safetensors.torch import load_file
 
-from TextSegLib.inference import InferenceEngine, load_model
-from TextSegLib.manifests import ManifestError, read_manifest, split_cases
-from TextSegLib.models import get_spec
-from TextSegLib.preprocessing import Preprocessing
-from TextSegLib.volumes import CanonicalTransform, read_volume
+from TextSegLib.engine.inference import InferenceEngine
+from TextSegLib.engine.loading import load_model
+from TextSegLib.engine.preprocessing import Preprocessing
+from TextSegLib.io.manifests import ManifestError, read_manifest, split_cases
+from TextSegLib.io.volumes import CanonicalTransform, read_volume
+from TextSegLib.models.registry import get_spec
 from Training.config import load_config
 from Training.data import SliceDataset
 from Training.distributed import Context
@@ -200,7 +201,7 @@ def test_one_short_epoch_with_two_gloo_processes_exports_a_usable_checkpoint(arc
     slab.array = lung2.array[28:31]
     result = InferenceEngine(model).segment(slab, annotations["lung2"]["prompt"])
     assert result.mask.shape == (3, 512, 512)
-    from TextSegLib.cli import main
+    from TextSegLib.app.cli import main
 
     assert main(["segment", str(data_dir / "breast1_image.nrrd"), "-p", "a small enhancing mass in the right breast",
                  "-m", str(out / "model.safetensors"), "-o", str(tmp_path / "seg"), "-q"]) == 0

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import TOTALSEG
 
-from TextSegLib.volumes import (
+from TextSegLib.io.volumes import (
     CanonicalTransform,
     Volume,
     VolumeError,

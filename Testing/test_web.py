@@ -55,8 +55,8 @@ def _environment() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
     """A user models folder holding a damaged copy of the shipped model (bytes in its weights flipped)."""
-    from TextSegLib.checkpoints import Catalogue
-    from TextSegLib.demo import DEMO_MODEL
+    from TextSegLib.engine.catalogue import Catalogue
+    from TextSegLib.evaluation.demo import DEMO_MODEL
 
     folder = tmp_path_factory.mktemp("web-models")
     damaged = folder / "damaged.safetensors"
@@ -71,12 +71,12 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def expected(models_dir, tmp_path_factory):
     """``textseg segment`` on the demo case with the demo model and prompt (started now, read when needed)."""
-    from TextSegLib.demo import DEFAULT_CASE, DEMO_MODEL, demo_case
+    from TextSegLib.evaluation.demo import DEFAULT_CASE, DEMO_MODEL, demo_case
 
     case = demo_case(DEFAULT_CASE)
     output = tmp_path_factory.mktemp("web-cli") / "demo.seg.nrrd"
     process = subprocess.Popen(
-        [sys.executable, "-m", "TextSegLib.cli", "--models-dir", str(models_dir), "segment", str(case["image"]),
+        [sys.executable, "-m", "TextSegLib", "--models-dir", str(models_dir), "segment", str(case["image"]),
          "-p", case["prompt"], "-m", DEMO_MODEL, "--batch-size", str(BATCH), "-o", str(output), "-q",
          "--probability"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_environment(), text=True)
@@ -95,7 +95,7 @@ def expected(models_dir, tmp_path_factory):
 def _start(arguments: list[str], ready: str, log: Path) -> tuple[subprocess.Popen, str]:
     """Run ``textseg <arguments>``, its output to ``log``; return the process and the URL in its ``ready`` line."""
     with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "TextSegLib.cli", *arguments], stdout=handle,
+        process = subprocess.Popen([sys.executable, "-m", "TextSegLib", *arguments], stdout=handle,
                                    stderr=subprocess.STDOUT, env=_environment())
     url = None
     deadline = time.monotonic() + 120
@@ -204,7 +204,7 @@ def _segment_colour(page) -> np.ndarray:
 
 
 def _segment_millilitres(path: Path) -> float:
-    from TextSegLib.segmentations import read_seg_nrrd
+    from TextSegLib.io.segnrrd import read_seg_nrrd
 
     segmentation = read_seg_nrrd(path)
     (segment,) = segmentation["segments"]
@@ -229,9 +229,9 @@ def _assert_same_segmentation(web: np.ndarray, cli: np.ndarray, probability: np.
 
 
 def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expected, tmp_path):
-    from TextSegLib.demo import DEFAULT_CASE, demo_case
-    from TextSegLib.segmentations import read_seg_nrrd
-    from TextSegLib.volumes import read_volume
+    from TextSegLib.evaluation.demo import DEFAULT_CASE, demo_case
+    from TextSegLib.io.segnrrd import read_seg_nrrd
+    from TextSegLib.io.volumes import read_volume
 
     case = demo_case(DEFAULT_CASE)
     page.click("#textseg-demo")
@@ -282,8 +282,8 @@ def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expect
 
 
 def test_several_prompts_give_several_segments_and_a_repeated_prompt_replaces_its_own(page):
-    from TextSegLib.demo import DEFAULT_CASE, demo_case
-    from TextSegLib.volumes import read_volume
+    from TextSegLib.evaluation.demo import DEFAULT_CASE, demo_case
+    from TextSegLib.io.volumes import read_volume
 
     case = demo_case(DEFAULT_CASE)
     page.click("#textseg-demo")  # a new volume replaces the previous one and its segments
@@ -328,7 +328,7 @@ def test_an_unreadable_upload_is_one_message_and_changes_nothing(page, tmp_path)
 
 
 def test_a_damaged_model_is_one_message_and_changes_nothing(page):
-    from TextSegLib.demo import DEFAULT_CASE, DEMO_MODEL, demo_case
+    from TextSegLib.evaluation.demo import DEFAULT_CASE, DEMO_MODEL, demo_case
 
     rows = _rows(page)
     _choose_model(page, "damaged")
@@ -355,7 +355,7 @@ def test_the_probability_map_overlays_the_slices_and_delete_removes_the_segment(
 
 def test_with_server_the_page_segments_on_a_textseg_serve_worker(page, expected, models_dir, tmp_path):
     """``textseg web --server``: the models and the segmentation come from a ``textseg serve`` with a token."""
-    from TextSegLib.demo import DEMO_MODEL
+    from TextSegLib.evaluation.demo import DEMO_MODEL
 
     token = "web-test-token"
     worker, worker_url = _start(["--models-dir", str(models_dir), "serve", "--port", "0", "--token", token,
@@ -385,7 +385,7 @@ def test_with_server_the_page_segments_on_a_textseg_serve_worker(page, expected,
 
 def test_an_unreachable_server_is_one_line_at_start():
     port = _free_port()  # nothing listens there
-    done = subprocess.run([sys.executable, "-m", "TextSegLib.cli", "web", "--server", f"http://127.0.0.1:{port}"],
+    done = subprocess.run([sys.executable, "-m", "TextSegLib", "web", "--server", f"http://127.0.0.1:{port}"],
                           capture_output=True, text=True, env=_environment(), timeout=120)
     assert done.returncode == 1
     assert done.stderr.startswith(f"textseg: error: Cannot reach the TextSeg server at http://127.0.0.1:{port}")
@@ -394,7 +394,7 @@ def test_an_unreachable_server_is_one_line_at_start():
 
 @pytest.mark.parametrize("kind", ["zipped DICOM", "nrrd"])
 def test_real_files_upload(page, tmp_path, kind):
-    from TextSegLib.volumes import read_volume
+    from TextSegLib.io.volumes import read_volume
 
     if kind == "nrrd":
         source = upload = SHARED / "pyradiomics" / "lung2_image.nrrd"
@@ -434,8 +434,8 @@ def test_cancel_stops_the_run_and_keeps_the_segments(page):
 
 def test_uploads_that_are_not_zipped_dicom_series_are_refused_in_one_line():
     """Without a browser: what the page says for zip files it cannot use."""
-    from TextSegLib.volumes import VolumeError
-    from TextSegLib.web import read_upload
+    from TextSegLib.app.uploads import read_upload
+    from TextSegLib.io.volumes import VolumeError
 
     with pytest.raises(VolumeError, match=r"^'x\.zip' is not a readable zip file .*; upload NRRD"):
         read_upload("x.zip", b"PK but not a zip")
@@ -456,8 +456,8 @@ def test_a_volume_shown_in_the_scene_is_the_volume_read():
     sends to the worker), the voxels and geometry ``read_volume`` read, also for a file whose axes are not LPS."""
     import slicer
 
-    from TextSegLib.segmentations import volume_from_node, volume_to_node
-    from TextSegLib.volumes import read_volume
+    from TextSegLib.app.mrml import volume_from_node, volume_to_node
+    from TextSegLib.io.volumes import read_volume
 
     scene = slicer.vtkMRMLScene()
     for path in (SHARED / "pyradiomics" / "lung2_image.nrrd", SHARED / "totalsegmentator" / "ct_a_image.nii.gz"):

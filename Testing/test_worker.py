@@ -20,14 +20,15 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from TextSegLib.inference import InferenceEngine, load_model
-from TextSegLib.results import SegmentationResult
-from TextSegLib.volumes import Volume, read_volume
-from TextSegLib.worker import (
+from TextSegLib.core.results import SegmentationResult
+from TextSegLib.engine.inference import InferenceEngine
+from TextSegLib.engine.loading import load_model
+from TextSegLib.io.volumes import Volume, read_volume
+from TextSegLib.service.client import RemoteWorker
+from TextSegLib.service.local import LocalWorker
+from TextSegLib.service.protocol import (
     READY_LINE,
-    LocalWorker,
     ProtocolError,
-    RemoteWorker,
     SegmentRequest,
     WorkerError,
     WorkerInputError,
@@ -73,7 +74,7 @@ def request(small_checkpoint, **fields) -> SegmentRequest:
 def serve(*arguments: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """``textseg serve`` on a free port; returns the process and its URL."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "TextSegLib.cli", "serve", "--port", "0", "--ready-line", "--exit-with-stdin",
+        [sys.executable, "-m", "TextSegLib", "serve", "--port", "0", "--ready-line", "--exit-with-stdin",
          *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
         env={**os.environ, **(env or {})})
     line = process.stdout.readline().decode()
@@ -217,7 +218,7 @@ def test_two_clients_at_once_both_get_their_own_result(worker, slab, expected, s
 
 
 def test_listening_beyond_this_computer_needs_a_token():
-    done = subprocess.run([sys.executable, "-m", "TextSegLib.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+    done = subprocess.run([sys.executable, "-m", "TextSegLib", "serve", "--host", "0.0.0.0", "--port", "0"],
                           capture_output=True, encoding="utf-8", cwd=REPO, timeout=60,
                           env={k: v for k, v in os.environ.items() if k != "TEXTSEG_TOKEN"})
     assert done.returncode == 1
@@ -227,7 +228,7 @@ def test_listening_beyond_this_computer_needs_a_token():
 
 
 def test_a_server_refuses_file_paths_from_other_computers(slab, small_checkpoint):
-    from TextSegLib.server import JobManager
+    from TextSegLib.service.server import JobManager
 
     manager = JobManager(allow_paths=False)
     job_id = manager.submit(slab, request(small_checkpoint))
@@ -248,11 +249,11 @@ def test_textseg_segment_on_a_server_writes_what_it_writes_in_process(tmp_path, 
         outputs = {}
         for how, extra in (("local", []), ("server", ["--server", url, "--token", "secret"])):
             outputs[how] = tmp_path / f"{how}.seg.nrrd"
-            done = subprocess.run([sys.executable, "-m", "TextSegLib.cli", "segment", str(image), "-p", PROMPT,
+            done = subprocess.run([sys.executable, "-m", "TextSegLib", "segment", str(image), "-p", PROMPT,
                                    "-m", str(small_checkpoint), "--device", "cpu", "-q", "-o", str(outputs[how]),
                                    *extra], capture_output=True, encoding="utf-8", cwd=REPO, timeout=300)
             assert done.returncode == 0, done.stderr
-        refused = subprocess.run([sys.executable, "-m", "TextSegLib.cli", "segment", str(image), "-p", PROMPT,
+        refused = subprocess.run([sys.executable, "-m", "TextSegLib", "segment", str(image), "-p", PROMPT,
                                   "-m", str(small_checkpoint), "-q", "-o", str(tmp_path / "x.seg.nrrd"), "--server",
                                   url], capture_output=True, encoding="utf-8", cwd=REPO, timeout=300)
         assert refused.returncode == 1 and not (tmp_path / "x.seg.nrrd").exists()

@@ -49,8 +49,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 if TYPE_CHECKING:
-    from TextSegLib.volumes import Volume
-    from TextSegLib.worker import Job, ModelChoice, RemoteWorker
+    from TextSegLib.io.volumes import Volume
+    from TextSegLib.service.client import Job, RemoteWorker
+    from TextSegLib.service.protocol import ModelChoice
 
 MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
@@ -683,7 +684,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         """The worker that segments: a TextSeg server at ``server``, or (empty) a worker process on this computer
         run by Slicer's ``PythonSlicer`` (found on PATH as ``slicer.util._executePythonModule`` finds it,
         Base/Python/slicer/util.py). The same worker, with its loaded models, serves every run."""
-        from TextSegLib.worker import shared_worker
+        from TextSegLib.service.local import shared_worker
 
         python = None if server else (shutil.which("PythonSlicer") or sys.executable)
         return shared_worker(server.strip() or None, token.strip() or None, python)
@@ -691,25 +692,25 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def modelChoices(server: str = "", token: str = "") -> list[ModelChoice]:
         """Models the user can pick: this computer's catalogue (shipped and imported), or the server's."""
-        from TextSegLib.worker import ModelChoice
+        from TextSegLib.service.protocol import ModelChoice
 
         if server.strip():
             return TextSegLogic.worker(server, token).models()
-        from TextSegLib.checkpoints import Catalogue
+        from TextSegLib.engine.catalogue import Catalogue
 
         return [ModelChoice.from_entry(entry) for entry in Catalogue().entries()]
 
     @staticmethod
     def importModel(path: str):
         """Check a checkpoint file fully and copy it into the user's models folder; return its catalogue entry."""
-        from TextSegLib.checkpoints import Catalogue
+        from TextSegLib.engine.catalogue import Catalogue
 
         return Catalogue().import_model(path)
 
     @staticmethod
     def terminologyLabel(prompt: str) -> str:
         """What the segment for ``prompt`` will be called in Slicer's terminology (e.g. "Mass in Left Lung")."""
-        from TextSegLib.terminology import terminology_for_prompt
+        from TextSegLib.io.terminology import terminology_for_prompt
 
         return terminology_for_prompt(prompt).label
 
@@ -742,8 +743,8 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         TextSeg server (empty: a worker process on this computer, started on first use). The volume's voxels are
         copied now, so the run does not read MRML nodes. Raises ValueError on bad input.
         """
-        from TextSegLib.segmentations import volume_from_node
-        from TextSegLib.worker import SegmentRequest
+        from TextSegLib.app.mrml import volume_from_node
+        from TextSegLib.service.protocol import SegmentRequest
 
         reason = unsupportedReason()
         if reason:
@@ -768,7 +769,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         ``ValueError`` for refused input). On any error nothing stays in the scene: a segmentation created here is
         removed again. Returns ``(segmentationNode, segmentId)``.
         """
-        from TextSegLib.segmentations import store_result, update_volume_node
+        from TextSegLib.app.mrml import store_result, update_volume_node
 
         result = run.result = run.job.result()
         if result is None:
@@ -800,7 +801,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
     def showResult(inputVolume: vtkMRMLScalarVolumeNode, segmentationNode: vtkMRMLSegmentationNode,
                    segmentId: str) -> list[str]:
         """Show the segment in the slice views (over the input volume) and in 3D; return warnings for the user."""
-        from TextSegLib.segmentations import show_closed_surface
+        from TextSegLib.app.mrml import show_closed_surface
 
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.GetDisplayNode().SetSegmentVisibility(segmentId, True)

@@ -47,7 +47,7 @@ class TextSection:
 
 @dataclass
 class DataSection:
-    manifest: str = ""  # CSV/JSONL manifest of 3D volumes (TextSegLib.manifests)
+    manifest: str = ""  # CSV/JSONL manifest of 3D volumes (TextSegLib.io.manifests)
     lvit_images: str = ""  # or LViT's 2D layout: image folder, mask folder, text table
     lvit_masks: str = ""
     lvit_texts: str = ""

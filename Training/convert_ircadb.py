@@ -28,7 +28,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from TextSegLib.volumes import Volume, VolumeError, write_image
+from TextSegLib.io.volumes import Volume, VolumeError, write_image
 
 LESION = re.compile(r"^livertumou?rs?\d*$", re.IGNORECASE)
 

@@ -1,7 +1,7 @@
 """Training data: 3D volumes sliced on the fly, LViT's 2D layout, augmentation and the text table.
 
-Slices are prepared by :meth:`TextSegLib.preprocessing.Preprocessing.prepare`, the function the inference engine
-uses, after the same canonical reorientation (:class:`TextSegLib.volumes.CanonicalTransform`): a network sees at
+Slices are prepared by :meth:`TextSegLib.engine.preprocessing.Preprocessing.prepare`, the function the inference engine
+uses, after the same canonical reorientation (:class:`TextSegLib.io.volumes.CanonicalTransform`): a network sees at
 training time exactly what it will see in ``textseg segment``.
 """
 
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from TextSegLib.manifests import ManifestCase, ManifestError
-from TextSegLib.preprocessing import IntensityMapping, IntensitySpec, Preprocessing
-from TextSegLib.text import TextEncoder, TextFeatures
-from TextSegLib.volumes import CanonicalTransform, guess_modality, read_volume
+from TextSegLib.engine.preprocessing import IntensityMapping, IntensitySpec, Preprocessing
+from TextSegLib.io.manifests import ManifestCase, ManifestError
+from TextSegLib.io.volumes import CanonicalTransform, guess_modality, read_volume
+from TextSegLib.text.features import TextEncoder, TextFeatures
 
 __all__ = ["Lvit2DDataset", "SliceDataset", "SliceItem", "TextTable", "augment", "intensity_of", "resize_mask"]
 

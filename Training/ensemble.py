@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from TextSegLib.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from TextSegLib.engine.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from TextSegLib.models.ensemble import Ensemble
 
 __all__ = ["export_ensemble", "main"]

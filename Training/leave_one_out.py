@@ -19,9 +19,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from TextSegLib import evaluation
-from TextSegLib.inference import InferenceEngine, clear_model_cache, load_model
-from TextSegLib.manifests import read_manifest
+from TextSegLib.engine.inference import InferenceEngine
+from TextSegLib.engine.loading import clear_model_cache, load_model
+from TextSegLib.evaluation import tables as evaluation
+from TextSegLib.io.manifests import read_manifest
 from Training.config import load_config
 from Training.distributed import setup
 from Training.trainer import Trainer

@@ -21,7 +21,7 @@ structure present in it, three ways:
     seen in training; Dice against the structure's label, averaged over its phrasings.
 
 Labels are TotalSegmentator's own predictions (a silver standard), put on patient B's grid in physical space
-(:func:`TextSegLib.volumes.labels_on_grid`: B's label file is stored y-flipped).
+(:func:`TextSegLib.io.volumes.labels_on_grid`: B's label file is stored y-flipped).
 
 FreqMedCLIP's frozen BiomedCLIP ViT cannot be had offline; here its semantic stream is a small ViT with random
 weights that is trained with the rest (a 4-block, 192-wide open_clip ViT with 16-pixel patches at ``--size``,
@@ -54,9 +54,10 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from TextSegLib.inference import InferenceEngine, LoadedModel, clear_model_cache, load_model
-from TextSegLib.metrics import dice
-from TextSegLib.volumes import Volume, labels_on_grid, read_volume
+from TextSegLib.engine.inference import InferenceEngine
+from TextSegLib.engine.loading import LoadedModel, clear_model_cache, load_model
+from TextSegLib.evaluation.metrics import dice
+from TextSegLib.io.volumes import Volume, labels_on_grid, read_volume
 from Training.structures import CASES, STRUCTURES, Structure, label_values, write_manifest
 
 __all__ = ["CONDITIONS", "NETWORKS", "patient_b", "score_prompts", "scored_structures", "summarise", "swap_map",

@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from TextSegLib import __version__
-from TextSegLib.checkpoints import save_checkpoint
-from TextSegLib.manifests import read_manifest, split_patients
-from TextSegLib.models import create_model, get_spec, preset_config
-from TextSegLib.preprocessing import Preprocessing
-from TextSegLib.text import TextFeatures, load_text_encoder
+from TextSegLib.engine.checkpoints import save_checkpoint
+from TextSegLib.engine.preprocessing import Preprocessing
+from TextSegLib.io.manifests import read_manifest, split_patients
+from TextSegLib.models.registry import create_model, get_spec, preset_config
+from TextSegLib.text.features import TextFeatures
+from TextSegLib.text.sources import load_text_encoder
 
 from .config import TrainConfig
 from .data import Lvit2DDataset, SliceDataset, TextTable, augment

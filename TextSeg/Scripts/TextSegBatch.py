@@ -26,7 +26,7 @@ def segmentFiles(arguments: list[str]) -> int:
     from TextSeg import TextSegLogic
 
     TextSegLogic().ensureDependencies(askConfirmation=False)
-    from TextSegLib.cli import main
+    from TextSegLib.app.cli import main
 
     return main(["segment", *arguments])
 

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..text import TextFeatures
+from TextSegLib.text.features import TextFeatures
 
-__all__ = ["Ensemble"]
+__all__ = [
+    "Ensemble",
+]
 
 
 class Ensemble(nn.Module):

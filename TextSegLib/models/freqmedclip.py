@@ -84,18 +84,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..text import TextFeatures
-from . import ModelSpec, checkpoint_external_weights, register
-from .blocks.backbones import (
+from TextSegLib.models.blocks.backbones import (
     ConvNeXtPyramid,
     ViTTokenEncoder,
     build_open_clip_vision_tower,
     load_open_clip_vision_tower,
 )
-from .blocks.conditioning import FFBI, FiLM, TextConditionedAdapter
-from .blocks.convs import ConvNormAct, DoubleConv
-from .blocks.wavelets import haar_dwt2
-from .losses import bce_dice_loss, soft_dice_loss
+from TextSegLib.models.blocks.conditioning import FFBI, FiLM, TextConditionedAdapter
+from TextSegLib.models.blocks.convs import ConvNormAct, DoubleConv
+from TextSegLib.models.blocks.wavelets import haar_dwt2
+from TextSegLib.models.losses import bce_dice_loss, soft_dice_loss
+from TextSegLib.models.registry import ModelSpec, checkpoint_external_weights, register
+from TextSegLib.text.features import TextFeatures
 
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -75,14 +75,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..text import TextFeatures
-from . import ModelSpec, register
-from .blocks.convs import ConvNormAct
-from .blocks.distribution import DistributionFusion
-from .blocks.fourier import FrequencyPromptEncoder
-from .blocks.tokens import PatchEmbedding, TextTokenProjection, TokenUNet
-from .blocks.ushape import DownStage, TokenReconstruct, UpStage
-from .losses import bce_dice_loss
+from TextSegLib.models.blocks.convs import ConvNormAct
+from TextSegLib.models.blocks.distribution import DistributionFusion
+from TextSegLib.models.blocks.fourier import FrequencyPromptEncoder
+from TextSegLib.models.blocks.tokens import PatchEmbedding, TextTokenProjection, TokenUNet
+from TextSegLib.models.blocks.ushape import DownStage, TokenReconstruct, UpStage
+from TextSegLib.models.losses import bce_dice_loss
+from TextSegLib.models.registry import ModelSpec, register
+from TextSegLib.text.features import TextFeatures
 
 FUSIONS = ("distribution", "addition")
 

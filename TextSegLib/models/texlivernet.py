@@ -56,9 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..text import TextFeatures
-from . import ModelSpec, register
-from .blocks import (
+from TextSegLib.models.blocks import (
     ConvNormAct,
     DenseSpatialPerception,
     DORMLPBlock,
@@ -70,7 +68,9 @@ from .blocks import (
     SpatialFrequencyPerceptionS,
     TextImageAgentAttention,
 )
-from .losses import bce_dice_loss
+from TextSegLib.models.losses import bce_dice_loss
+from TextSegLib.models.registry import ModelSpec, register
+from TextSegLib.text.features import TextFeatures
 
 SFPM_S_LAYOUTS = ("parallel", "series")
 SFPM_S_BLOCKS = ("residual", "dense")

@@ -35,8 +35,8 @@ class TextSegLogicTest(ScriptedLoadableModuleTest):
 
         self.logic = TextSegLogic()
         self.logic.ensureDependencies(askConfirmation=False)
-        from TextSegLib.checkpoints import Catalogue
-        from TextSegLib.demo import DEMO_MODEL, demo_case
+        from TextSegLib.engine.catalogue import Catalogue
+        from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
 
         self.case = demo_case("lung2")
         self.prompt = "the spinal cord"  # the shipped model names the spinal cord; it does not find lung2's lesion
@@ -73,10 +73,12 @@ class TextSegLogicTest(ScriptedLoadableModuleTest):
 
     def test_ProcessSegmentsTheDemoCase(self) -> None:
         """The segment equals the engine's mask on the volume's grid and carries name, terminology and tags."""
-        from TextSegLib.checkpoints import file_sha256
-        from TextSegLib.inference import InferenceEngine, load_model
-        from TextSegLib.segmentations import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_tag, volume_from_node
-        from TextSegLib.terminology import terminology_for_prompt
+        from TextSegLib.app.mrml import segment_tag, volume_from_node
+        from TextSegLib.engine.checkpoints import file_sha256
+        from TextSegLib.engine.inference import InferenceEngine
+        from TextSegLib.engine.loading import load_model
+        from TextSegLib.io.segnrrd import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT
+        from TextSegLib.io.terminology import terminology_for_prompt
 
         self.delayDisplay("Segmenting the demonstration case")
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "results")

@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "PartialConv",
+    "TextImageAgentAttention",
+]
+
 
 class PartialConv(nn.Module):
     """PConv (FasterNet): a 3x3 convolution over the first ``ratio * C`` channels; the rest pass unchanged.

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import PretrainedUnavailableError
+from TextSegLib.core.errors import PretrainedUnavailableError
+from TextSegLib.text.sources import _WEIGHT_SUFFIXES, open_clip_source_has_weights
 
 __all__ = [
     "BackboneUnavailableError",
@@ -29,7 +30,6 @@ __all__ = [
     "load_open_clip_vision_tower",
 ]
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # open_clip's own preference among the weight files of a folder
 _PREFERRED_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                       "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
@@ -37,20 +37,6 @@ _PREFERRED_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.sa
 
 class BackboneUnavailableError(PretrainedUnavailableError):
     """A pretrained backbone that cannot be built (not downloaded, no hub access, unknown name)."""
-
-
-def open_clip_source_has_weights(source: str) -> bool:
-    """Whether an open_clip source names pretrained weights (not just an architecture).
-
-    ``hf-hub:<repo>`` and ``<name>@<tag>`` always do; ``local-dir:<folder>`` does when the folder holds a weights
-    file; a bare built-in name (``ViT-B-16``) is an untrained architecture.
-    """
-    if source.startswith("hf-hub:"):
-        return True
-    if source.startswith("local-dir:"):
-        folder = Path(source[len("local-dir:"):])
-        return folder.is_dir() and any(p.suffix in _WEIGHT_SUFFIXES for p in folder.iterdir() if p.is_file())
-    return "@" in source
 
 
 def _first_line(error: BaseException) -> str:

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FFBI", "BidirectionalCrossAttention", "CrossAttention", "FiLM", "TextConditionedAdapter"]
+__all__ = [
+    "FFBI",
+    "BidirectionalCrossAttention",
+    "CrossAttention",
+    "FiLM",
+    "TextConditionedAdapter",
+]
 
 
 def _vit_init(module: nn.Module) -> None:

@@ -6,6 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "ConvNormAct",
+    "DoubleConv",
+    "LayerNorm2d",
+    "ScaledResidual",
+]
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a feature map.

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .convs import LayerNorm2d
+from TextSegLib.models.blocks.convs import LayerNorm2d
 
 SPECTRA = ("phase", "amplitude", "both")
 

@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convs import LayerNorm2d
+from TextSegLib.models.blocks.convs import LayerNorm2d
+
+__all__ = [
+    "AdaptiveFrequencyFilter",
+    "PositionalFrequencyBranch",
+    "PositionalFrequencyFilter",
+    "SpatialFrequencyPerceptionF",
+    "StarReLU",
+]
 
 
 class StarReLU(nn.Module):

@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .convs import LayerNorm2d
+from TextSegLib.models.blocks.convs import LayerNorm2d
+
+__all__ = [
+    "DORMLP",
+    "ORMLP",
+    "DORMLPBlock",
+    "channel_roll",
+]
 
 
 def channel_roll(x: torch.Tensor, dim: int, sign: int = 1) -> torch.Tensor:

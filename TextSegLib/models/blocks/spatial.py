@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .convs import ConvNormAct
+from TextSegLib.models.blocks.convs import ConvNormAct
+
+__all__ = [
+    "DenseSpatialPerception",
+    "SpatialFrequencyPerceptionS",
+]
 
 
 class SpatialFrequencyPerceptionS(nn.Module):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convs import ConvNormAct
-from .tokens import tokens_to_map
+from TextSegLib.models.blocks.convs import ConvNormAct
+from TextSegLib.models.blocks.tokens import tokens_to_map
 
 
 class DownStage(nn.Sequential):

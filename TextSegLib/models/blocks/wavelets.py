@@ -17,7 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["haar_dwt2", "haar_idwt2"]
+__all__ = [
+    "haar_dwt2",
+    "haar_idwt2",
+]
 
 
 def haar_dwt2(x: torch.Tensor) -> torch.Tensor:

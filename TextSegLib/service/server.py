@@ -1,7 +1,7 @@
 """``textseg serve``: the segmentation worker as an HTTP service (FastAPI on uvicorn).
 
-The protocol is documented in :mod:`TextSegLib.worker`. One worker thread runs the jobs one after another (a GPU
-runs one network at a time best), so several clients can submit at once and are served in order. Models and
+The protocol is documented in :mod:`TextSegLib.service.protocol`. One worker thread runs the jobs one after another
+(a GPU runs one network at a time best), so several clients can submit at once and are served in order. Models and
 encoded prompts stay loaded for the life of the service: re-prompting a volume costs only the forward passes.
 
 Safety: the service listens on 127.0.0.1 unless told otherwise; listening on any other address needs a token
@@ -29,10 +29,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from . import __version__
-from .results import CancelToken, SegmentationResult
-from .volumes import Volume
-from .worker import (
+from TextSegLib import __version__
+from TextSegLib.core.results import CancelToken, SegmentationResult
+from TextSegLib.io.volumes import Volume
+from TextSegLib.service.protocol import (
     DEFAULT_MAX_REQUEST_MB,
     PROTOCOL_VERSION,
     READY_LINE,
@@ -44,7 +44,11 @@ from .worker import (
     too_large,
 )
 
-__all__ = ["JobManager", "create_app", "serve"]
+__all__ = [
+    "JobManager",
+    "create_app",
+    "serve",
+]
 
 log = logging.getLogger("textseg")
 
@@ -142,7 +146,8 @@ class JobManager:
         return report
 
     def _resolve(self, names: list[str]):
-        from .checkpoints import Catalogue, CheckpointError
+        from TextSegLib.engine.catalogue import Catalogue
+        from TextSegLib.engine.checkpoints import CheckpointError
 
         catalogue = Catalogue(self.models_dir)
         if not self.allow_paths:
@@ -156,7 +161,9 @@ class JobManager:
     def _segment(self, job: _Job) -> SegmentationResult | None:
         import torch
 
-        from .inference import InferenceEngine, choose_device, load_model
+        from TextSegLib.engine.devices import choose_device
+        from TextSegLib.engine.inference import InferenceEngine
+        from TextSegLib.engine.loading import load_model
 
         request = job.request
         catalogue, paths = self._resolve(request.models)
@@ -230,9 +237,9 @@ def create_app(token: str | None, max_request_bytes: int, jobs: JobManager):
         answer = {"protocol": PROTOCOL_VERSION, "textseg": __version__, "busy": jobs.busy(),
                   "max_request_bytes": max_request_bytes, "models_loaded": [], "prompts_encoded": 0,
                   "prompts_reused": 0}
-        if "TextSegLib.inference" in sys.modules:  # nothing is loaded before the first job
-            from .inference import loaded_model_ids
-            from .text import PROMPT_CACHE
+        if "TextSegLib.engine.loading" in sys.modules:  # nothing is loaded before the first job
+            from TextSegLib.engine.loading import loaded_model_ids
+            from TextSegLib.text.features import PROMPT_CACHE
 
             answer.update(models_loaded=loaded_model_ids(), prompts_encoded=PROMPT_CACHE.misses,
                           prompts_reused=PROMPT_CACHE.hits)
@@ -240,7 +247,7 @@ def create_app(token: str | None, max_request_bytes: int, jobs: JobManager):
 
     @app.get(f"{prefix}/models")
     def models() -> list[dict[str, Any]]:
-        from .checkpoints import Catalogue
+        from TextSegLib.engine.catalogue import Catalogue
 
         return [ModelChoice.from_entry(entry).to_json() for entry in Catalogue(jobs.models_dir).entries()]
 

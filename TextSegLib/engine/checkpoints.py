@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,32 +51,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .common import TextSegError, atomic_write
-from .models import (
-    PretrainedUnavailableError,
-    architectures,
-    building_from_checkpoint,
-    config_from_dict,
-    create_model,
-    get_spec,
-)
-from .models.ensemble import Ensemble
+from TextSegLib import __version__
+from TextSegLib.core.errors import PretrainedUnavailableError, TextSegError
+from TextSegLib.core.files import atomic_write
+from TextSegLib.core.messages import describe_key_problems
+from TextSegLib.models.ensemble import Ensemble
+from TextSegLib.models.registry import architectures, building_from_checkpoint, config_from_dict, create_model, get_spec
 
 __all__ = [
-    "SHIPPED_MODELS_DIR",
-    "Catalogue",
-    "CatalogueEntry",
     "CheckpointError",
     "CheckpointInfo",
-    "check_model_id",
     "file_sha256",
     "load_checkpoint",
     "metadata_digest",
     "read_checkpoint_info",
     "save_checkpoint",
     "sign_checkpoint",
-    "user_models_dir",
     "weights_digest",
 ]
 
@@ -86,7 +75,6 @@ log = logging.getLogger("textseg")
 FORMAT = "textseg-checkpoint"
 FORMAT_VERSION = 2
 METADATA_KEY = "textseg"
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "weights"
 RESULT_FIELDS = ("architecture", "config", "text_encoder", "preprocessing", "orientation", "threshold",
                  "external_weights", "weights_sha256")
 
@@ -155,7 +143,7 @@ def metadata_digest(data: Mapping[str, Any]) -> str:
 
 def _settings_problem(info: CheckpointInfo) -> str | None:
     """What is wrong with a checkpoint's settings, or None."""
-    from .volumes import CanonicalTransform
+    from TextSegLib.io.volumes import CanonicalTransform
 
     if not isinstance(info.architecture, str) or not info.architecture:
         return "its architecture is not a name"
@@ -178,7 +166,7 @@ def _settings_problem(info: CheckpointInfo) -> str | None:
     if not isinstance(info.weights_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", info.weights_sha256):
         return "it records no digest of its weights"
     try:
-        from .preprocessing import Preprocessing
+        from TextSegLib.engine.preprocessing import Preprocessing
 
         Preprocessing.from_metadata(info.preprocessing)
     except (KeyError, TypeError, ValueError) as error:
@@ -279,7 +267,7 @@ def _what_else(path: Path) -> str | None:
         return None
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return (f"{str(path)!r} is a PyTorch pickle (torch.save), which TextSeg never loads because unpickling can "
-                "run any code; save the model as a TextSeg checkpoint (TextSegLib.checkpoints.save_checkpoint) "
+                "run any code; save the model as a TextSeg checkpoint (TextSegLib.engine.checkpoints.save_checkpoint) "
                 "where it was trained.")
     nifti = int.from_bytes(head[:4], "little") == 348 or int.from_bytes(head[:4], "big") == 348
     if head.startswith(_IMAGE_MAGIC) or head[128:132] == b"DICM" or nifti or head[:2] == b"\x1f\x8b":
@@ -401,17 +389,6 @@ def load_checkpoint(
     return model.to(device).eval(), info
 
 
-def describe_key_problems(groups: Iterable[tuple[str, list[str]]], shown: int = 5) -> str:
-    """``"2 missing (a, b); 1 unexpected (c)"`` for the non-empty ``(label, keys)`` groups of a weights mismatch,
-    naming at most ``shown`` keys per group."""
-    problems = []
-    for label, keys in groups:
-        if keys:
-            listed = ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
-            problems.append(f"{len(keys)} {label} ({listed})")
-    return "; ".join(problems)
-
-
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], info: CheckpointInfo) -> None:
     expected = model.state_dict()
     external = tuple(info.external_weights)
@@ -428,118 +405,6 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], info: Checkpoi
             f"{problems}. It was saved from a different network or a different TextSeg version."
         )
     model.load_state_dict(state, strict=not external)
-
-
-def user_models_dir() -> Path:
-    """Folder of models the user imported: ``$TEXTSEG_MODELS_DIR``, else ``$XDG_DATA_HOME/textseg/models``
-    (``~/.local/share/textseg/models``)."""
-    if os.environ.get("TEXTSEG_MODELS_DIR"):
-        return Path(os.environ["TEXTSEG_MODELS_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "textseg" / "models"
-
-
-@dataclass(frozen=True)
-class CatalogueEntry:
-    """One model a user can pick."""
-
-    id: str
-    path: Path
-    info: CheckpointInfo
-    shipped: bool
-
-    @property
-    def title(self) -> str:
-        return self.info.name or self.id
-
-    @property
-    def architecture_title(self) -> str:
-        return get_spec(self.info.architecture).title if self.info.architecture in architectures() else "?"
-
-    @property
-    def text_role(self) -> str:
-        """What the prompt does in this model's network, from its architecture and config ("" if unknown)."""
-        if self.info.architecture not in architectures():
-            return ""
-        spec = get_spec(self.info.architecture)
-        try:
-            return spec.describe_text(config_from_dict(spec.name, self.info.config)) if spec.describe_text else ""
-        except (TypeError, ValueError):  # a config this version cannot read: loading it says why
-            return ""
-
-
-class Catalogue:
-    """The models shipped with TextSeg plus those in the user's models folder.
-
-    Ids are file names without ``.safetensors``; an id in the shipped folder cannot be shadowed by a user file.
-    Unreadable files are skipped with a warning rather than hiding every other model.
-    """
-
-    def __init__(self, user_dir: str | os.PathLike[str] | None = None, shipped_dir: Path = SHIPPED_MODELS_DIR):
-        self.shipped_dir = Path(shipped_dir)
-        self.user_dir = Path(user_dir) if user_dir is not None else user_models_dir()
-
-    def entries(self) -> list[CatalogueEntry]:
-        found: dict[str, CatalogueEntry] = {}
-        for folder, shipped in ((self.shipped_dir, True), (self.user_dir, False)):
-            if not folder.is_dir():
-                continue
-            for path in sorted(folder.glob("*.safetensors")):
-                entry_id = path.name.removesuffix(".safetensors")
-                if entry_id in found:
-                    log.warning("Ignoring %s: a model with id %r is already in the catalogue", path, entry_id)
-                    continue
-                try:
-                    info = read_checkpoint_info(path, with_sha256=False)
-                except CheckpointError as error:
-                    log.warning("Skipping %s: %s", path, error)
-                    continue
-                found[entry_id] = CatalogueEntry(entry_id, path, info, shipped)
-        return list(found.values())
-
-    def resolve(self, name_or_path: str | os.PathLike[str]) -> Path:
-        """Path of a model given as a file path or a catalogue id."""
-        candidate = Path(name_or_path).expanduser()
-        if candidate.exists():
-            return candidate
-        text = str(name_or_path)
-        if "/" in text or os.sep in text or text.endswith(".safetensors"):
-            raise CheckpointError(f"Model file not found: {text!r}.")
-        entries = self.entries()
-        for entry in entries:
-            if entry.id == str(name_or_path):
-                return entry.path
-        known = ", ".join(entry.id for entry in entries) or "none installed"
-        raise CheckpointError(
-            f"No model named {str(name_or_path)!r}: give a checkpoint file or one of the catalogue's models "
-            f"({known}). `textseg models` lists them."
-        )
-
-    def import_model(self, path: str | os.PathLike[str], model_id: str | None = None) -> CatalogueEntry:
-        """Check a checkpoint fully (weights included) and copy it into the user's models folder under ``model_id``
-        (default: the file name, with anything but letters, digits, ``_``, ``-``, ``+`` and ``.`` made ``-``).
-        Raises :class:`CheckpointError` for an id that is not a plain name (see :func:`check_model_id`) or is
-        taken."""
-        if model_id is None:  # the file name, made a plain name
-            model_id = re.sub(r"[^\w.+-]+", "-", Path(path).name.removesuffix(".safetensors")).strip("-.") or "model"
-        entry_id = check_model_id(model_id)
-        load_checkpoint(path)
-        target = self.user_dir / f"{entry_id}.safetensors"
-        if any(entry.id == entry_id for entry in self.entries()) or target.exists():
-            raise CheckpointError(f"The catalogue already has a model {entry_id!r}; import it under another id.")
-        atomic_write(target, lambda temporary: shutil.copyfile(path, temporary))
-        return CatalogueEntry(entry_id, target, read_checkpoint_info(target, with_sha256=False), shipped=False)
-
-
-def check_model_id(model_id: object) -> str:
-    """Return ``model_id`` if it is a catalogue id: a name of letters, digits, ``_``, ``-``, ``+`` and ``.``
-    (not first), at most 100 characters; never a path. Raises :class:`CheckpointError` otherwise."""
-    if not isinstance(model_id, str) or not re.fullmatch(r"\w[\w.+-]{0,99}", model_id):
-        raise CheckpointError(
-            f"The model id {model_id!r} is not a name: use letters, digits, '_', '-', '+' and '.' (not first), "
-            "without '/' or spaces; an id names a model in your models folder, never a path."
-        )
-    return model_id
 
 
 def sign_checkpoint(path: str | os.PathLike[str], target: str | os.PathLike[str] | None = None) -> CheckpointInfo:

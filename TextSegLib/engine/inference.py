@@ -24,38 +24,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import Catalogue, CheckpointError, CheckpointInfo, load_checkpoint
-from .common import TextSegTypeError, TextSegValueError
-from .preprocessing import IntensityMapping, Preprocessing
-from .results import CancelToken, SegmentationResult
-from .text import TextEncoder, TextFeatures, load_text_encoder, validate_prompt
-from .volumes import CanonicalTransform, Volume, VolumeError, check_volume, guess_modality
+from TextSegLib.core.errors import TextSegTypeError, TextSegValueError
+from TextSegLib.core.options import check_threshold, validate_prompt
+from TextSegLib.core.results import CancelToken, SegmentationResult
+from TextSegLib.engine.acceleration import BatchTuner, _CompiledOrEager, _CudaStreams, _StagedPipeline, fold_batchnorm
+from TextSegLib.engine.devices import cpu_has_native_bf16
+from TextSegLib.engine.loading import LoadedModel
+from TextSegLib.engine.preprocessing import IntensityMapping
+from TextSegLib.io.volumes import CanonicalTransform, Volume, VolumeError, check_volume, guess_modality
 
 __all__ = [
-    "BatchTuner",
-    "CancelToken",
     "InferenceEngine",
-    "LoadedModel",
-    "SegmentationResult",
-    "check_threshold",
-    "choose_device",
-    "clear_model_cache",
-    "cpu_has_native_bf16",
-    "load_model",
-    "loaded_model_ids",
-    "resolve_device",
 ]
 
 log = logging.getLogger("textseg")
@@ -66,126 +53,6 @@ ProgressCallback = Callable[[int, int], None]
 # Largest batch the engine picks by itself on CUDA: on an H100 the benchmark's throughput is flat from 32 to 128
 # slices, and smaller batches leave neighbouring batches whose copies overlap with the compute.
 MAX_AUTO_BATCH = 64
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) through oneDNN."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when a GPU is usable, else CPU; ``"cuda"`` without a GPU is a readable error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("No CUDA GPU is available here; use the device 'cpu' or 'auto'.")
-    return device
-
-
-MINIMUM_FREE_GPU_BYTES = 2 << 30
-GPU_BYTES_PER_CHECKPOINT_BYTE = 4
-
-
-def choose_device(device: str, model_paths: Sequence[str | Path]) -> tuple[str, list[str]]:
-    """Device to run on (``"cpu"``, ``"cuda"`` or ``"cuda:N"``) and warnings for the user.
-
-    ``device`` is ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``. A GPU with less free memory than the models need (an
-    estimate from their file sizes, at least ``MINIMUM_FREE_GPU_BYTES``) is not used: the CPU is, with a warning;
-    so is the CPU when ``"cuda"`` is asked for where there is no GPU.
-    """
-    if device == "cpu":
-        return "cpu", []
-    if not torch.cuda.is_available():
-        return "cpu", ([] if device == "auto" else ["No usable GPU was found; TextSeg runs on the CPU."])
-    target = torch.device("cuda" if device == "auto" else device)
-    free, _total = torch.cuda.mem_get_info(target)
-    needed = max(MINIMUM_FREE_GPU_BYTES,
-                 GPU_BYTES_PER_CHECKPOINT_BYTE * sum(Path(path).stat().st_size for path in model_paths))
-    if free < needed:
-        message = (f"The GPU has {free / 2**30:.1f} GB free, TextSeg needs about {needed / 2**30:.1f} GB: it runs "
-                   "on the CPU (slower).")
-        log.warning("%s", message)
-        return "cpu", [message]
-    return str(target), []
-
-
-@dataclass
-class LoadedModel:
-    """A network ready for inference with everything its checkpoint says about it."""
-
-    network: nn.Module
-    info: CheckpointInfo
-    text_encoder: TextEncoder
-    preprocessing: Preprocessing
-    device: torch.device
-    prepared: dict[tuple[bool, bool], nn.Module] = field(default_factory=dict, repr=False)  # engine networks
-    cpu_batch: dict[tuple[str, bool], BatchTuner] = field(default_factory=dict, repr=False)  # CPU batch timing
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-
-_MODELS: dict[tuple[str, int, int, str], LoadedModel] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def load_model(
-    name_or_path: str | Path, device: str | torch.device = "auto", catalogue: Catalogue | None = None
-) -> LoadedModel:
-    """Load a checkpoint (file path or catalogue id) with its text encoder, on ``device``.
-
-    Models are cached per (file, modification time, size, device): loading the same model again is free.
-    """
-    device = resolve_device(device)
-    path = (catalogue or Catalogue()).resolve(name_or_path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size, str(device))
-    with _MODELS_LOCK:
-        cached = _MODELS.get(key)
-    if cached is not None:
-        return cached
-    network, info = load_checkpoint(path, device=device)
-    encoder = load_text_encoder(info.text_encoder, device=device)
-    for field_name, actual, what in (("text_dim", encoder.dim, "token features"),
-                                     ("pooled_dim", encoder.pooled_dim, "pooled embeddings")):
-        expected = info.config.get(field_name)
-        if expected is not None and int(expected) != actual:
-            raise CheckpointError(
-                f"The model {info.id!r} expects text {what} of width {expected}, but its text encoder "
-                f"{encoder.source!r} gives {actual}; the checkpoint names the wrong encoder."
-            )
-    preprocessing = Preprocessing.from_metadata(info.preprocessing, channels=int(info.config.get("in_channels", 1)))
-    loaded = LoadedModel(network, info, encoder, preprocessing, device)
-    with _MODELS_LOCK:
-        _MODELS[key] = loaded
-    return loaded
-
-
-def loaded_model_ids() -> list[str]:
-    """Ids of the models held in memory (for a worker's health report)."""
-    with _MODELS_LOCK:
-        return [model.id for model in _MODELS.values()]
-
-
-def clear_model_cache() -> None:
-    """Forget loaded models (frees their memory)."""
-    with _MODELS_LOCK:
-        _MODELS.clear()
-
-
-def check_threshold(threshold: object) -> float:
-    """Return ``threshold`` as a float if it lies strictly between 0 and 1; else raise ``TypeError``/``ValueError``
-    (:class:`~TextSegLib.common.TextSegError` subclasses)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating | np.integer):
-        raise TextSegTypeError(f"The threshold must be a number between 0 and 1, not {type(threshold).__name__}.")
-    if not 0.0 < float(threshold) < 1.0:
-        raise TextSegValueError(f"The threshold must lie between 0 and 1 (a probability), not {threshold}.")
-    return float(threshold)
 
 
 def _without_nonfinite(volume: Volume) -> tuple[Volume, np.ndarray | None, str | None]:
@@ -362,7 +229,7 @@ class InferenceEngine:
         """Segment ``volume`` for ``prompt``; None if cancelled. See the module docstring for the steps.
 
         Arguments are checked first (``TypeError``/``ValueError`` with a message, see
-        :func:`~TextSegLib.volumes.check_volume`, :func:`~TextSegLib.text.validate_prompt`,
+        :func:`~TextSegLib.io.volumes.check_volume`, :func:`~TextSegLib.core.options.validate_prompt`,
         :func:`check_threshold`). NaN and infinite voxels are treated as missing: the network sees the volume's
         lowest finite value there, the voxels are left outside the mask (probability 0), and a warning and a note
         in the result say how many there were; a volume without a finite voxel is refused.
@@ -496,206 +363,3 @@ class InferenceEngine:
             return torch.sigmoid(logits)[:, 0]
 
 
-class BatchTuner:
-    """Chooses the CPU batch size by timing real batches at the start of a run.
-
-    Each candidate size (1, 2, 4, 8, in that order) computes two batches; the second is timed, because the first at
-    a new shape also pays oneDNN's set-up for it. The first candidate that is slower per slice than the best so far
-    ends the search (larger batches only add to the feature maps that no longer fit the cache), as does the last
-    candidate. The slices are part of the volume, so nothing is computed twice; a volume too short to finish the
-    search leaves it where it stopped, and the next run (the model keeps its tuner) goes on from there.
-    """
-
-    CANDIDATES = (1, 2, 4, 8)
-
-    def __init__(self) -> None:
-        self._index = 0
-        self._timed = False
-        self._best: tuple[float, int] | None = None  # (seconds per slice, size)
-        self.finished = False
-
-    @property
-    def size(self) -> int:
-        """The batch size to run next (the chosen one once :attr:`finished`)."""
-        return self._best[1] if self.finished and self._best else self.CANDIDATES[self._index]
-
-    def record(self, slices: int, seconds: float) -> bool:
-        """Report that a batch of ``slices`` took ``seconds``; True when this report completed the choice."""
-        if self.finished or slices != self.CANDIDATES[self._index]:
-            return False  # done already, or a volume's last, shorter batch, which says nothing about the size
-        if not self._timed:
-            self._timed = True
-            return False
-        per_slice = seconds / slices
-        slower = self._best is not None and per_slice >= self._best[0]
-        if not slower:
-            self._best = (per_slice, slices)
-        self._index += 1
-        self._timed = False
-        self.finished = slower or self._index == len(self.CANDIDATES)
-        return self.finished
-
-
-def fold_batchnorm(network: nn.Module) -> nn.Module:
-    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` in an ``nn.Sequential`` into the
-    convolution's weights (the BatchNorm becomes an identity). Same outputs up to rounding, one pass fewer over
-    every such feature map. Modifies and returns ``network``, which must be in eval mode."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    if network.training:
-        raise ValueError("fold_batchnorm needs a network in eval mode")
-    for module in network.modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        for (name, first), (next_name, second) in pairwise(children):
-            if type(first) is nn.Conv2d and type(second) is nn.BatchNorm2d and second.track_running_stats:
-                setattr(module, name, fuse_conv_bn_eval(first, second))
-                setattr(module, next_name, nn.Identity())
-    return network
-
-
-class _CompiledOrEager(nn.Module):
-    """``torch.compile`` of a network that falls back to the eager network if compilation fails.
-
-    Inputs are padded to the largest batch seen so the compiled graph (and, on CUDA, its captured CUDA graph) is
-    reused for the last, shorter batch of a volume; the text must be one prompt for every row, as the engine
-    passes it. Shapes: as the wrapped network.
-    """
-
-    def __init__(self, network: nn.Module, mode: str | None) -> None:
-        super().__init__()
-        self.network = network
-        self.mode = mode
-        self.compiled = None
-        self.batch = 0
-        self.failed = False
-
-    def forward(self, image: torch.Tensor, text):
-        if self.failed:
-            return self.network(image, text)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.network, mode=self.mode, dynamic=False)
-        count = image.shape[0]
-        self.batch = max(self.batch, count)
-        padded = image
-        if count < self.batch:
-            padded = torch.cat([image, image[-1:].expand(self.batch - count, *image.shape[1:])])
-        prompt = TextFeatures(text.tokens[:1], text.mask[:1], text.pooled[:1]).expand(self.batch)
-        try:
-            return self.compiled(padded, prompt)[:count]
-        except Exception as error:  # compilation problems surface as many exception types
-            log.warning("torch.compile failed (%s); running uncompiled", str(error).strip().splitlines()[0])
-            self.failed = True
-            return self.network(image, text)
-
-
-class _CudaStreams:
-    """The CUDA side of :class:`_StagedPipeline`: pinned host memory, a copy stream and events."""
-
-    pinned = True
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.copy_stream = torch.cuda.Stream(device)
-
-    def upload(self, host: torch.Tensor):
-        with torch.cuda.stream(self.copy_stream):
-            uploaded = host.to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self.copy_stream)
-        return uploaded, ready
-
-    def wait(self, uploaded: torch.Tensor, ready) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(ready)
-        uploaded.record_stream(stream)
-
-    def download(self, host: torch.Tensor, result: torch.Tensor):
-        host.copy_(result, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
-        return done
-
-
-class _SynchronousStreams:
-    """Stand-in for :class:`_CudaStreams` where every copy is complete when it returns (CPU tests of the
-    pipeline's bookkeeping)."""
-
-    pinned = False
-
-    class _Done:
-        def synchronize(self) -> None:
-            """Nothing to wait for."""
-
-    def upload(self, host: torch.Tensor):
-        return host.clone(), self._Done()
-
-    def wait(self, uploaded: torch.Tensor, ready) -> None:
-        """Nothing to wait for."""
-
-    def download(self, host: torch.Tensor, result: torch.Tensor):
-        host.copy_(result)
-        return self._Done()
-
-
-class _StagedPipeline:
-    """Double-buffered host staging with uploads and downloads overlapped with compute, for one volume.
-
-    ``run(start, stop, ...)`` computes batch ``[start, stop)`` (uploading it unless it was prefetched), then, while
-    the device works, writes the previous batch's result into ``output`` once its download has finished and
-    prefetches the next batch into the other staging buffer; the result's download is queued. ``finish()`` writes
-    the last result. On CUDA the buffers are pinned and the copies run on a side stream.
-    """
-
-    def __init__(self, streams, canonical: np.ndarray, output: np.ndarray) -> None:
-        self.streams, self.canonical, self.output = streams, canonical, output
-        self.pending: tuple[int, int, torch.Tensor, object] | None = None
-        self.host_in: list[torch.Tensor] = []
-        self.host_out: list[torch.Tensor] = []
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget staged batches (after an out-of-memory error); a finished download is kept."""
-        self._drain()
-        self.prefetched: tuple[int, int, torch.Tensor, object] | None = None
-        self.slot = 0
-
-    def _buffers(self, batch_size: int) -> None:
-        if not self.host_in or self.host_in[0].shape[0] < batch_size:
-            shape = (batch_size, *self.canonical.shape[1:])
-            pinned = self.streams.pinned
-            self.host_in = [torch.empty(shape, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
-            self.host_out = [torch.empty(shape, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
-
-    def _upload(self, start: int, stop: int, slot: int):
-        staging = self.host_in[slot][: stop - start]
-        staging.copy_(torch.from_numpy(np.ascontiguousarray(self.canonical[start:stop], dtype=np.float32)))
-        return (start, stop, *self.streams.upload(staging))
-
-    def _drain(self) -> None:
-        if self.pending is not None:
-            start, stop, host, done = self.pending
-            done.synchronize()
-            self.output[start:stop] = host.numpy()
-            self.pending = None
-
-    def run(self, start: int, stop: int, batch_size: int, compute) -> None:
-        self._buffers(batch_size)
-        if self.prefetched is not None and self.prefetched[:2] == (start, stop):
-            _, _, batch, ready = self.prefetched
-        else:
-            _, _, batch, ready = self._upload(start, stop, self.slot)
-        self.prefetched = None
-        self.streams.wait(batch, ready)
-        probabilities = compute(batch)  # queued on the device; the host goes on
-        self._drain()  # the previous batch's result, and its buffers become free
-        following = min(stop + batch_size, self.canonical.shape[0])
-        if stop < following:
-            self.prefetched = self._upload(stop, following, 1 - self.slot)
-        host = self.host_out[self.slot][: stop - start]
-        self.pending = (start, stop, host, self.streams.download(host, probabilities))
-        self.slot = 1 - self.slot
-
-    def finish(self) -> None:
-        self._drain()

@@ -1,11 +1,5 @@
-"""The lowest module of TextSegLib: the exception base class and the small helpers every other module needs.
+"""Writing outputs safely.
 
-Nothing here imports torch, SimpleITK or any other TextSeg module, so anything can import it.
-
-- :class:`TextSegError` is the base of every error TextSeg raises for bad input or a failed write; its message is
-  one line that says what is wrong and what to do. The ``textseg`` command, the Slicer module and scripts catch it
-  once. Subclasses also derive from ``ValueError``, ``TypeError`` or ``OSError`` where that is what the error is,
-  so ``except ValueError`` keeps working for library users.
 - :func:`atomic_write` writes one file through a hidden temporary file beside it; :class:`OutputTransaction`
   writes several so that either all of them are put in place or none is (``textseg segment`` and
   ``textseg evaluate`` write through one transaction).
@@ -20,41 +14,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from TextSegLib.core.errors import OutputError
+from TextSegLib.core.messages import first_line
+
 __all__ = [
-    "OutputError",
     "OutputTransaction",
-    "TextSegError",
-    "TextSegTypeError",
-    "TextSegValueError",
     "atomic_write",
     "check_writable",
-    "first_line",
 ]
-
-
-class TextSegError(Exception):
-    """Base class of TextSeg's errors: bad input, a model that cannot be used, a file that cannot be written.
-
-    The message is one line that names the problem and says what to do.
-    """
-
-
-class TextSegTypeError(TextSegError, TypeError):
-    """A library function was given an argument of the wrong type."""
-
-
-class TextSegValueError(TextSegError, ValueError):
-    """A library function was given an argument with a value it cannot use."""
-
-
-class OutputError(TextSegError, OSError):
-    """An output that cannot be written (folder missing or read-only, disk full, an input in the way, ...)."""
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (library errors can run to pages)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _temporary_name(path: Path) -> str:

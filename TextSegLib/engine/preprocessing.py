@@ -30,7 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IntensityMapping", "IntensitySpec", "Preprocessing"]
+__all__ = [
+    "IntensityMapping",
+    "IntensitySpec",
+    "Preprocessing",
+]
 
 _KINDS = ("window", "minmax", "percentile", "zscore")
 _SAMPLE = 4_000_000

@@ -30,10 +30,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .common import OutputTransaction, TextSegError, check_writable, first_line
-from .volumes import case_name
-from .worker import DEFAULT_MAX_REQUEST_MB
+from TextSegLib import __version__
+from TextSegLib.core.errors import TextSegError
+from TextSegLib.core.files import OutputTransaction, check_writable
+from TextSegLib.core.messages import first_line
+from TextSegLib.io.volumes import case_name
+from TextSegLib.service.protocol import DEFAULT_MAX_REQUEST_MB
 
 log = logging.getLogger("textseg")
 
@@ -93,7 +95,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .checkpoints import Catalogue
+    from TextSegLib.engine.catalogue import Catalogue
 
     entries = Catalogue(args.models_dir).entries()
     if args.json:
@@ -126,7 +128,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .checkpoints import Catalogue
+    from TextSegLib.engine.catalogue import Catalogue
 
     entry = Catalogue(args.models_dir).import_model(args.checkpoint, args.id)
     print(f"Imported {entry.id} ({entry.architecture_title}) to {entry.path}")
@@ -179,7 +181,8 @@ def _progress_bar(total: int, label: str, quiet: bool):
 def _segmenter(args: argparse.Namespace):
     """``(segment(volume, prompt, progress) -> result, description)``: in this process, or on ``--server``."""
     if args.server:
-        from .worker import RemoteWorker, SegmentRequest, WorkerError
+        from TextSegLib.service.client import RemoteWorker
+        from TextSegLib.service.protocol import SegmentRequest, WorkerError
 
         worker = RemoteWorker(args.server, args.token or os.environ.get("TEXTSEG_TOKEN"))
         worker.health()
@@ -199,8 +202,9 @@ def _segmenter(args: argparse.Namespace):
 
         return remote, f"{'+'.join(args.model)} on {worker.describe()}"
 
-    from .checkpoints import Catalogue
-    from .inference import InferenceEngine, load_model
+    from TextSegLib.engine.catalogue import Catalogue
+    from TextSegLib.engine.inference import InferenceEngine
+    from TextSegLib.engine.loading import load_model
 
     catalogue = Catalogue(args.models_dir)
     models = [load_model(name, args.device, catalogue) for name in args.model]
@@ -233,10 +237,9 @@ def _probability_path(target: Path, number: int, name: str) -> Path:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .inference import check_threshold
-    from .segmentations import segment_for_result, write_seg_nrrd
-    from .text import validate_prompt
-    from .volumes import check_volume_file, read_volume, write_image
+    from TextSegLib.core.options import check_threshold, validate_prompt
+    from TextSegLib.io.segnrrd import segment_for_result, write_seg_nrrd
+    from TextSegLib.io.volumes import check_volume_file, read_volume, write_image
 
     prompts = [validate_prompt(p) for p in args.prompt]
     names = _segment_names(prompts, args.name)
@@ -291,7 +294,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from TextSegLib.service.server import serve
 
     try:
         serve(args.host, args.port, args.token, args.max_request_mb, args.models_dir, args.ready_line,
@@ -306,7 +309,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_web(args: argparse.Namespace) -> int:
     try:
-        from .web import serve_web
+        from TextSegLib.app.web import serve_web
     except ImportError as error:
         raise UsageError(f"textseg web needs trame-slicer ({error.name} is missing): pip install "
                          "'textseg[web]'.") from None
@@ -323,14 +326,14 @@ def _files(path: Path) -> list[Path]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import evaluation
+    from TextSegLib.evaluation import tables as evaluation
 
     tables = [(Path(option), render) for option, render in (
         (args.json, evaluation.to_json), (args.csv, evaluation.to_csv), (args.markdown, evaluation.to_markdown))
         if option]
     read = [Path(p) for p in (args.manifest, args.prediction, args.reference) if p and Path(p).exists()]
     if args.manifest and Path(args.manifest).is_file():
-        from .manifests import read_manifest
+        from TextSegLib.io.manifests import read_manifest
 
         read += [p for case in read_manifest(args.manifest) for p in (case.image, case.label) if p is not None]
     _check_outputs([path for path, _ in tables], [f for p in read for f in _files(p)], args.overwrite)
@@ -339,9 +342,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UsageError("Give either --manifest (with --model) or a prediction and a reference, not both.")
         if not args.model:
             raise UsageError("--manifest needs --model: the model whose segmentations are evaluated.")
-        from .checkpoints import Catalogue
-        from .inference import InferenceEngine, load_model
-        from .manifests import read_manifest, split_cases
+        from TextSegLib.engine.catalogue import Catalogue
+        from TextSegLib.engine.inference import InferenceEngine
+        from TextSegLib.engine.loading import load_model
+        from TextSegLib.io.manifests import read_manifest, split_cases
 
         cases = read_manifest(args.manifest)
         if args.split:
@@ -380,7 +384,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from TextSegLib.evaluation.demo import run_demo
 
     bar = _progress_bar(0, "segmenting", args.quiet)
 
@@ -479,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "refuse to start)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    from .demo import CASE_DIRS, DEFAULT_CASE, DEMO_MODEL
+    from TextSegLib.evaluation.demo import CASE_DIRS, DEFAULT_CASE, DEMO_MODEL
 
     demo = sub.add_parser("demo", help="segment a bundled real CT by name with the shipped model and score it")
     demo.add_argument("-o", "--output", default="textseg-demo", help="folder for the .seg.nrrd and the PNG")

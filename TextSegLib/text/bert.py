@@ -3,7 +3,7 @@
 Importing ``transformers`` and building its BERT costs seconds at every start of ``textseg``; this module reads the
 same folder (``config.json``, ``tokenizer.json`` with ``tokenizers``, ``model.safetensors`` with ``safetensors``)
 and computes the same features, bit for bit (``Testing/test_text.py`` compares the two).
-:func:`TextSegLib.text.load_text_encoder` uses it for ``"minilm"`` and for the local BERT folders it can run
+:func:`TextSegLib.text.sources.load_text_encoder` uses it for ``"minilm"`` and for the local BERT folders it can run
 (:func:`is_native_bert_folder`).
 """
 
@@ -19,9 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .text import TextEncoder, TextEncoderUnavailableError, TextFeatures, first_line, log, masked_mean
+from TextSegLib.core.messages import first_line
+from TextSegLib.text.features import TextEncoder, TextEncoderUnavailableError, TextFeatures, log, masked_mean
 
-__all__ = ["BertTextEncoder", "is_native_bert_folder"]
+__all__ = [
+    "BertTextEncoder",
+    "is_native_bert_folder",
+]
 
 BERT_FILES = ("config.json", "tokenizer.json", "model.safetensors")
 
@@ -247,7 +251,7 @@ def load_bert_network(folder: Path, arch: BertArchitecture) -> BertNetwork:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .checkpoints import describe_key_problems
+    from TextSegLib.core.messages import describe_key_problems
 
     path = folder / "model.safetensors"
     try:

@@ -18,12 +18,20 @@ from typing import Any
 
 import numpy as np
 
-from .volumes import CanonicalTransform, Volume
+from TextSegLib.io.volumes import CanonicalTransform, Volume
 
-__all__ = ["CASE_DIRS", "DEFAULT_CASE", "DEMO_DIR", "DEMO_MODEL", "demo_case", "montage", "run_demo",
-           "structure_montage"]
+__all__ = [
+    "CASE_DIRS",
+    "DEFAULT_CASE",
+    "DEMO_DIR",
+    "DEMO_MODEL",
+    "demo_case",
+    "montage",
+    "run_demo",
+    "structure_montage",
+]
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEMO_DIR = DATA_DIR / "demo"
 CASE_DIRS = {"abdomen": DATA_DIR / "abdomen", "lung2": DEMO_DIR}
 DEFAULT_CASE = "abdomen"
@@ -167,10 +175,11 @@ def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: 
     "reference_ml", "dice", "hd95"}, ...], "mean_dice": ..., "segmentation": path, "montage": path}``; Dice and HD95
     (mm) are NaN for a structure the scan does not contain.
     """
-    from .inference import InferenceEngine, load_model
-    from .metrics import dice, hd95
-    from .segmentations import segment_for_result, write_seg_nrrd
-    from .volumes import labels_on_grid, read_volume
+    from TextSegLib.engine.inference import InferenceEngine
+    from TextSegLib.engine.loading import load_model
+    from TextSegLib.evaluation.metrics import dice, hd95
+    from TextSegLib.io.segnrrd import segment_for_result, write_seg_nrrd
+    from TextSegLib.io.volumes import labels_on_grid, read_volume
 
     info = demo_case(case)
     volume = read_volume(info["image"], modality=info["modality"])

@@ -12,7 +12,13 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["MIN_FOUND_ML", "CancelToken", "ModelIdentity", "ModelRecord", "SegmentationResult"]
+__all__ = [
+    "MIN_FOUND_ML",
+    "CancelToken",
+    "ModelIdentity",
+    "ModelRecord",
+    "SegmentationResult",
+]
 
 #: The smallest mask, in mL, that counts as a finding. Below it (a few stray voxels above the threshold) a result
 #: says "not found". 0.05 mL is under the smallest lesion in ``../shared/data/pyradiomics`` (breast1, 0.13 mL).

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import TextSegError, TextSegTypeError, atomic_write
+from TextSegLib.core.errors import TextSegError, TextSegTypeError
+from TextSegLib.core.files import atomic_write
 
 __all__ = [
     "CanonicalTransform",
     "Volume",
     "VolumeError",
-    "atomic_write",
     "case_name",
     "check_volume",
     "check_volume_file",
@@ -116,7 +116,7 @@ class Volume:
 
 
 def check_volume(volume: object) -> Volume:
-    """Return ``volume`` if TextSeg can segment it; else raise :class:`~TextSegLib.common.TextSegTypeError` (not
+    """Return ``volume`` if TextSeg can segment it; else raise :class:`~TextSegLib.core.errors.TextSegTypeError` (not
     a :class:`Volume`) or :class:`VolumeError` (not a non-empty 3D array of real numbers, or a geometry that is not
     one: spacing not positive, a singular direction matrix, values that are not finite)."""
     if not isinstance(volume, Volume):

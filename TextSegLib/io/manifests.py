@@ -28,9 +28,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import TextSegError
+from TextSegLib.core.errors import TextSegError
 
-__all__ = ["ManifestCase", "ManifestError", "Target", "read_manifest", "split_cases", "split_patients"]
+__all__ = [
+    "ManifestCase",
+    "ManifestError",
+    "Target",
+    "read_manifest",
+    "split_cases",
+    "split_patients",
+]
 
 _ALIASES = {"volume": "image", "mask": "label", "prompt": "text", "patient": "case"}
 

@@ -1,0 +1,26 @@
+"""Short messages: the first line of an exception, and a description of mismatched weight keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "first_line",
+]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def describe_key_problems(groups: Iterable[tuple[str, list[str]]], shown: int = 5) -> str:
+    """``"2 missing (a, b); 1 unexpected (c)"`` for the non-empty ``(label, keys)`` groups of a weights mismatch,
+    naming at most ``shown`` keys per group."""
+    problems = []
+    for label, keys in groups:
+        if keys:
+            listed = ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+            problems.append(f"{len(keys)} {label} ({listed})")
+    return "; ".join(problems)

@@ -1,0 +1,133 @@
+"""Every value a user sets for a segmentation run, validated in one place for every front end.
+
+The command line, the worker service (its protocol), the web page, the Slicer panel and the engine call these
+checks; none writes its own. Each raises a :class:`~TextSegLib.core.errors.TextSegError` subclass (also a
+``TypeError`` or ``ValueError``) with one line that names the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from TextSegLib.core.errors import TextSegError, TextSegTypeError, TextSegValueError
+
+__all__ = [
+    "PromptError",
+    "check_threshold",
+    "validate_prompt",
+]
+
+
+class PromptError(TextSegError, ValueError):
+    """A prompt that cannot be used (empty, blank, or without a single letter or digit)."""
+
+
+_EXAMPLE = '"a large soft-tissue mass in the posterior left lower lung"'
+
+
+def validate_prompt(prompt: object) -> str:
+    """Return the prompt with its white space normalised. Raises :class:`PromptError` for an empty or blank prompt
+    and for one without a letter or digit in any script (only punctuation or symbols), and
+    :class:`~TextSegLib.core.errors.TextSegTypeError` for anything but a ``str`` (decode bytes first)."""
+    if isinstance(prompt, bytes | bytearray):
+        raise TextSegTypeError("The prompt is bytes; give it as text (str), for example prompt.decode('utf-8').")
+    if not isinstance(prompt, str):
+        raise TextSegTypeError(f"The prompt must be text (str), not {type(prompt).__name__}.")
+    if not prompt.strip():
+        raise PromptError(f"The prompt is empty: type what to segment, for example {_EXAMPLE}.")
+    if not any(character.isalnum() for character in prompt):
+        raise PromptError(
+            f"The prompt {prompt.strip()[:40]!r} has no words, only punctuation or symbols: describe what to "
+            f"segment, for example {_EXAMPLE}."
+        )
+    return " ".join(prompt.split())
+
+
+THRESHOLD_STEP = 0.01
+"""The finest threshold a widget offers; widgets range from it to ``1 - THRESHOLD_STEP``, inside the library's
+open interval (0, 1)."""
+MODALITIES = ("CT", "MR")
+DEVICES = ("auto", "cpu", "cuda")
+"""The devices a user names; ``"cuda:N"`` picks one GPU of several."""
+_CUDA_INDEX = re.compile(r"cuda:\d+")
+
+
+def check_threshold(threshold: object) -> float:
+    """Return ``threshold`` as a float if it lies strictly between 0 and 1; else raise ``TypeError``/``ValueError``
+    (:class:`~TextSegLib.core.errors.TextSegError` subclasses)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating | np.integer):
+        raise TextSegTypeError(f"The threshold must be a number between 0 and 1, not {type(threshold).__name__}.")
+    if not 0.0 < float(threshold) < 1.0:
+        raise TextSegValueError(f"The threshold must lie between 0 and 1 (a probability), not {threshold}.")
+    return float(threshold)
+
+
+def check_batch_size(batch_size: object) -> int | None:
+    """Return ``batch_size`` (slices per forward pass) if it is None (automatic) or a whole number of at least 1;
+    else raise ``TypeError``/``ValueError`` (:class:`~TextSegLib.core.errors.TextSegError` subclasses)."""
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise TextSegTypeError(f"The batch size must be a whole number, not {type(batch_size).__name__}.")
+    if batch_size < 1:
+        raise TextSegValueError(f"The batch size must be at least 1 (or automatic), not {batch_size}.")
+    return int(batch_size)
+
+
+def check_modality(modality: object) -> str | None:
+    """Return ``modality`` if it is ``"CT"``, ``"MR"`` or None (guess it from the intensities); else raise
+    :class:`~TextSegLib.core.errors.TextSegValueError`."""
+    if modality is not None and modality not in MODALITIES:
+        raise TextSegValueError(f"The modality must be 'CT', 'MR' or None (guess it), not {modality!r}.")
+    return modality
+
+
+def check_device(device: object) -> str:
+    """Return ``device`` if it is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; else raise
+    :class:`~TextSegLib.core.errors.TextSegValueError`. Whether this computer has that device is decided when a
+    run starts (:mod:`TextSegLib.engine.devices`)."""
+    if not isinstance(device, str) or not (device in DEVICES or _CUDA_INDEX.fullmatch(device)):
+        raise TextSegValueError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N (N the GPU's number).")
+    return device
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How one segmentation runs, besides the volume, the prompt and the models: every front end builds one and
+    calls :meth:`checked`.
+
+    Attributes:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        batch_size: slices per forward pass; None chooses one.
+        threshold: probability above which a voxel is inside; None takes the model's.
+        probability: also return the probability volume.
+        modality: ``"CT"``, ``"MR"`` or None (from the file, else guessed from the intensities).
+        fp32: compute in float32 also where reduced precision is available.
+        compile: run the networks through ``torch.compile``.
+    """
+
+    device: str = "auto"
+    batch_size: int | None = None
+    threshold: float | None = None
+    probability: bool = False
+    modality: str | None = None
+    fp32: bool = False
+    compile: bool = False
+
+    def checked(self) -> SegmentOptions:
+        """These options with every value checked (a :class:`~TextSegLib.core.errors.TextSegError` names the first
+        bad one)."""
+        for name in ("probability", "fp32", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TextSegTypeError(f"{name} must be true or false, not {getattr(self, name)!r}.")
+        return dataclasses.replace(
+            self,
+            device=check_device(self.device),
+            batch_size=check_batch_size(self.batch_size),
+            threshold=None if self.threshold is None else check_threshold(self.threshold),
+            modality=check_modality(self.modality),
+        )

@@ -1,0 +1,63 @@
+"""The environment variables TextSeg reads and its default network settings, each written once.
+
+Every front end (the command line, the worker service, the web page, the Slicer module) reads these through the
+functions here, never ``os.environ`` directly, so one variable has one meaning everywhere.
+
+=======================  ================================================================================
+``TEXTSEG_TOKEN``         the worker service's token (``textseg serve``, ``textseg segment --server``,
+                          ``textseg web --server``) when ``--token`` is not given
+``TEXTSEG_MODELS_DIR``    the folder of imported models; default ``$XDG_DATA_HOME/textseg/models``
+                          (``~/.local/share/textseg/models``)
+``TEXTSEG_DEBUG_PAUSE``   a testing aid of ``textseg segment``: ``reading``, ``segmenting`` or ``writing``
+=======================  ================================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = [
+    "DEBUG_PAUSE_VARIABLE",
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_REQUEST_MB",
+    "MODELS_DIR_VARIABLE",
+    "SERVE_PORT",
+    "TOKEN_VARIABLE",
+    "WEB_PORT",
+    "debug_pause",
+    "environment_token",
+    "user_models_dir",
+]
+
+TOKEN_VARIABLE = "TEXTSEG_TOKEN"
+MODELS_DIR_VARIABLE = "TEXTSEG_MODELS_DIR"
+DEBUG_PAUSE_VARIABLE = "TEXTSEG_DEBUG_PAUSE"
+
+#: Where ``textseg serve`` and ``textseg web`` listen unless told otherwise: this computer only.
+DEFAULT_HOST = "127.0.0.1"
+#: ``textseg serve``'s port.
+SERVE_PORT = 8765
+#: ``textseg web``'s port.
+WEB_PORT = 8780
+#: The largest request ``textseg serve`` accepts by default (a 512 x 512 x 1000 CT in float64 is 2 GB).
+DEFAULT_MAX_REQUEST_MB = 2048
+
+
+def environment_token() -> str | None:
+    """The token in ``$TEXTSEG_TOKEN``, or None when it is unset or empty."""
+    return os.environ.get(TOKEN_VARIABLE) or None
+
+
+def user_models_dir() -> Path:
+    """Folder of models the user imported: ``$TEXTSEG_MODELS_DIR``, else ``$XDG_DATA_HOME/textseg/models``
+    (``~/.local/share/textseg/models``)."""
+    if os.environ.get(MODELS_DIR_VARIABLE):
+        return Path(os.environ[MODELS_DIR_VARIABLE]).expanduser()
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "textseg" / "models"
+
+
+def debug_pause() -> str:
+    """The stage at which ``textseg segment`` pauses for tests (``$TEXTSEG_DEBUG_PAUSE``), "" when unset."""
+    return os.environ.get(DEBUG_PAUSE_VARIABLE, "")
