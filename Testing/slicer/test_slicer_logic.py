@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer
-from test_segmentations import add_user_segment, segment_array, snapshot
+from testkit import add_user_segment, segment_array, snapshot
 
 from TextSegLib.app.mrml import segment_tag, show_closed_surface, volume_from_node
 from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
 from TextSegLib.io.segnrrd import TAG_FOUND, TAG_MODEL, TAG_PROMPT
 from TextSegLib.service.protocol import WorkerError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "TextSeg"
 CASE = demo_case("lung2")
 # A chest CT holds a spinal cord, which the shipped model was trained to name (it does not find lung2's lesion, see

@@ -20,7 +20,7 @@ import slicer
 
 from TextSegLib.io.terminology import FINDINGS, STRUCTURES, TerminologyEntry, terminology_for_prompt
 
-TERMINOLOGIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slicer-terminologies"
+TERMINOLOGIES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "slicer-terminologies"
 GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
 DICOM_MASTER = "Segmentation category and type - DICOM master list"
 ANATOMIC = "Anatomic codes - DICOM master list"

@@ -12,8 +12,7 @@ import SimpleITK as sitk
 import slicerio
 import torch
 import torch.nn.functional as F
-from conftest import DATA, assert_same_grid
-from test_blocks import check_shape_and_gradients
+from testkit import DATA, assert_same_grid, check_shape_and_gradients
 
 from TextSegLib.app.cli import main
 from TextSegLib.engine.checkpoints import file_sha256, load_checkpoint, read_checkpoint_info, save_checkpoint

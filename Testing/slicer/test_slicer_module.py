@@ -26,7 +26,7 @@ import SimpleITK as sitk
 import slicerio
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "TextSeg"
 SOURCE = MODULE / "TextSeg.py"
 UI_FILE = MODULE / "Resources" / "UI" / "TextSeg.ui"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT_CFG, open_clip_folder
+from testkit import TINY_TEXT_CFG, open_clip_folder
 
 #: BiomedCLIP's open_clip_config.json as its release holds it.
 BIOMEDCLIP_OPEN_CLIP_CONFIG = {

@@ -18,14 +18,20 @@ import pywt
 import SimpleITK as sitk
 import slicerio
 import torch
-from conftest import TINY_TEXT_CFG, assert_same_grid, open_clip_folder
-from test_blocks import check_shape_and_gradients
+from testkit import (
+    TINY_TEXT_CFG,
+    assert_same_grid,
+    calibrated_model,
+    check_shape_and_gradients,
+    open_clip_folder,
+    small_config,
+    small_model,
+)
 
 from TextSegLib.app.cli import main
 from TextSegLib.engine.checkpoints import load_checkpoint, save_checkpoint
 from TextSegLib.engine.inference import InferenceEngine
 from TextSegLib.engine.loading import load_model
-from TextSegLib.engine.preprocessing import Preprocessing
 from TextSegLib.io.segnrrd import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, decode_tag
 from TextSegLib.io.volumes import Volume
 from TextSegLib.models.blocks.backbones import (
@@ -48,7 +54,6 @@ from TextSegLib.models.freqmedclip import (
     ConcatFusion,
     DecoderStage,
     FPNAdapter,
-    FreqMedCLIP,
     FreqMedCLIPConfig,
     FusionHead,
     LFFIDecoder,
@@ -80,16 +85,6 @@ def vit_b16_folder(tmp_path_factory) -> Path:
     return open_clip_folder(tmp_path_factory.mktemp("vit-b16"), {
         "timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
         "timm_proj": "linear", "image_size": 224}, TINY_TEXT_CFG, weights=False)
-
-
-def small_config(vit_folder: Path, **overrides) -> FreqMedCLIPConfig:
-    values = {"vision_source": f"local-dir:{vit_folder}", "text_dim": 32, "pooled_dim": 16, **overrides}
-    return preset_config("freqmedclip", "small", **values)
-
-
-def small_model(vit_folder: Path, seed: int = 0, **overrides) -> FreqMedCLIP:
-    torch.manual_seed(seed)
-    return create_model("freqmedclip", small_config(vit_folder, **overrides))
 
 
 def random_text(batch: int = 1, length: int = 9, dim: int = 32, pooled: int = 16, seed: int = 0) -> TextFeatures:
@@ -603,34 +598,6 @@ def test_paper_configuration_forward_and_backward_at_224(vit_b16_folder):
 
 
 # ---------------------------------------------------------------------------------- checkpoints, engine, CLI
-
-
-def calibrated_model(vit_folder: Path, encoder, data_dir: Path, seed: int) -> FreqMedCLIP:
-    """A small FreqMedCLIP with seeded random weights, calibrated on real lung2 slices.
-
-    BatchNorm statistics come from a training-mode pass over eight lung2 slices prepared as the engine prepares
-    them (min-max CT, 224 x 224, three channels) and the fusion head's bias puts about a third of those pixels
-    inside, so masks are neither empty nor full.
-    """
-    model = small_model(vit_folder, seed=seed)
-    preprocessing = Preprocessing.from_metadata(get_spec("freqmedclip").default_preprocessing, channels=3)
-    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "lung2_image.nrrd"))).astype(np.float32)
-    mapping = preprocessing.intensity_for("CT").mapping(volume)
-    x = preprocessing.prepare(torch.from_numpy(volume[20:44:3]), mapping)
-    text = encoder.encode_cached(PROMPT).expand(x.shape[0])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-    with torch.no_grad():
-        model.train()
-        model(x, text)
-        model.eval()
-        logits = model(x, text)
-        model.fuse[-1].bias -= torch.quantile(logits.flatten()[::7], 0.67)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 0.1
-    return model
 
 
 @pytest.fixture(scope="module")

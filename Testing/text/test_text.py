@@ -249,7 +249,7 @@ def test_minilm_loads_without_transformers():
     code = ("import sys; from TextSegLib.text.sources import load_text_encoder; "
             "encoder = load_text_encoder('minilm'); encoder.encode(['a nodule']); "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import make_small_texlivernet, save_small_checkpoint
 from safetensors.torch import load_file, save_file
+from testkit import make_small_texlivernet, rewrite_metadata, save_small_checkpoint
 from torch import nn
 
 from TextSegLib import __version__
@@ -19,7 +19,6 @@ from TextSegLib.engine.checkpoints import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
-    metadata_digest,
     read_checkpoint_info,
     save_checkpoint,
     sign_checkpoint,
@@ -80,19 +79,6 @@ register(ModelSpec(name="backbonenet-test", config_class=BackboneConfig, builder
 register(ModelSpec(name="tinynet-test", config_class=TinyConfig, builder=TinyNet,
                    default_preprocessing={"size": [32, 32], "intensity": {"CT": {"kind": "window", "low": 0,
                                                                                   "high": 1}}}))
-
-
-def rewrite_metadata(source, target, sign=True, **changes):
-    """Copy a checkpoint with some metadata fields changed (weights untouched). ``sign`` records the digest of the
-    changed settings, as saving a model with them would; without it the copy is a tampered file."""
-    from safetensors import safe_open
-
-    with safe_open(str(source), framework="pt") as handle:
-        metadata = json.loads(handle.metadata()["textseg"])
-    metadata.update(changes)
-    if sign:
-        metadata["digest"] = metadata_digest(metadata)
-    save_file(load_file(str(source)), str(target), metadata={"textseg": json.dumps(metadata)})
 
 
 def test_round_trip_keeps_weights_metadata_and_outputs(tmp_path):

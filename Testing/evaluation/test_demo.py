@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TOTALSEG
 from PIL import Image
+from testkit import TOTALSEG
 
 from TextSegLib.app.cli import main
 from TextSegLib.core.results import MIN_FOUND_ML

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import assert_same_grid, read_label
 from safetensors.torch import load_file, save_file
-from test_checkpoints import rewrite_metadata
+from testkit import assert_same_grid, read_label, rewrite_metadata
 
 from TextSegLib import __version__
 from TextSegLib.app.cli import main

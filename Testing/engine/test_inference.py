@@ -292,7 +292,7 @@ def test_engine_rejects_bad_settings(model):
 
 
 def test_a_checkpoint_naming_an_encoder_of_the_wrong_width_is_refused(small_checkpoint, bert_folder, tmp_path):
-    from test_checkpoints import rewrite_metadata
+    from testkit import rewrite_metadata
 
     from TextSegLib.engine.checkpoints import CheckpointError
 

@@ -15,8 +15,8 @@ import pytest
 import slicer
 import slicerio
 import vtk
-from conftest import read_label
 from slicerio.segmentation import terminology_entry_from_string, terminology_entry_to_string
+from testkit import add_user_segment, from_vtk_matrix, ijk_to_ras, read_label, segment_array, snapshot, to_vtk_matrix
 from vtkmodules.util import numpy_support
 
 from TextSegLib import __version__
@@ -57,24 +57,6 @@ def rotation(axis: int, degrees: float) -> np.ndarray:
     matrix = np.eye(4)
     matrix[a, a], matrix[a, b], matrix[b, a], matrix[b, b] = c, -s, s, c
     return matrix
-
-
-def to_vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for row in range(4):
-        for column in range(4):
-            matrix.SetElement(row, column, float(array[row, column]))
-    return matrix
-
-
-def from_vtk_matrix(matrix) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def ijk_to_ras(volume_node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    return from_vtk_matrix(matrix)
 
 
 def labelmap_geometry(segmentation_node, segment_id: str) -> np.ndarray:
@@ -135,47 +117,6 @@ def result(engine, slab):
     segmented = engine.segment(volume_from_node(add_volume_node(scene, *slab)), PROMPT)
     assert 0 < segmented.voxel_count < segmented.mask.size
     return segmented
-
-
-def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """A segment's voxels resampled onto the volume's grid, ``(K, J, I)`` uint8."""
-    labelmap = slicer.vtkOrientedImageData()
-    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
-    reference = slicer.vtkOrientedImageData()
-    reference.SetDimensions(volume_node.GetImageData().GetDimensions())
-    reference.SetImageToWorldMatrix(to_vtk_matrix(ijk_to_ras(volume_node)))
-    resampled = slicer.vtkOrientedImageData()
-    assert slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        labelmap, reference, resampled)
-    dimensions = resampled.GetDimensions()
-    voxels = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dimensions[::-1])
-    return (voxels != 0).astype(np.uint8)
-
-
-def snapshot(segmentation_node, volume_node) -> list[tuple]:
-    """Everything a user would notice about each segment: ID, name, colour, terminology, status tag, voxels."""
-    segmentation = segmentation_node.GetSegmentation()
-    state = []
-    for number in range(segmentation.GetNumberOfSegments()):
-        segment_id = segmentation.GetNthSegmentID(number)
-        segment = segmentation.GetSegment(segment_id)
-        state.append((segment_id, segment.GetName(), segment.GetColor(), segment.GetTerminology(),
-                      segment_tag(segment, "Segmentation.Status"),
-                      segment_array(segmentation_node, segment_id, volume_node).tobytes()))
-    return state
-
-
-def add_user_segment(segmentation_node, volume_node, mask: np.ndarray) -> str:
-    """A segment as a user makes it in the Segment Editor: a labelmap, a name, a colour, a status."""
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
-    image.GetPointData().SetScalars(
-        numpy_support.numpy_to_vtk(mask.astype(np.uint8).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
-    image.SetImageToWorldMatrix(to_vtk_matrix(ijk_to_ras(volume_node)))
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segment_id = segmentation_node.AddSegmentFromBinaryLabelmapRepresentation(image, "my lesion", [0.1, 0.9, 0.2])
-    segmentation_node.GetSegmentation().GetSegment(segment_id).SetTag("Segmentation.Status", "completed")
-    return segment_id
 
 
 def write_and_read(scene, segmentation_node, path):

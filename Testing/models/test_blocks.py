@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from testkit import check_shape_and_gradients
 
 from TextSegLib.models.blocks import (
     DORMLP,
@@ -27,23 +28,6 @@ from TextSegLib.models.blocks import (
     channel_roll,
 )
 from TextSegLib.models.blocks.frequency import hermitian_irfft2, max_filter3x3
-
-
-def check_shape_and_gradients(module: torch.nn.Module, *inputs: torch.Tensor, expected: tuple[int, ...]):
-    """Forward, check the output shape, backward, and check every parameter and every float input got a
-    finite, non-zero gradient."""
-    inputs = tuple(x.requires_grad_(True) if x.is_floating_point() else x for x in inputs)
-    out = module(*inputs)
-    assert tuple(out.shape) == expected
-    (out.float() ** 2).mean().backward()
-    for name, parameter in module.named_parameters():
-        assert parameter.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(parameter.grad).all(), f"{name} has a non-finite gradient"
-        assert parameter.grad.abs().sum() > 0, f"{name} got a zero gradient"
-    for x in inputs:
-        if x.is_floating_point():
-            assert x.grad is not None and x.grad.abs().sum() > 0
-    return out
 
 
 @pytest.mark.parametrize("dim", [2, 3])

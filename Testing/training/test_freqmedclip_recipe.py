@@ -208,7 +208,7 @@ LUNG_TEXT = "a large soft-tissue mass in the posterior left lower lung"
 @pytest.fixture(scope="module")
 def seed_checkpoints(tmp_path_factory, vit_folder, biomedclip_like_folder, data_dir):
     """Three small FreqMedCLIPs of one config (seeds 0-2), calibrated on real lung2 slices, saved as checkpoints."""
-    from test_freqmedclip import calibrated_model
+    from testkit import calibrated_model
 
     from TextSegLib.engine.checkpoints import save_checkpoint
     from TextSegLib.text.sources import load_text_encoder
@@ -288,7 +288,7 @@ def test_only_runs_of_one_recipe_make_an_ensemble(seed_checkpoints, vit_folder, 
 def test_the_recipe_trains_an_ensemble_of_seeds_on_a_stratified_split(tmp_path, data_dir, annotations, vit_folder):
     """Training/ensemble.py with the paper config (shortened): one run per seed on one patient split with a held-out
     test patient, joined into one file; a second call trains nothing."""
-    from test_training import CONFIGS, SHORT, write_manifest
+    from testkit import CONFIGS, SHORT, write_manifest
 
     from TextSegLib.engine.checkpoints import read_checkpoint_info
     from Training.ensemble import main

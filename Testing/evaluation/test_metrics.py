@@ -15,9 +15,9 @@ import math
 import numpy as np
 import pytest
 import surface_distance
-from conftest import CASES, read_label
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
+from testkit import CASES, read_label
 
 from TextSegLib.evaluation import metrics
 

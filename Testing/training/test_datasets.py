@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_volumes import write_dicom_series
+from testkit import write_dicom_series
 
 from TextSegLib.engine.preprocessing import Preprocessing
 from TextSegLib.io.manifests import ManifestError, read_manifest

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TOTALSEG
+from testkit import TOTALSEG, write_dicom_series
 
 from TextSegLib.io.volumes import (
     CanonicalTransform,
@@ -125,36 +125,6 @@ def test_write_image_of_a_label_keeps_geometry_and_values(tmp_path, lung2):
 
 
 # --- DICOM series -----------------------------------------------------------------------------------------------
-
-
-def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT") -> None:
-    """Write a 3D int16 image as a DICOM series, one file per slice, with the usual geometry tags.
-
-    File names run against the slice order, so a reader has to sort the files by position."""
-    folder.mkdir(parents=True, exist_ok=True)
-    direction = image.GetDirection()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    study, series = "1.2.826.0.1.3680043.2.1125.7.1", "1.2.826.0.1.3680043.2.1125.7.2"
-    for k in range(image.GetDepth()):
-        slice_image = image[:, :, k]
-        tags = {
-            "0008|0060": modality,
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-            "0008|0018": f"{series}.{k + 1}",
-            "0020|000d": study,
-            "0020|000e": series,
-            "0020|0032": "\\".join(repr(float(v)) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            # Row direction (i axis), then column direction (j axis).
-            "0020|0037": "\\".join(repr(float(v)) for v in (*direction[0::3], *direction[1::3])),
-            "0028|0030": "\\".join(repr(float(v)) for v in (image.GetSpacing()[1], image.GetSpacing()[0])),
-            "0018|0050": repr(float(image.GetSpacing()[2])),
-            "0020|0013": str(k + 1),
-        }
-        for key, value in tags.items():
-            slice_image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{image.GetDepth() - 1 - k:03d}.dcm"))
-        writer.Execute(slice_image)
 
 
 def _dicom_test_image(data_dir: Path, case: str, reorient=None) -> sitk.Image:
@@ -449,7 +419,6 @@ def test_canonical_transform_permutes_spacing():
     assert transform.spacing((1.0, 2.0, 3.0)) == (2.0, 3.0, 1.0)
     array = np.random.default_rng(2).random((3, 4, 5))  # K=3, J=4, I=5
     assert transform.forward(array).shape == (5, 3, 4)
-
 
 
 def test_patient_b_labels_are_put_on_the_dicom_grid_in_physical_space():

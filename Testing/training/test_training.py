@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CASES as PYRADIOMICS_CASES
 from safetensors.torch import load_file
+from testkit import CASES as PYRADIOMICS_CASES
+from testkit import CONFIGS, SHORT, write_manifest
 
 from TextSegLib.engine.inference import InferenceEngine
 from TextSegLib.engine.loading import load_model
@@ -26,14 +27,11 @@ from Training.data import SliceDataset
 from Training.distributed import Context
 from Training.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "Training" / "configs"
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "Training" / "train.py"
 
 # The paper recipe of every network that has landed, with the overrides that make one CPU epoch short.
 PAPER_CONFIGS = {name: CONFIGS / f"{name}.toml" for name in ("texlivernet", "mmrdl", "freqmedclip")}
-SHORT = ["model.preset=\"small\"", "text.encoder=\"minilm\"", "train.epochs=1", "train.batch_size=4",
-         "train.accumulation=1", "data.slices=\"lesion\"", "data.preprocessing={}"]
 
 
 def offline(architecture: str, request) -> list[str]:
@@ -41,15 +39,6 @@ def offline(architecture: str, request) -> list[str]:
     if architecture == "freqmedclip":
         return [f"model.overrides={{vision_source=\"local-dir:{request.getfixturevalue('vit_folder')}\"}}"]
     return []
-
-
-def write_manifest(path: Path, data_dir: Path, cases: list[str], annotations: dict, extra: str = "") -> Path:
-    rows = ["case,image,label,text,modality,split,label_value,slice"]
-    for case in cases:
-        row = annotations[case]
-        rows.append(f"{case},{data_dir / row['image']},{data_dir / row['label']},{row['prompt']},{row['modality']},,,")
-    path.write_text("\n".join(rows) + "\n" + extra)
-    return path
 
 
 def run_training(args: list[str], processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -434,7 +423,7 @@ def test_structure_manifests_name_each_structure_by_its_phrasings_with_each_case
         label_values(CASES["mr_a"].table)["liver"]}
     trained = {t.text for case in cases.values() for t in case.targets}
     assert not trained & {p for s in STRUCTURES for p in s.paraphrases} and liver.prompt in trained
-    shipped = read_manifest(Path(__file__).resolve().parents[1] / "Training" / "manifests" / "shipped.csv")
+    shipped = read_manifest(Path(__file__).resolve().parents[2] / "Training" / "manifests" / "shipped.csv")
     assert [case.case for case in shipped] == ["ct_a", "mr_a", *PYRADIOMICS_CASES]
     assert [(t.text, t.label_value) for t in shipped[0].targets] == [(t.text, t.label_value)
                                                                     for t in cases["ct_a"].targets]

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 WAIT_MS = 240_000  # a cold start on two busy cores: the worker loads torch and the model
 BATCH = 4  # slices per forward pass in the page and in `textseg segment`, so that both compute alike

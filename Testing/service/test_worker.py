@@ -38,7 +38,7 @@ from TextSegLib.service.protocol import (
     encode_result,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
 
 
