@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from TextSegLib.io.volumes import atomic_write
+from TextSegLib.core.files import atomic_write
 
 __all__ = ["load_rng", "load_state", "save_rng", "save_state"]
 
