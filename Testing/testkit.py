@@ -23,10 +23,8 @@ from TextSegLib.engine.checkpoints import (
     save_checkpoint,
 )
 from TextSegLib.engine.preprocessing import Preprocessing
-from TextSegLib.models.freqmedclip import (
-    FreqMedCLIP,
-    FreqMedCLIPConfig,
-)
+from TextSegLib.models.freqmedclip import FreqMedCLIP
+from TextSegLib.models.freqmedclip_config import FreqMedCLIPConfig
 from TextSegLib.models.registry import (
     create_model,
     get_spec,

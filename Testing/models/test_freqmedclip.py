@@ -48,16 +48,8 @@ from TextSegLib.models.blocks.conditioning import (
     TextConditionedAdapter,
 )
 from TextSegLib.models.blocks.wavelets import haar_dwt2, haar_idwt2
-from TextSegLib.models.freqmedclip import (
-    BIOMEDCLIP,
-    TABLE4_ABLATIONS,
-    ConcatFusion,
-    DecoderStage,
-    FPNAdapter,
-    FreqMedCLIPConfig,
-    FusionHead,
-    LFFIDecoder,
-)
+from TextSegLib.models.freqmedclip_config import BIOMEDCLIP, TABLE4_ABLATIONS, FreqMedCLIPConfig
+from TextSegLib.models.freqmedclip_streams import ConcatFusion, DecoderStage, FPNAdapter, FusionHead, LFFIDecoder
 from TextSegLib.models.registry import architectures, config_from_dict, create_model, get_spec, preset_config
 from TextSegLib.text.features import TextFeatures
 from TextSegLib.text.sources import load_text_encoder, open_clip_source_has_weights

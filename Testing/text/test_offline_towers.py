@@ -172,7 +172,7 @@ def test_a_checkpoint_storing_its_vit_loads_without_its_source(timm_tower_folder
     from safetensors.torch import load_file
 
     from TextSegLib.engine.checkpoints import load_checkpoint, save_checkpoint
-    from TextSegLib.models.freqmedclip import BIOMEDCLIP
+    from TextSegLib.models.freqmedclip_config import BIOMEDCLIP
     from TextSegLib.models.registry import create_model, preset_config
     from TextSegLib.text.features import TextFeatures
 

@@ -9,7 +9,7 @@ import torch
 
 from TextSegLib.engine.preprocessing import Preprocessing
 from TextSegLib.io.manifests import ManifestCase, Target
-from TextSegLib.models.freqmedclip import CLIP_MEAN, CLIP_STD
+from TextSegLib.models.freqmedclip_config import CLIP_MEAN, CLIP_STD
 from TextSegLib.models.registry import create_model, get_spec, preset_config
 
 BRAIN_TEXT = "a contrast-enhancing lesion in the left cerebral hemisphere with irregular margins"
