@@ -180,7 +180,8 @@ class LocalWorker(RemoteWorker):
                               "was imported.") from None
         if done.returncode != 0:
             lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-            reason = lines[-1].removeprefix(_ERROR_PREFIX) if lines else f"exit code {done.returncode}"
+            reason = (lines[-1].removeprefix(_ERROR_PREFIX) if lines
+                      else f"textseg import ended with code {done.returncode} and no message; nothing was imported.")
             raise WorkerError(reason)
         printed = [line.strip() for line in done.stdout.splitlines() if line.strip()]
         imported = _IMPORTED.fullmatch(printed[-1]) if printed else None
