@@ -8,14 +8,17 @@ Slicer parts:
 - ``TextSegWidget``: the panel (``Resources/UI/TextSeg.ui``); Apply sends the volume to the segmentation worker,
   turns into Cancel, and a timer on the main thread polls the worker (Qt widgets and MRML nodes are only touched
   there);
-- ``TextSegLogic``: dependency installation, the model catalogue, ``process()`` for the Python console and batch
-  scripts, and the two halves of a background run (``startProcessing`` / ``finishProcessing``);
+- ``TextSegLogic``: dependency installation, the worker's model catalogue (listing and importing), ``process()``
+  for the Python console and batch scripts, and the two halves of a background run (``startProcessing`` /
+  ``finishProcessing``);
 - ``TextSegTest``: panel tests for the real application (the logic tests are in ``Testing/Python``).
 
 Segmentation never runs in Slicer's own process: Slicer's main thread holds the GIL while it idles in the Qt event
-loop, so a Python thread there barely runs. A worker process (``TextSegLib.worker``: ``textseg serve`` started on
-this computer on first use, or a TextSeg server given under Advanced) keeps the models and encoded prompts loaded
-between runs; a crash or out-of-memory there is reported and the next run starts a fresh worker.
+loop, so a Python thread there barely runs. A worker process (``textseg serve``, :mod:`TextSegLib.service`: started
+on this computer on first use by ``TextSegLib.service.local.LocalWorker``, or a TextSeg server given under
+Advanced) keeps the models and encoded prompts loaded between runs; a crash or out-of-memory there is reported and
+the next run starts a fresh worker. The worker also lists the models and imports checkpoints, so Slicer's process
+never loads torch.
 
 This file must parse on Python 3.9 (Slicer 5.8 and older) so that it can say which Slicer it needs instead of
 failing on a syntax error; TextSegLib (Python 3.11 and later) is only imported once that check has passed.
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import math
 import shutil
 import sys
 import time
@@ -49,8 +51,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 if TYPE_CHECKING:
-    from TextSegLib.io.volumes import Volume
-    from TextSegLib.service.client import Job, RemoteWorker
+    from TextSegLib.service.client import ImportedModel, Job, RemoteWorker
     from TextSegLib.service.protocol import ModelChoice
 
 MODULE_DIR = Path(__file__).resolve().parent
@@ -62,6 +63,8 @@ RECENT_PROMPTS_KEY = "TextSeg/RecentPrompts"
 SERVER_TOKEN_KEY = "TextSeg/ServerToken"
 RECENT_PROMPTS_LIMIT = 15
 POLL_INTERVAL_MS = 100
+# The panel's device names and the library's (``TextSegLib.core.options.DEVICES``, not importable here: TextSegLib
+# is imported only after the version check).
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 
 
@@ -106,7 +109,7 @@ class TextSeg(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["TextSeg developers"]
         self.parent.helpText = _("""
-<p>Segment a CT or MR volume by describing what to find, for example
+<p>Segment a CT or MR volume by describing what to find, for example <i>the liver</i> or
 <i>a large soft-tissue mass in the posterior left lower lung</i>.</p>
 <ol>
 <li>Choose the input volume and a model (each model lists what it was trained for and example prompts;
@@ -122,7 +125,7 @@ replaces its own segment; other segments are never changed. Advanced: device (au
 when the GPU lacks memory), batch size, threshold, an optional probability volume, and the address of a TextSeg
 server (<code>textseg serve</code>) to segment on another computer, for example a GPU server.</p>
 <p>Python console: <code>slicer.util.getModuleLogic("TextSeg").process(volumeNode, segmentationNode,
-"a large soft-tissue mass in the posterior left lower lung", "my-model")</code> returns the segment ID.
+"the liver", "abdomen-freqmedclip-small")</code> returns the segment ID.
 Batch: <code>Slicer --no-main-window --python-script TextSegBatch.py -- &lt;textseg segment options&gt;</code>.</p>
 <p>TextSeg needs 3D Slicer 5.10 or later (Python 3.11 or later).</p>
 <p>If you use TextSeg, please cite the paper of the network you used:</p>
@@ -138,8 +141,9 @@ Image Segmentation.</i></li>
         self.parent.acknowledgementText = _("""
 TextSeg implements the TexLiverNet, multimodal representation distribution learning and FreqMedCLIP networks from
 their papers. It runs on PyTorch, installed through the SlicerPyTorch extension (PyTorchUtils), and uses
-Hugging Face transformers, open_clip, timm, safetensors, PyWavelets and slicerio. The demonstration case comes from
-the pyradiomics sample data (BSD-3-Clause).
+Hugging Face transformers, open_clip, timm, safetensors, PyWavelets and slicerio. The demonstration cases come from
+the test data of the TotalSegmentator project (patient B, the default, Apache-2.0) and the pyradiomics sample data
+(lung2, BSD-3-Clause).
 """)
 
 
@@ -171,6 +175,7 @@ class TextSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
+    # From TextSegLib.core.options.THRESHOLD_STEP to 1 - THRESHOLD_STEP (TextSegLib cannot be imported here).
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     probabilityVolume: vtkMRMLScalarVolumeNode
     serverUrl: str = ""
@@ -414,12 +419,14 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The user picked a model: store its ID; the threshold follows the model's own."""
         if not self._parameterNode:
             return
+        from TextSegLib.core.options import THRESHOLD_STEP
+
         modelId = str(self.ui.modelComboBox.itemData(index) or "") if index >= 0 else ""
         choice = self._models.get(modelId)
         with slicer.util.NodeModify(self._parameterNode):
             self._parameterNode.modelId = modelId
             if choice is not None:
-                self._parameterNode.threshold = min(0.99, max(0.01, float(choice.threshold)))
+                self._parameterNode.threshold = min(1.0 - THRESHOLD_STEP, max(THRESHOLD_STEP, float(choice.threshold)))
 
     def onPromptReturnPressed(self) -> None:
         """Return in the prompt box works as Apply."""
@@ -427,17 +434,20 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onApplyButton()
 
     def onImportModel(self) -> None:
-        """Copy a checkpoint file into the user's model folder and select it."""
+        """Import a checkpoint file into the models folder of the worker on this computer and select it."""
         path = qt.QFileDialog.getOpenFileName(
             slicer.util.mainWindow(), _("Import a TextSeg model"), "", _("TextSeg checkpoints (*.safetensors)"))
         if not path:
             return
+        server = self._parameterNode.serverUrl.strip() if self._parameterNode else ""
         with slicer.util.tryWithErrorDisplay(_("The model could not be imported."), waitCursor=True):
-            self.logic.ensureDependencies(askConfirmation=True)
-            entry = self.logic.importModel(path)
+            if not server:
+                self.logic.ensureDependencies(askConfirmation=True)
+            imported = self.logic.importModel(path, server, self._serverToken())
             self.refreshModels()
-            self._parameterNode.modelId = entry.id
-            self._setStatus(_("Imported {model} into {folder}.").format(model=entry.id, folder=entry.path.parent))
+            self._parameterNode.modelId = imported.choice.id
+            self._setStatus(_("Imported {model} into {folder}.").format(model=imported.choice.id,
+                                                                        folder=imported.path.parent))
 
     def onApplyButton(self) -> None:
         """Apply: install the dependencies if needed, else start segmenting. Cancel: stop the run."""
@@ -525,17 +535,16 @@ class TextSegRun:
     by :meth:`TextSegLogic.finishProcessing`.
     """
 
-    def __init__(self, inputVolume: vtkMRMLScalarVolumeNode, volume: Volume, prompt: str, segmentName: str,
-                 worker: RemoteWorker, job: Job) -> None:
+    def __init__(self, inputVolume: vtkMRMLScalarVolumeNode, prompt: str, segmentName: str, worker: RemoteWorker,
+                 job: Job) -> None:
         self.inputVolume = inputVolume
-        self.volume = volume
         self.prompt = prompt
         self.segmentName = segmentName
         self.worker = worker
         self.job = job
         self.progress = (0, 0)
         self.result = None
-        self.notes = []
+        self.notes = []  # warnings from showing the result (the result's own are in ``result.notes``)
 
     @property
     def where(self) -> str:
@@ -691,21 +700,17 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def modelChoices(server: str = "", token: str = "") -> list[ModelChoice]:
-        """Models the user can pick: this computer's catalogue (shipped and imported), or the server's."""
-        from TextSegLib.service.protocol import ModelChoice
-
-        if server.strip():
-            return TextSegLogic.worker(server, token).models()
-        from TextSegLib.engine.catalogue import Catalogue
-
-        return [ModelChoice.from_entry(entry) for entry in Catalogue().entries()]
+        """Models the user can pick, as the worker that segments lists them: the worker process on this computer
+        (started on first use) lists the shipped and imported models, a server its own."""
+        return TextSegLogic.worker(server, token).models()
 
     @staticmethod
-    def importModel(path: str):
-        """Check a checkpoint file fully and copy it into the user's models folder; return its catalogue entry."""
-        from TextSegLib.engine.catalogue import Catalogue
-
-        return Catalogue().import_model(path)
+    def importModel(path: str, server: str = "", token: str = "") -> ImportedModel:
+        """Check a checkpoint file fully and copy it into the models folder of the worker on this computer (with
+        ``textseg import`` in the worker's Python); return the model as the worker lists it and where it went.
+        Raises ``WorkerError`` (a ``TextSegError``) with one line when the file is refused, and for a server, which
+        cannot be sent models: the line says to run ``textseg import`` there."""
+        return TextSegLogic.worker(server, token).import_model(path)
 
     @staticmethod
     def terminologyLabel(prompt: str) -> str:
@@ -741,24 +746,27 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
 
         Arguments as for :meth:`process`; ``probability`` asks for the probability map, ``server``/``token`` name a
         TextSeg server (empty: a worker process on this computer, started on first use). The volume's voxels are
-        copied now, so the run does not read MRML nodes. Raises ValueError on bad input.
+        copied now, so the run does not read MRML nodes. Raises ValueError on bad input (a ``TypeError`` for a
+        prompt that is not text); the prompt and the options are checked before the volume is sent.
         """
         from TextSegLib.app.mrml import volume_from_node
+        from TextSegLib.core.options import validate_prompt
         from TextSegLib.service.protocol import SegmentRequest
 
         reason = unsupportedReason()
         if reason:
             raise RuntimeError(reason)
+        prompt = validate_prompt(prompt)
         modelIds = [modelId] if isinstance(modelId, str) else list(modelId)
         if not modelIds or not all(modelIds):
             raise ValueError(_("No model chosen: pick one from the catalogue or import a checkpoint."))
         wanted = DEVICES.get(device, device)
-        request = SegmentRequest(prompt if isinstance(prompt, str) else "", [str(m) for m in modelIds], wanted,
-                                 batchSize or None, threshold, probability, modality).validate()
+        request = SegmentRequest(prompt, [str(m) for m in modelIds], wanted, batchSize or None, threshold, probability,
+                                 modality).validate()
         volume = volume_from_node(inputVolume, modality)
         worker = self.worker(server, token)
         job = worker.submit(volume, request)
-        return TextSegRun(inputVolume, volume, " ".join(prompt.split()), " ".join(segmentName.split()), worker, job)
+        return TextSegRun(inputVolume, prompt, " ".join(segmentName.split()), worker, job)
 
     def finishProcessing(self, run: TextSegRun, segmentationNode: vtkMRMLSegmentationNode | None = None,
                          probabilityVolume: vtkMRMLScalarVolumeNode | None = None,
@@ -767,29 +775,21 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
 
         ``segmentationNode`` None creates a segmentation named after the volume. Raises the worker's error (a
         ``ValueError`` for refused input). On any error nothing stays in the scene: a segmentation created here is
-        removed again. Returns ``(segmentationNode, segmentId)``.
+        removed again (``TextSegLib.app.mrml.store_in_new_or_existing_node``, as the web page stores results).
+        Returns ``(segmentationNode, segmentId)``; ``run.notes`` holds the warnings from showing the result.
         """
-        from TextSegLib.app.mrml import store_result, update_volume_node
+        from TextSegLib.app.mrml import store_in_new_or_existing_node, update_volume_node
 
         result = run.result = run.job.result()
         if result is None:
             return None
-        run.notes = list(result.notes)
         inputVolume = run.inputVolume
         for node in (inputVolume, segmentationNode, probabilityVolume):
             if node is not None and not slicer.mrmlScene.IsNodePresent(node):
                 raise ValueError(_("{name} was removed while TextSeg was running; nothing was added.").format(
                     name=node.GetName()))
-        created = segmentationNode is None
-        if created:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} TextSeg"))
-        try:
-            segmentId = store_result(segmentationNode, inputVolume, result, run.segmentName or None)
-        except Exception:
-            if created:
-                slicer.mrmlScene.RemoveNode(segmentationNode)
-            raise
+        segmentationNode, segmentId = store_in_new_or_existing_node(
+            slicer.mrmlScene, inputVolume, segmentationNode, result, run.segmentName or None)
         if probabilityVolume is not None and result.probability is not None:
             update_volume_node(probabilityVolume, result.probability, inputVolume)
             probabilityVolume.CreateDefaultDisplayNodes()
@@ -803,7 +803,6 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         """Show the segment in the slice views (over the input volume) and in 3D; return warnings for the user."""
         from TextSegLib.app.mrml import show_closed_surface
 
-        segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.GetDisplayNode().SetSegmentVisibility(segmentId, True)
         warnings = show_closed_surface(segmentationNode)
         if slicer.app.layoutManager() is not None:
@@ -813,18 +812,13 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeResult(run: TextSegRun, segmentationNode: vtkMRMLSegmentationNode,
                        segmentId: str) -> tuple[str, bool]:
-        """One line for the status (the segment, its volume, the time, the device and any warning), and whether it
-        carries a warning."""
-        result = run.result
-        millilitres = result.voxel_count * math.prod(run.volume.spacing) / 1000.0
+        """One line for the status (the segment, its volume, the time, the device, found or not and on what
+        evidence, and any warning), and whether it carries a warning: ``TextSegLib.app.mrml.describe_result``, the
+        line the web page shows."""
+        from TextSegLib.app.mrml import describe_result
+
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
-        text = _("{name}: {voxels} voxels ({ml:.1f} mL) in {seconds:.1f} s on {device}.").format(
-            name=segment.GetName(), voxels=result.voxel_count, ml=millilitres, seconds=result.seconds,
-            device=(result.device or "?").upper())
-        notes = list(run.notes)
-        if not result.found:
-            notes.append(_("Not found: {evidence}.").format(evidence=result.evidence))
-        return " ".join([text, *notes]), bool(notes)
+        return describe_result(run.result, segment.GetName(), run.notes)
 
     def process(self, inputVolume: vtkMRMLScalarVolumeNode | None,
                 segmentationNode: vtkMRMLSegmentationNode | None, prompt: str,
@@ -837,8 +831,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         Runs synchronously (Python console, batch scripts, tests)::
 
             logic = slicer.util.getModuleLogic("TextSeg")
-            segmentId = logic.process(volumeNode, segmentationNode,
-                                      "a large soft-tissue mass in the posterior left lower lung", "my-model")
+            segmentId = logic.process(volumeNode, segmentationNode, "the liver", "abdomen-freqmedclip-small")
 
         Args:
             inputVolume: scalar volume node to segment (its own geometry; a parent transform is followed).
@@ -859,6 +852,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
 
         Raises:
             ValueError: a missing or empty input, an empty prompt, an unknown model, a bad threshold or batch size.
+            TypeError: a prompt that is not text (``str``).
             RuntimeError: the worker failed (for example it ran out of memory); the scene is unchanged.
         """
         if segmentationNode is None:
@@ -869,7 +863,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
                                    probabilityVolume is not None, modality, server, token)
         run.wait()
         outcome = self.finishProcessing(run, segmentationNode, probabilityVolume, showResult)
-        for note in run.notes:
+        for note in [*run.result.notes, *run.notes]:
             logging.warning("TextSeg: %s", note)
         return outcome[1]
 

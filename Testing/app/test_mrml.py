@@ -21,9 +21,11 @@ from vtkmodules.util import numpy_support
 
 from TextSegLib import __version__
 from TextSegLib.app.mrml import (
+    describe_result,
     find_segment_by_prompt,
     put_segment,
     segment_tag,
+    store_in_new_or_existing_node,
     store_result,
     update_volume_node,
     volume_from_node,
@@ -342,6 +344,60 @@ def test_put_segment_refuses_masks_and_segmentations_it_cannot_use(scene, volume
     with pytest.raises(ValueError, match="closed surfaces, not labelmaps"):
         store_result(surfaces, volume_node, result)
     assert surfaces.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def node_ids(scene) -> list[str]:
+    return [scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())]
+
+
+def test_a_result_goes_into_a_new_segmentation_named_after_the_volume_or_into_the_given_one(
+        scene, volume_node, result):
+    """What the Slicer panel and the web page both do with a finished run."""
+    node, segment_id = store_in_new_or_existing_node(scene, volume_node, None, result, "mass")
+    assert node.GetName() == "lung2 TextSeg" and scene.IsNodePresent(node) and node.GetDisplayNode() is not None
+    assert node.GetSegmentation().GetSegment(segment_id).GetName() == "mass"
+    np.testing.assert_array_equal(segment_array(node, segment_id, volume_node), result.mask)
+    second, _ = store_in_new_or_existing_node(scene, volume_node, None, result)
+    assert second.GetName() == "lung2 TextSeg_1"
+
+    given = add_segmentation_node(scene, "mine")
+    before = node_ids(scene)
+    same, given_id = store_in_new_or_existing_node(scene, volume_node, given, result)
+    assert same is given and given.GetDisplayNode() is not None
+    assert given.GetSegmentation().GetSegment(given_id).GetName() == PROMPT
+    assert node_ids(scene) == [*before, given.GetDisplayNodeID()]
+
+
+def test_a_result_that_cannot_be_stored_leaves_the_scene_as_it_was(scene, volume_node, result):
+    wrong = dataclasses.replace(result, mask=result.mask[1:])
+    given = add_segmentation_node(scene, "mine")
+    before = node_ids(scene)
+    for segmentation_node in (None, given):
+        with pytest.raises(ValueError, match="the segment must be made on that volume"):
+            store_in_new_or_existing_node(scene, volume_node, segmentation_node, wrong)
+        assert node_ids(scene) == before
+    assert given.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_one_line_says_the_size_time_device_and_whether_the_target_was_found(volume_node, result):
+    """The line the Slicer panel and the web page show; a target not found or any note makes it a warning."""
+    spacing = volume_from_node(volume_node).spacing
+    millilitres = result.voxel_count * float(np.prod(spacing)) / 1000.0
+    assert result.found and result.notes == []
+    text, warned = describe_result(result, "mass")
+    assert text == (f"mass: {result.voxel_count} voxels ({millilitres:.2f} mL) in {result.seconds:.1f} s on "
+                    f"{result.device.upper()}; found ({result.evidence}).")
+    assert not warned
+
+    noted = dataclasses.replace(result, notes=["The GPU ran out of memory; TextSeg used the CPU instead."])
+    text, warned = describe_result(noted, "mass", ["The segments cannot be shown in 3D here."])
+    assert warned and text.endswith(f"; found ({result.evidence}). The GPU ran out of memory; TextSeg used the CPU "
+                                    "instead. The segments cannot be shown in 3D here.")
+
+    empty = dataclasses.replace(result, mask=np.zeros_like(result.mask), max_probability=0.2)
+    text, warned = describe_result(empty, "mass")
+    assert warned and text.startswith("mass: 0 voxels (0.00 mL) in ")
+    assert text.endswith("; not found (maximum probability 0.20, threshold 0.50).")
 
 
 def test_update_volume_node_puts_a_probability_on_the_volume_grid(scene, volume_node, result):

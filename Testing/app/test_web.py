@@ -252,7 +252,11 @@ def test_the_demo_case_segments_in_the_page_as_textseg_segment_does(page, expect
     (row,) = _rows(page)
     assert case["prompt"] in row
     assert _listed_millilitres(row) == pytest.approx(_segment_millilitres(reference), rel=1e-4)
-    assert "voxels" in _message(page)
+    # The line the Slicer panel shows too (TextSegLib.app.mrml.describe_result): the liver is found.
+    message = _message(page)
+    assert re.fullmatch(rf"{re.escape(case['prompt'])}: \d+ voxels \(\d+\.\d\d mL\) in \d+\.\d s on [A-Z]+; found "
+                        r"\(maximum probability \d\.\d\d, threshold \d\.\d\d\)\.( .+)?", message), message
+    assert _listed_millilitres(message) == _listed_millilitres(row)
 
     # The views change where the segment is, towards its colour: hide it and compare.
     page.click(".textseg-visibility")

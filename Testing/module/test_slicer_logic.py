@@ -1,99 +1,54 @@
 """The Slicer module's own logic (``TextSeg/TextSeg.py``) on slicer-core's real MRML classes and a real worker.
 
-``TextSeg.py`` is imported as Slicer imports it, with the Qt-only parts of Slicer's Python package stood in (the
-``qt`` module, ``slicer.i18n``, ``slicer.parameterNodeWrapper``'s decorators, ``ScriptedLoadableModule``'s base
-classes and ``slicer.app``): slicer-core ships the MRML classes, ``slicer.util`` and Slicer's volume and segmentation
-storage, not the application. Everything the logic does to the scene runs on the real MRML classes, and every run
-goes through a real worker process (``textseg serve`` on 127.0.0.1) as in Slicer.
+``TextSeg.py`` is imported as Slicer imports it, with the Qt-only parts of Slicer's Python package stood in
+(``Testing/textseg_module.py``): slicer-core ships the MRML classes, ``slicer.util`` and Slicer's volume and
+segmentation storage, not the application. Everything the logic does to the scene runs on the real MRML classes, and
+every run, every model list and every import goes through a real worker process (``textseg serve`` on 127.0.0.1, and
+``textseg import`` in its Python) as in Slicer, whose own process never loads torch.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-import types
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import slicer
 from testkit import add_user_segment, segment_array, snapshot
+from textseg_module import textseg_module
 
 from TextSegLib.app.mrml import segment_tag, show_closed_surface, volume_from_node
+from TextSegLib.core.messages import first_line
+from TextSegLib.engine.catalogue import Catalogue
+from TextSegLib.engine.checkpoints import CheckpointError
 from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
 from TextSegLib.io.segnrrd import TAG_FOUND, TAG_MODEL, TAG_PROMPT
-from TextSegLib.service.protocol import WorkerError
+from TextSegLib.service.protocol import ModelChoice, WorkerError
 
 REPO = Path(__file__).resolve().parents[2]
-MODULE = REPO / "TextSeg"
 CASE = demo_case("lung2")
 # A chest CT holds a spinal cord, which the shipped model was trained to name (it does not find lung2's lesion, see
 # the README): a prompt with a non-empty answer on lung2 and on the slab through slices 28-30.
 PROMPT = "the spinal cord"
 
 
-def _application() -> types.SimpleNamespace:
-    """``slicer.app`` as a headless Slicer 5.10 in testing mode answers the calls the logic makes."""
-    return types.SimpleNamespace(
-        majorVersion=5, minorVersion=10, testingEnabled=lambda: True,
-        commandOptions=lambda: types.SimpleNamespace(noMainWindow=True), layoutManager=lambda: None)
-
-
-def _stand_in_modules() -> dict[str, types.ModuleType]:
-    """The Qt-only modules TextSeg.py imports, as far as the logic uses them (nothing of their behaviour)."""
-    qt = types.ModuleType("qt")
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-
-    class Choice:
-        def __init__(self, choices):
-            self.choices = choices
-
-    class WithinRange:
-        def __init__(self, minimum, maximum):
-            self.minimum, self.maximum = minimum, maximum
-
-    wrapper.Choice, wrapper.WithinRange = Choice, WithinRange
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
-        setattr(scripted, name, type(name, (), {"__init__": lambda self, *args: None}))
-    return {"qt": qt, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
-            "slicer.ScriptedLoadableModule": scripted}
-
-
 @pytest.fixture(scope="module")
 def textseg():
     """TextSeg.py imported on slicer-core, with ``slicer.mrmlScene`` a real scene; its worker stopped at the end."""
-    stand_ins = _stand_in_modules()
-    saved = {name: sys.modules.get(name) for name in [*stand_ins, "TextSeg"]}
-    sys.modules.update(stand_ins)
-    for name, module in stand_ins.items():
-        if name.startswith("slicer."):
-            setattr(slicer, name.split(".", 1)[1], module)
-    slicer.app = _application()
-    slicer.mrmlScene = slicer.vtkMRMLScene()
-    sys.path.insert(0, str(MODULE))
-    import TextSeg
-
-    yield TextSeg
-    TextSeg.TextSegLogic.worker().stop()
-    sys.path.remove(str(MODULE))
-    for name, module in saved.items():
-        if module is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = module
-    for name in ("app", "mrmlScene", "i18n", "parameterNodeWrapper", "ScriptedLoadableModule"):
-        if name in vars(slicer):
-            delattr(slicer, name)
+    with textseg_module() as module:
+        try:
+            yield module
+        finally:
+            module.TextSegLogic.worker().stop()
 
 
 @pytest.fixture
@@ -180,7 +135,8 @@ def test_the_panel_says_not_found_with_its_evidence(textseg, scene, tmp_path):
     node, segment_id = logic.finishProcessing(run, segmentation, showResult=False)
     text, warned = logic.describeResult(run, node, segment_id)
     evidence = f"maximum probability {run.result.max_probability:.2f}, threshold 1.00"
-    assert warned and text.endswith(f"Not found: {evidence}.") and " 0 voxels (0.0 mL)" in text
+    assert warned and text.startswith(f"{PROMPT}: 0 voxels (0.00 mL) in ")
+    assert text.endswith(f" on CPU; not found ({evidence}).")
     segment = node.GetSegmentation().GetSegment(segment_id)
     assert segment_tag(segment, TAG_FOUND) == f"not found ({evidence})"
 
@@ -235,6 +191,7 @@ def test_bad_input_is_refused_with_a_value_error_and_changes_nothing(textseg, sc
         ((None, segmentation, PROMPT, DEMO_MODEL), "No input volume"),
         ((volume, None, PROMPT, DEMO_MODEL), "No segmentation node"),
         ((volume, segmentation, "  ", DEMO_MODEL), "The prompt is empty"),
+        ((volume, segmentation, "?! ...", DEMO_MODEL), "has no words, only punctuation"),
         ((volume, segmentation, PROMPT, "no-such-model"), "No model named"),
         ((volume, segmentation, PROMPT, ""), "No model chosen"),
     ):
@@ -242,7 +199,118 @@ def test_bad_input_is_refused_with_a_value_error_and_changes_nothing(textseg, sc
             logic.process(*arguments)
     with pytest.raises(ValueError, match="threshold"):
         logic.process(volume, segmentation, PROMPT, DEMO_MODEL, threshold=1.5)
+    with pytest.raises(TypeError, match="The prompt must be text"):
+        logic.process(volume, segmentation, ["the liver"], DEMO_MODEL)
+    # The prompt is checked before any worker is asked: an address where nothing listens is never reached.
+    with pytest.raises(ValueError, match="The prompt is empty"):
+        logic.startProcessing(volume, "", DEMO_MODEL, server="http://127.0.0.1:9")
     assert node_ids(scene) == before and segmentation.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_the_panels_device_names_and_threshold_range_are_the_librarys(textseg):
+    """TextSeg.py cannot import TextSegLib where it declares the parameter node (before its version check), so it
+    writes these literally: they must agree with ``TextSegLib.core.options``."""
+    from TextSegLib.core.options import DEVICES, THRESHOLD_STEP
+
+    hints = typing.get_type_hints(textseg.TextSegParameterNode, include_extras=True)
+    (within,) = hints["threshold"].__metadata__
+    assert (within.minimum, within.maximum) == pytest.approx((THRESHOLD_STEP, 1.0 - THRESHOLD_STEP))
+    (choice,) = hints["device"].__metadata__
+    assert choice.choices == list(textseg.DEVICES) and tuple(textseg.DEVICES.values()) == DEVICES
+
+
+def test_the_model_list_comes_from_the_worker_and_follows_its_models_folder(textseg, small_checkpoint):
+    """The panel's model list is the worker's ``/v1/models``: the shipped model, and a checkpoint put into the
+    worker's models folder (``$TEXTSEG_MODELS_DIR``, this test's own) while it runs, as the catalogue lists it."""
+    logic = textseg.TextSegLogic()
+    worker = logic.worker()
+    worker.stop()  # the next call starts a worker in this test's environment
+    assert DEMO_MODEL in [choice.id for choice in logic.modelChoices()]
+    started = worker.pid
+    folder = Path(os.environ["TEXTSEG_MODELS_DIR"])
+    shutil.copyfile(small_checkpoint, folder / "dropped-in.safetensors")
+    listed = {choice.id: choice for choice in logic.modelChoices()}
+    assert worker.pid == started is not None
+    (entry,) = [entry for entry in Catalogue(folder).entries() if entry.id == "dropped-in"]
+    assert listed["dropped-in"] == ModelChoice.from_entry(entry)
+
+
+def test_importing_a_model_goes_through_the_worker(textseg, small_checkpoint, tmp_path):
+    """``importModel`` runs ``textseg import`` in the worker's Python and environment: the running worker lists
+    the model at once; a damaged file and a taken id are refused with the command's one line, and nothing is
+    copied."""
+    logic = textseg.TextSegLogic()
+    imported = logic.importModel(str(small_checkpoint))
+    assert imported.choice.id == "small-texlivernet" and imported.choice in logic.modelChoices()
+    assert imported.path.name == "small-texlivernet.safetensors"
+    assert imported.path.read_bytes() == small_checkpoint.read_bytes()
+    folder = sorted(imported.path.parent.iterdir())
+
+    damaged = tmp_path / "damaged.safetensors"
+    data = bytearray(small_checkpoint.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as direct:
+        Catalogue(tmp_path / "elsewhere").import_model(damaged)
+    with pytest.raises(WorkerError) as refused:
+        logic.importModel(str(damaged))
+    assert str(refused.value) == first_line(direct.value) and "damaged" in str(refused.value)
+    with pytest.raises(WorkerError, match=r"^The catalogue already has a model 'small-texlivernet'; import it"):
+        logic.importModel(str(small_checkpoint))
+    assert sorted(imported.path.parent.iterdir()) == folder
+
+
+def test_a_server_cannot_be_sent_a_model_and_is_told_to_import_it_there(textseg, small_checkpoint):
+    logic = textseg.TextSegLogic()
+    with pytest.raises(WorkerError, match=r"^Models cannot be imported into the TextSeg server at "
+                       r"http://127\.0\.0\.1:9 from here: .* run `textseg import small-texlivernet\.safetensors` "
+                       r"there, then pick the model\.$"):
+        logic.importModel(str(small_checkpoint), "http://127.0.0.1:9", "a-token")
+
+
+# Run in a fresh interpreter, as 3D Slicer's GUI process: list, import and segment through the logic. Testing/ goes
+# on sys.path only after slicer-core's meta-package is imported: it imports every module of every "slicer" folder on
+# the path as its own, Testing/slicer/test_*.py (and so testkit and torch) included.
+_SLICER_PROCESS = """
+import json, sys
+import slicer
+checkpoint, slab, prompt, model, testing = sys.argv[1:]
+sys.path.insert(0, testing)
+from textseg_module import textseg_module
+
+with textseg_module() as textseg:
+    logic = textseg.TextSegLogic()
+    try:
+        listed = [choice.id for choice in logic.modelChoices()]
+        imported = logic.importModel(checkpoint).choice.id
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "slab")
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        slicer.mrmlScene.AddNode(storage)
+        storage.SetFileName(slab)
+        assert storage.ReadData(volume)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentId = logic.process(volume, segmentation, prompt, model, device="CPU")
+        name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
+    finally:
+        logic.worker().stop()
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "open_clip")
+                or m.startswith(("TextSegLib.engine", "TextSegLib.models", "TextSegLib.text")))
+print(json.dumps({"listed": listed, "imported": imported, "segment": name, "loaded": loaded}))
+"""
+
+
+def test_slicers_process_lists_imports_and_segments_without_torch(small_checkpoint, tmp_path):
+    """The logic the panel calls (model list, import, a run) in a fresh interpreter: everything goes through the
+    worker, and Slicer's process never imports torch, the engine or the networks."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _SLICER_PROCESS, str(small_checkpoint),
+                           str(slab_file(tmp_path, slice(28, 31))), PROMPT, DEMO_MODEL, str(REPO / "Testing")],
+                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert DEMO_MODEL in outcome["listed"] and outcome["imported"] == "small-texlivernet"
+    assert outcome["segment"] == PROMPT and outcome["loaded"] == []
 
 
 def test_requirements_are_compared_as_pip_compares_them(textseg):

@@ -26,6 +26,7 @@ lazily, never at module level. The rules for segments in a node:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,16 +35,24 @@ from TextSegLib.io.segnrrd import TAG_PROMPT, SegmentSpec, decode_tag, encode_ta
 from TextSegLib.io.volumes import Volume, VolumeError, check_volume
 
 if TYPE_CHECKING:
-    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkOrientedImageData, vtkSegment
+    from slicer import (
+        vtkMRMLScalarVolumeNode,
+        vtkMRMLScene,
+        vtkMRMLSegmentationNode,
+        vtkOrientedImageData,
+        vtkSegment,
+    )
     from vtk import vtkMatrix4x4
 
     from TextSegLib.core.results import SegmentationResult
 
 __all__ = [
+    "describe_result",
     "find_segment_by_prompt",
     "put_segment",
     "segment_tag",
     "show_closed_surface",
+    "store_in_new_or_existing_node",
     "store_result",
     "update_volume_node",
     "volume_from_node",
@@ -248,6 +257,37 @@ def store_result(segmentation_node: vtkMRMLSegmentationNode, volume_node: vtkMRM
     if previous is not None:
         spec.color = tuple(segmentation.GetSegment(previous).GetColor())
     return put_segment(segmentation_node, volume_node, spec)
+
+
+def store_in_new_or_existing_node(scene: vtkMRMLScene, volume_node: vtkMRMLScalarVolumeNode,
+                                  segmentation_node: vtkMRMLSegmentationNode | None, result: SegmentationResult,
+                                  name: str | None = None) -> tuple[vtkMRMLSegmentationNode, str]:
+    """Store ``result`` as :func:`store_result` does, in ``segmentation_node`` or, when it is None, in a new
+    segmentation in ``scene`` named after the volume (``"<volume> TextSeg"``, made unique); return the segmentation
+    node and the segment's ID. The node gets its default display nodes. When storing fails, a segmentation created
+    here is removed again, so the scene is as it was."""
+    created = segmentation_node is None
+    if created:
+        segmentation_node = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{_node_name(volume_node)} TextSeg"))
+    try:
+        segment_id = store_result(segmentation_node, volume_node, result, name)
+    except Exception:
+        if created:
+            scene.RemoveNode(segmentation_node)
+        raise
+    segmentation_node.CreateDefaultDisplayNodes()
+    return segmentation_node, segment_id
+
+
+def describe_result(result: SegmentationResult, name: str, notes: Sequence[str] = ()) -> tuple[str, bool]:
+    """One line for the user about a stored result, and whether it carries a warning: the segment's ``name``, its
+    voxels and millilitres, the time and device, whether the target was found and on what evidence, then the
+    result's own notes and ``notes`` (warnings from showing it). A warning is a target not found or any note."""
+    everything = [*result.notes, *notes]
+    text = (f"{name}: {result.voxel_count} voxels ({result.volume_ml:.2f} mL) in {result.seconds:.1f} s on "
+            f"{(result.device or '?').upper()}; {result.presence}.")
+    return " ".join([text, *everything]), not result.found or bool(everything)
 
 
 def update_volume_node(volume_node: vtkMRMLScalarVolumeNode, array: np.ndarray,

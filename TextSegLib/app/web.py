@@ -25,7 +25,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 from TextSegLib.app.uploads import UPLOAD_KINDS, read_upload
 from TextSegLib.core.errors import TextSegError, TextSegValueError
 from TextSegLib.core.messages import first_line
+from TextSegLib.core.results import SegmentationResult
 from TextSegLib.io.volumes import Volume, VolumeError, case_name, read_volume
 
 __all__ = [
@@ -60,14 +60,6 @@ WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
 
 
 # ---------------------------------------------------------------------------------------------- application
-
-
-@dataclass
-class _Segment:
-    """What the page keeps for a segment besides the MRML node: the result it came from."""
-
-    result: Any
-    millilitres: float
 
 
 class TextSegWebApp:
@@ -104,7 +96,7 @@ class TextSegWebApp:
         self.volume_node = None
         self.segmentation_node = None
         self.probability_node = None
-        self.segments: dict[str, _Segment] = {}
+        self.segments: dict[str, SegmentationResult] = {}  # segment ID -> the result it came from
         self.case_number = 0
         self.job = None
         self.task: asyncio.Future | None = None
@@ -182,10 +174,10 @@ class TextSegWebApp:
                     "id": segment_id,
                     "name": segment.GetName(),
                     "color": f"#{red:02x}{green:02x}{blue:02x}",
-                    "ml": f"{kept.millilitres:.2f} mL" if kept else "",
+                    "ml": f"{kept.volume_ml:.2f} mL" if kept else "",
                     "prompt": segment_tag(segment, TAG_PROMPT) or "",
                     "visible": bool(display.GetSegmentVisibility(segment_id)) if display else True,
-                    "probability": bool(kept and kept.result.probability is not None),
+                    "probability": bool(kept and kept.probability is not None),
                 })
         self.state.segments = rows
 
@@ -350,37 +342,24 @@ class TextSegWebApp:
             with self.state:
                 self.state.update({"running": False, "cancelling": False, "progress": 0, "progress_text": ""})
 
-    def _store(self, result, name: str | None) -> None:
-        """Put a finished result into the scene as a segment, show it, and say what was found."""
-        from TextSegLib.app.mrml import show_closed_surface, store_result
+    def _store(self, result: SegmentationResult, name: str | None) -> None:
+        """Put a finished result into the scene as a segment, show it, and say what was found (as the Slicer panel
+        does, through :mod:`TextSegLib.app.mrml`)."""
+        from TextSegLib.app.mrml import describe_result, show_closed_surface, store_in_new_or_existing_node
 
-        created = self.segmentation_node is None
-        if created:
-            self.segmentation_node = self.slicer.scene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", f"{self.volume_node.GetName()} TextSeg")
-            self.segmentation_node.CreateDefaultDisplayNodes()
-        try:
-            segment_id = store_result(self.segmentation_node, self.volume_node, result, name)
-        except Exception:
-            if created:
-                self.slicer.scene.RemoveNode(self.segmentation_node)
-                self.segmentation_node = None
-            raise
-        millilitres = result.voxel_count * float(np.prod(self.volume.spacing)) / 1000.0
-        self.segments[segment_id] = _Segment(result, millilitres)
-        display = self.segmentation_node.GetDisplayNode()
-        display.SetSegmentVisibility(segment_id, True)
-        notes = show_closed_surface(self.segmentation_node) + list(result.notes)
+        self.segmentation_node, segment_id = store_in_new_or_existing_node(
+            self.slicer.scene, self.volume_node, self.segmentation_node, result, name)
+        self.segments[segment_id] = result
+        self.segmentation_node.GetDisplayNode().SetSegmentVisibility(segment_id, True)
+        notes = show_closed_surface(self.segmentation_node)
         if not result.empty:
             self._jump_to(result.mask)
         if self.state.probability_shown == segment_id:
             self._show_probability(segment_id)
         self._refresh_segments()
         segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
-        self._say(" ".join([f"{segment.GetName()}: {result.voxel_count} voxels ({millilitres:.2f} mL) in "
-                            f"{result.seconds:.1f} s on {(result.device or '?').upper()}; {result.presence}.",
-                            *notes]),
-                  "success" if result.found and not notes else "warning")
+        text, warned = describe_result(result, segment.GetName(), notes)
+        self._say(text, "warning" if warned else "success")
 
     def _jump_to(self, mask: np.ndarray) -> None:
         """Move every slice view through the voxel of ``mask`` nearest its centre of mass (the views keep their
@@ -421,7 +400,7 @@ class TextSegWebApp:
     def _show_probability(self, segment_id: str) -> None:
         from TextSegLib.app.mrml import update_volume_node
 
-        probability = self.segments[segment_id].result.probability
+        probability = self.segments[segment_id].probability
         if probability is None:
             return
         if self.probability_node is None:
@@ -451,7 +430,7 @@ class TextSegWebApp:
         for number in range(segmentation.GetNumberOfSegments()):
             segment_id = segmentation.GetNthSegmentID(number)
             segment = segmentation.GetNthSegment(number)
-            spec = segment_for_result(self.segments[segment_id].result, segment.GetName())
+            spec = segment_for_result(self.segments[segment_id], segment.GetName())
             spec.color = tuple(segment.GetColor())
             specs.append(spec)
         with tempfile.TemporaryDirectory(prefix="textseg-download-") as folder:

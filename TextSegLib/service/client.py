@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from TextSegLib.core.results import SegmentationResult
 from TextSegLib.io.volumes import Volume
@@ -31,6 +33,7 @@ from TextSegLib.service.protocol import (
 )
 
 __all__ = [
+    "ImportedModel",
     "Job",
     "RemoteWorker",
 ]
@@ -40,6 +43,15 @@ POLL_TIMEOUT = 5.0
 
 # Uploading a 512 x 512 x 1000 CT over a slow link: generous, but a hung server still ends.
 TRANSFER_TIMEOUT = 600.0
+# A worker's first model list loads its model code (torch): several seconds on a busy computer.
+CATALOGUE_TIMEOUT = 120.0
+
+
+class ImportedModel(NamedTuple):
+    """A model imported into a worker's models folder: as the worker lists it, and the file it was copied to."""
+
+    choice: ModelChoice
+    path: Path
 
 
 class RemoteWorker:
@@ -98,7 +110,15 @@ class RemoteWorker:
 
     def models(self) -> list[ModelChoice]:
         """The worker's model catalogue."""
-        return [ModelChoice.from_json(item) for item in self.json("GET", "/models")]
+        return [ModelChoice.from_json(item) for item in self.json("GET", "/models", timeout=CATALOGUE_TIMEOUT)]
+
+    def import_model(self, path: str | os.PathLike[str], model_id: str | None = None) -> ImportedModel:
+        """Add a checkpoint file to the worker's models. The protocol cannot carry a model to a server, so this
+        raises :class:`WorkerError` saying to import it on the server (:class:`~TextSegLib.service.local.
+        LocalWorker` imports into its own folder)."""
+        command = f"textseg import {Path(path).name}" + (f" --id {model_id}" if model_id else "")
+        raise WorkerError(f"Models cannot be imported into {self.describe()} from here: copy the file to that "
+                          f"computer and run `{command}` there, then pick the model.")
 
     def submit(self, volume: Volume, request: SegmentRequest) -> Job:
         """Send ``volume`` and ``request``; the returned :class:`Job` reports progress and gives the result."""

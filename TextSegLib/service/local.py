@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from TextSegLib.service.client import POLL_TIMEOUT, RemoteWorker
+from TextSegLib.core.settings import TOKEN_VARIABLE
+from TextSegLib.service.client import POLL_TIMEOUT, ImportedModel, RemoteWorker
 from TextSegLib.service.protocol import READY_LINE, WorkerError, WorkerUnreachableError
 
 __all__ = [
@@ -35,10 +37,18 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------------ client
 
 
+# Checking a large checkpoint fully (weights included) on a slow disk: generous, but a hung import still ends.
+IMPORT_TIMEOUT = 600.0
+# What `textseg import` prints when it has copied a checkpoint (TextSegLib.app.cli.cmd_import).
+_IMPORTED = re.compile(r"Imported (?P<id>\S+) \(.*\) to (?P<path>.+)")
+_ERROR_PREFIX = "textseg: error: "
+
+
 @dataclass
 class _Process:
     popen: subprocess.Popen
     log: Path
+    environment: dict[str, str]
     url: str = ""
 
 
@@ -81,16 +91,13 @@ class LocalWorker(RemoteWorker):
             return
         self._process = None
         log = Path(tempfile.mkstemp(prefix="textseg-worker-", suffix=".log")[1])
-        environment = {**os.environ, **self.environment, "TEXTSEG_TOKEN": self.token,
-                       "PYTHONUNBUFFERED": "1"}
-        repository = str(Path(__file__).resolve().parents[2])
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [repository, environment.get("PYTHONPATH")]))
+        environment = self._environment()
         with open(log, "wb") as handle:
             popen = subprocess.Popen(
                 [self.python, "-m", "TextSegLib", "serve", "--host", "127.0.0.1", "--port", "0", "--ready-line",
                  "--exit-with-stdin"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=handle, env=environment)
-        process = _Process(popen, log)
+        process = _Process(popen, log, environment)
         deadline = time.monotonic() + self.startup_timeout
         line = b""
         while time.monotonic() < deadline and popen.poll() is None:
@@ -104,6 +111,51 @@ class LocalWorker(RemoteWorker):
             raise WorkerError(f"The TextSeg worker did not start: {self._last_log_line(log)} (log: {log}).")
         self._process = process
         self.url = process.url
+
+    def _environment(self) -> dict[str, str]:
+        """The environment of the worker's processes: this process's, the extra variables, the token, and this
+        TextSegLib first on ``PYTHONPATH``."""
+        environment = {**os.environ, **self.environment, TOKEN_VARIABLE: self.token, "PYTHONUNBUFFERED": "1"}
+        repository = str(Path(__file__).resolve().parents[2])
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [repository, environment.get("PYTHONPATH")]))
+        return environment
+
+    def import_model(self, path: str | os.PathLike[str], model_id: str | None = None) -> ImportedModel:
+        """Check a checkpoint file fully and copy it into the worker's models folder under ``model_id`` (default:
+        the file name), with ``textseg import`` run by the worker's Python in the worker's environment, so into
+        the folder the worker lists; return the model as the worker now lists it.
+
+        Raises :class:`WorkerError` with ``textseg import``'s one-line message when it refuses the file (damaged,
+        not a checkpoint, an id already taken).
+        """
+        died = self._died()
+        if died is not None:
+            raise died
+        environment = self._process.environment if self.running else self._environment()
+        command = [self.python, "-m", "TextSegLib", "import", os.fspath(path)]
+        if model_id is not None:
+            command += ["--id", model_id]
+        try:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  errors="replace", env=environment, timeout=IMPORT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise WorkerError(f"Importing {Path(path).name} did not finish within {IMPORT_TIMEOUT:.0f} s; nothing "
+                              "was imported.") from None
+        if done.returncode != 0:
+            lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+            reason = (lines[-1].removeprefix(_ERROR_PREFIX) if lines
+                      else f"textseg import ended with code {done.returncode} and no message; nothing was imported.")
+            raise WorkerError(reason)
+        printed = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+        imported = _IMPORTED.fullmatch(printed[-1]) if printed else None
+        if imported is None:
+            raise WorkerError(f"textseg import said {printed[-1] if printed else 'nothing'!r}, not which model it "
+                              "imported; run `textseg models` to see whether it is there.")
+        for choice in self.models():
+            if choice.id == imported["id"]:
+                return ImportedModel(choice, Path(imported["path"]))
+        raise WorkerError(f"The model {imported['id']!r} was imported to {imported['path']}, but "
+                          f"{self.describe()} does not list it; check its log.")
 
     @staticmethod
     def _last_log_line(log: Path) -> str:
