@@ -270,8 +270,7 @@ def test_a_server_cannot_be_sent_a_model_and_is_told_to_import_it_there(textseg,
 
 
 # Run in a fresh interpreter, as 3D Slicer's GUI process: list, import and segment through the logic. Testing/ goes
-# on sys.path only after slicer-core's meta-package is imported: it imports every module of every "slicer" folder on
-# the path as its own, Testing/slicer/test_*.py (and so testkit and torch) included.
+# on sys.path only after slicer-core's package is imported, as in Slicer, where `slicer` is there first.
 _SLICER_PROCESS = """
 import json, sys
 import slicer
