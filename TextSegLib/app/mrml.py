@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from TextSegLib.core.errors import TextSegValueError
 from TextSegLib.io.segnrrd import TAG_PROMPT, SegmentSpec, decode_tag, encode_tag, segment_for_result
 from TextSegLib.io.volumes import Volume, VolumeError, check_volume
 
@@ -166,14 +167,15 @@ def put_segment(segmentation_node: vtkMRMLSegmentationNode, volume_node: vtkMRML
     """Add ``spec`` as a segment on ``volume_node``'s grid to ``segmentation_node``; return the segment ID.
 
     A segment carrying the same ``TextSeg.Prompt`` tag is replaced (same ID and position); every other segment
-    is left as it was. Raises ValueError when the mask does not fit the volume, when the segmentation is not made
-    of labelmaps (for example imported models) or when a non-linear transform lies between the two nodes.
+    is left as it was. Raises :class:`~TextSegLib.core.errors.TextSegValueError` (a ``ValueError``) when the mask
+    does not fit the volume, when the segmentation is not made of labelmaps (for example imported models) or when a
+    non-linear transform lies between the two nodes.
     """
     import slicer
     import vtk
 
     if spec.mask.shape != _voxel_shape(volume_node):
-        raise ValueError(
+        raise TextSegValueError(
             f"The mask of {spec.name!r} has shape {spec.mask.shape}, the volume {_node_name(volume_node)!r} "
             f"{_voxel_shape(volume_node)}; the segment must be made on that volume."
         )
@@ -185,7 +187,7 @@ def put_segment(segmentation_node: vtkMRMLSegmentationNode, volume_node: vtkMRML
         segmentation.SetSourceRepresentationName(labelmap_name)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     elif segmentation.GetSourceRepresentationName() != labelmap_name:
-        raise ValueError(
+        raise TextSegValueError(
             f"The segmentation {_node_name(segmentation_node)!r} is made of "
             f"{segmentation.GetSourceRepresentationName().lower()}s, not labelmaps; choose another segmentation "
             "or create a new one."
@@ -197,7 +199,7 @@ def put_segment(segmentation_node: vtkMRMLSegmentationNode, volume_node: vtkMRML
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
         volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(), volume_to_segmentation
     ):
-        raise ValueError(
+        raise TextSegValueError(
             f"A non-linear transform lies between the volume {_node_name(volume_node)!r} and the segmentation "
             f"{_node_name(segmentation_node)!r}; harden it or put both under the same transform."
         )

@@ -261,8 +261,11 @@ def _what_else(path: Path) -> str | None:
     if path.is_dir():
         return (f"{str(path)!r} is a folder, not a checkpoint; give the .safetensors file in it, or a catalogue id "
                 "(`textseg models` lists them).")
-    with open(path, "rb") as handle:
-        head = handle.read(512)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as error:
+        return f"{str(path)!r} cannot be read ({error.strerror or error}); check the file and its permissions."
     if len(head) < 10 or (head[8:10] in (b'{"', b"{}")):
         return None
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
@@ -385,6 +388,8 @@ def load_checkpoint(
                 model = create_model(info.architecture, config)
     except PretrainedUnavailableError as error:
         raise CheckpointError(f"{_where(info.path)} needs pretrained weights that cannot be loaded: {error}") from error
+    except (TypeError, ValueError) as error:  # the networks check their configs as they are built
+        raise CheckpointError(f"{_where(info.path)} has a config this TextSeg cannot build: {error}") from error
     _load_state(model, state, info)
     return model.to(device).eval(), info
 

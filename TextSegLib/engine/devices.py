@@ -1,5 +1,6 @@
 """Where a run computes: the device a user asked for, checked against what this computer has (a GPU with too
-little free memory means the CPU, with a note for the user)."""
+little free memory means the CPU, with a note for the user), and the errors for a device that is missing or out of
+memory."""
 
 from __future__ import annotations
 
@@ -9,13 +10,40 @@ from pathlib import Path
 
 import torch
 
+from TextSegLib.core.errors import TextSegError
+
 __all__ = [
+    "DeviceError",
+    "DeviceMemoryError",
     "choose_device",
     "cpu_has_native_bf16",
+    "memory_error",
     "resolve_device",
 ]
 
 log = logging.getLogger("textseg")
+
+
+class DeviceError(TextSegError, RuntimeError):
+    """A device that this computer does not have."""
+
+
+class DeviceMemoryError(TextSegError, torch.OutOfMemoryError, MemoryError):
+    """A run that did not fit in the memory of its device. A ``torch.OutOfMemoryError`` too, so that a caller that
+    retries on the CPU after the GPU ran out (the worker service) still sees it as one."""
+
+
+def memory_error(error: BaseException, device: torch.device) -> DeviceMemoryError | None:
+    """The :class:`DeviceMemoryError` for ``error`` when it says that ``device`` ran out of memory while segmenting
+    (torch's CUDA out-of-memory error, NumPy's ``MemoryError``, the CPU allocator's ``RuntimeError``); else None."""
+    cpu_allocator = isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    if not isinstance(error, torch.OutOfMemoryError | MemoryError) and not cpu_allocator:
+        return None
+    if device.type == "cuda":
+        return DeviceMemoryError(f"The GPU ({device}) ran out of memory while segmenting; close other programs that "
+                                 "use it, or segment on the CPU.")
+    return DeviceMemoryError("The computer ran out of memory while segmenting; close other programs, give a smaller "
+                             "batch size, or segment on a GPU.")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -32,7 +60,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("No CUDA GPU is available here; use the device 'cpu' or 'auto'.")
+        raise DeviceError("No CUDA GPU is available here; use the device 'cpu' or 'auto'.")
     return device
 
 

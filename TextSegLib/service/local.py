@@ -1,48 +1,14 @@
-"""Segmentation in a worker process: the protocol, the client, and the local worker that 3D Slicer starts.
+"""The worker process this computer starts: :class:`LocalWorker`, as 3D Slicer and ``textseg web`` use it.
 
 The networks never run in the process that asks for a segmentation. 3D Slicer's main thread holds Python's GIL
 while it idles in the Qt event loop, so a Python thread there barely runs; a separate process runs at full speed,
 keeps its models and encoded prompts loaded between runs, and can crash or run out of memory without taking Slicer
 down. The worker is ``textseg serve`` (:mod:`TextSegLib.service.server`): started on this computer by
 :class:`LocalWorker` (loopback address, a random token, stopped when its parent exits), or run by hand on a GPU
-server and reached with :class:`RemoteWorker`. Both speak the same versioned HTTP protocol.
+server and reached with :class:`~TextSegLib.service.client.RemoteWorker`. Both speak the protocol of
+:mod:`TextSegLib.service.protocol`.
 
-Protocol, version 1 (every path starts with ``/v1``; every request carries ``Authorization: Bearer <token>`` when
-the worker has a token; errors are JSON ``{"error": "<one line for the user>"}`` with a 4xx/5xx status):
-
-``GET /v1/health``
-    ``{"protocol": 1, "textseg": "<version>", "busy": <jobs queued or running>, "max_request_bytes": <limit>,
-    "models_loaded": [ids],
-    "prompts_encoded": <prompts encoded so far>, "prompts_reused": <encodings taken from the cache>}``.
-``GET /v1/models``
-    The worker's catalogue: ``[{"id", "title", "architecture", "description", "example_prompts", "threshold",
-    "text_role"}]`` (``text_role``: what the prompt does in that network).
-``POST /v1/jobs``
-    Body: one *frame* (below) whose header is ``{"request": {...}, "volume": {...}}`` and whose payload is the
-    voxels. ``request``: ``prompt``, ``models`` (catalogue ids), ``device`` ("auto", "cpu", "cuda"),
-    ``batch_size`` (null = automatic), ``threshold`` (null = the model's), ``probability`` (bool), ``modality``
-    ("CT", "MR" or null), ``fp32`` (bool). ``volume``: ``shape`` ``[K, J, I]``, ``dtype`` (NumPy name, little
-    endian), ``spacing``, ``origin`` (LPS, mm), ``direction`` (3 x 3, row-major), ``modality``, ``source``.
-    Answer ``202 {"job": "<id>"}``; a body over the worker's limit is refused with 413 before it is read.
-``GET /v1/jobs/<id>``
-    ``{"state": "queued"|"running"|"done"|"failed"|"cancelled", "done": slices, "total": slices,
-    "error": "<message>"|null, "input_error": bool}`` (``input_error``: the input was refused, not the worker
-    broken). Answers with status 400, 409, 413 and 422 also mean refused input.
-``POST /v1/jobs/<id>/cancel``
-    Stops the job before its next batch of slices.
-``GET /v1/jobs/<id>/result``
-    A frame whose header is the result's metadata (``prompt``, ``threshold``, ``seconds``, ``modality``, ``notes``,
-    ``device``, ``models`` ``[{"id", "sha256", "name", "architecture"}]``, ``shape``, ``probability`` (bool),
-    ``max_probability`` and ``voxel_ml``, the evidence for "found" / "not found") and
-    whose payload is the mask as packed bits (``numpy.packbits`` of the ``(K, J, I)`` mask) followed, when asked
-    for, by the float32 probabilities. The job is forgotten once its result has been read.
-``DELETE /v1/jobs/<id>``
-    Forget a job (cancelling it first if it still runs).
-
-A frame is ``b"TSEG"``, the header's length as a little-endian uint32, the header as UTF-8 JSON (which also
-carries ``"protocol": 1``), then the payload bytes.
-
-Only the standard library and NumPy are used here, so the client side runs in Slicer's Python without torch.
+Only the standard library and the client are used here, so 3D Slicer's process starts its worker without torch.
 """
 
 from __future__ import annotations
@@ -64,12 +30,6 @@ __all__ = [
     "LocalWorker",
     "shared_worker",
 ]
-
-
-# ------------------------------------------------------------------------------------------------------ frames
-
-
-# ------------------------------------------------------------------------------------------------------ client
 
 
 @dataclass
