@@ -2,7 +2,7 @@
 
 Every refused case asserts: the exit status, exactly one line on stderr that names the problem, no traceback,
 no output or temporary file left anywhere under the test's folders, and every input file byte-identical (SHA-256
-before and after). Most command lines run in this process through ``TextSegLib.cli.main`` (the same code as the
+before and after). Most command lines run in this process through ``TextSegLib.app.cli.main`` (the same code as the
 console script, fast); write failures, interrupts (SIGINT and SIGTERM while reading, segmenting and writing), the
 offline text encoder and a representative set of refusals run the console script in a real subprocess.
 """
@@ -228,7 +228,7 @@ SEGMENT_CASES = {
     "invalid orientation": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "bad-orientation")],
                             "orientation 'XYZ' is not a code"),
     "format version 1": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "version-1")],
-                         "python -m TextSegLib.checkpoints sign"),
+                         "sign it: textseg sign"),
     "unknown architecture": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "other-architecture")],
                              "needs the architecture 'unetr'"),
     # options

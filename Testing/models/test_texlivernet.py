@@ -209,7 +209,7 @@ def test_checkpoints_from_before_the_roll_fix_keep_their_function(tmp_path):
     del header["config"]["width_first_roll"]
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata={"textseg": json.dumps(header)})
-    sign_checkpoint(old)  # as an older file is upgraded to the current format (python -m TextSegLib.checkpoints sign)
+    sign_checkpoint(old)  # as an older file is upgraded to the current format (textseg sign)
     loaded = load_checkpoint(old)[0]
     assert loaded.config.width_first_roll == 1
     assert loaded.bottleneck.mlp.long_range.width_first.signs == (1, 1)

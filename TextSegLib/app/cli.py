@@ -291,17 +291,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ sign
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from TextSegLib.engine.checkpoints import sign_checkpoint
+
+    if args.signed_copy:
+        _check_outputs([Path(args.signed_copy)], [Path(args.checkpoint)], args.overwrite)
+    signed = sign_checkpoint(args.checkpoint, args.signed_copy)
+    print(f"Signed {signed.path} (SHA-256 {signed.sha256})")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- serve
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from TextSegLib.service.server import serve
 
-    try:
-        serve(args.host, args.port, args.token, args.max_request_mb, args.models_dir, args.ready_line,
-              args.exit_with_stdin)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    serve(args.host, args.port, args.token, args.max_request_mb, args.models_dir, args.ready_line,
+          args.exit_with_stdin)
     return 0
 
 
@@ -499,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("checkpoint", help="a TextSeg .safetensors checkpoint")
     importer.add_argument("--id", help="catalogue id (default: the file name)")
     importer.set_defaults(func=cmd_import)
+
+    sign = sub.add_parser("sign", help="record the digest of a checkpoint's settings: for a checkpoint saved before "
+                          "TextSeg recorded it, or after a deliberate edit (only for files you trust)")
+    sign.add_argument("checkpoint", metavar="CHECKPOINT", help="a TextSeg .safetensors checkpoint (replaced by the "
+                      "signed one)")
+    sign.add_argument("signed_copy", metavar="SIGNED_COPY", nargs="?", help="write the signed checkpoint here "
+                      "instead")
+    sign.add_argument("--overwrite", action="store_true", help="replace SIGNED_COPY if it exists (default: refuse "
+                      "to start)")
+    sign.set_defaults(func=cmd_sign)
     return parser
 
 
