@@ -1,21 +1,12 @@
-"""Masks as segments: names, colours, terminology and tags, in ``.seg.nrrd`` files and Slicer segmentation nodes.
+"""Masks as segments in Slicer segmentation nodes, and volumes as Slicer volume nodes.
 
-Every segment TextSeg makes records where it came from in segment tags (the same keys in a ``.seg.nrrd`` file and
-in a Slicer segmentation node)::
+A segment gets the name, colour, terminology and TextSeg tags that a ``.seg.nrrd`` file gives it
+(:mod:`TextSegLib.io.segnrrd` describes the tags and their encoding, the same in files and in nodes).
 
-    TextSeg.Prompt            the prompt, as encoded
-    TextSeg.Model             the model id (ids joined by "+" for an ensemble)
-    TextSeg.CheckpointSHA256  SHA-256 of each checkpoint file (joined by ",")
-    TextSeg.Version           TextSeg's version
-
-Slicer stores tags as ``key:value|``; a ``|`` inside a value is written as ``%7C`` (and ``%`` as ``%25``) so a
-prompt survives the round trip. Slicer writes tag values as they are, so segments in nodes hold the encoded values
-too. Each segment also gets the standard terminology of what its prompt names (``terminology.py``).
-
-Slicer nodes (the second half of this file) are used through their MRML classes only, so the same functions run
-inside 3D Slicer and on the ``slicer-core`` package: a scalar volume node becomes a :class:`Volume` (voxels copied,
-IJK-to-RAS geometry converted to LPS), and a mask becomes a segment on the volume's own grid. ``slicer`` is imported
-lazily, never at module level. The rules for segments in a node:
+Slicer nodes are used through their MRML classes only, so the same functions run inside 3D Slicer and on the
+``slicer-core`` package: a scalar volume node becomes a :class:`Volume` (voxels copied, IJK-to-RAS geometry
+converted to LPS), and a mask becomes a segment on the volume's own grid. ``slicer`` is imported lazily, never at
+module level. The rules for segments in a node:
 
 - the segment's labelmap has the volume's geometry (through the volume's and the segmentation's parent transforms,
   which must be linear), and a segmentation without segments takes the volume's transform and reference geometry;

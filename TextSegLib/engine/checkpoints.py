@@ -5,7 +5,7 @@ document under the key ``"textseg"``::
 
     {
       "format": "textseg-checkpoint", "format_version": 1,
-      "architecture": "texlivernet",            # registry name (TextSegLib.models)
+      "architecture": "texlivernet",            # registry name (TextSegLib.models.registry)
       "config": {...},                          # the architecture's config dataclass as a dict
       "text_encoder": {"source": "minilm", "max_tokens": 128},
       "preprocessing": {"size": [256, 256], "intensity": {"CT": {"kind": "window", "low": -200, "high": 200}}},

@@ -1,10 +1,10 @@
 """The slice-wise inference engine: volume + prompt -> mask (and probability) on the input grid.
 
-Data path (``DESIGN.md``):
+The steps from a volume to a mask:
 
 1. the volume's array is put in each model's canonical orientation (axis permutation and flips, a view);
 2. the prompt is encoded once per (text encoder, prompt) through the LRU cache;
-3. slices go to the device in batches and are normalised and resized there (``preprocessing.py``);
+3. slices go to the device in batches and are normalised and resized there (:mod:`TextSegLib.engine.preprocessing`);
 4. batched forward under ``torch.inference_mode()`` through a copy of the network with BatchNorm folded into the
    preceding convolutions; on CUDA with autocast (bf16, or fp16 where bf16 is missing), channels-last tensors,
    cuDNN autotuning and pinned-memory copies overlapped with compute, the batch size from the free GPU memory,
@@ -15,8 +15,10 @@ Data path (``DESIGN.md``):
    orientation, averaged over the models of an ensemble, and thresholded.
 
 Progress is reported after every batch; a cancel token is checked before every batch and a cancelled run returns
-``None`` (nothing half-done escapes). Loaded models and encoded prompts are cached for the life of the process,
-so re-prompting the same volume only pays for the forward passes.
+``None`` (nothing half-done escapes). A device that runs out of memory for good (CUDA with one slice per batch, the
+CPU at once) raises :class:`~TextSegLib.engine.devices.DeviceMemoryError`, which says what to do. Loaded models and
+encoded prompts are cached for the life of the process, so re-prompting the same volume only pays for the forward
+passes.
 """
 
 from __future__ import annotations
