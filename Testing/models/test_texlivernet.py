@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from TextSegLib.core.errors import TextSegError
 from TextSegLib.models.registry import architectures, config_from_dict, create_model, get_spec, preset_config
 from TextSegLib.models.texlivernet import TexLiverNet, TexLiverNetConfig
 from TextSegLib.text.features import TextFeatures
@@ -20,12 +21,15 @@ def random_text(batch: int, length: int = 9, dim: int = 384, seed: int = 0) -> T
 
 def test_registry_knows_texlivernet_and_explains_unknown_names():
     assert "texlivernet" in architectures()
-    with pytest.raises(KeyError, match="texlivernet"):
+    with pytest.raises(KeyError, match=r"^unknown architecture 'no-such-net'; this TextSeg knows: ") as unknown:
         get_spec("no-such-net")
+    assert "texlivernet" in str(unknown.value)
+    assert isinstance(unknown.value, TextSegError)  # a user's misspelt name, said in one unquoted line
     with pytest.raises(ValueError, match="unknown texlivernet config keys: bogus"):
         config_from_dict("texlivernet", {"bogus": 1})
-    with pytest.raises(KeyError, match="presets"):
+    with pytest.raises(KeyError, match=r"^texlivernet has no preset 'huge'; presets: ") as preset:
         preset_config("texlivernet", "huge")
+    assert isinstance(preset.value, TextSegError)
 
 
 def test_paper_widths_are_the_default_and_small_is_smaller():
