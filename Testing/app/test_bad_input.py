@@ -239,6 +239,8 @@ SEGMENT_CASES = {
     "config the network refuses": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "rolled")],
                                    "cannot build: width_first_roll is -1 or +1, got 2"),
     # options
+    "server address not a URL": (lambda w: ["segment", i(w, "slab.nrrd"), "--server", "http://[::1"],
+                                 "The server address 'http://[::1' is not a valid address (Invalid IPv6 URL)"),
     "threshold above 1": (lambda w: ["segment", i(w, "slab.nrrd"), "--threshold", "1.5"], "--threshold"),
     "threshold NaN": (lambda w: ["segment", i(w, "slab.nrrd"), "--threshold", "nan"], "--threshold"),
     # outputs
@@ -376,6 +378,11 @@ def test_import_ids_are_names_never_paths(model_id, world, check):
 
 def test_import_refuses_a_modified_checkpoint(world, check):
     check.refused(["import", m(world, "threshold"), "--id", "edited"], 1, "was modified")
+
+
+def test_demo_refuses_an_output_folder_that_is_a_file_before_it_segments(world, check):
+    check.refused(["demo", "-o", i(world, "garbage.nrrd"), "--device", "cpu", "-q"], 1,
+                  f"'{i(world, 'garbage.nrrd')}' is a file, not a folder")
 
 
 # ----------------------------------------------------------------------------------------------------- sign

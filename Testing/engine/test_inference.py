@@ -284,6 +284,13 @@ def test_models_are_cached_and_devices_checked(small_checkpoint, monkeypatch):
     with pytest.raises(RuntimeError, match="No CUDA GPU") as missing:
         resolve_device("cuda")
     assert isinstance(missing.value, TextSegError)
+    with pytest.raises(TextSegError, match="Unknown device 'gpu0': use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    # A computer with one GPU, as torch reports it (a stand-in: this one may have none).
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(TextSegError, match=r"There is no GPU cuda:3 here: this computer has 1 \(cuda:0 to cuda:0\)"):
+        resolve_device("cuda:3")
 
 
 def test_running_out_of_memory_says_what_to_do():

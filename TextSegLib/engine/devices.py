@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from TextSegLib.core.errors import TextSegError
+from TextSegLib.core.options import check_device
 
 __all__ = [
     "DeviceError",
@@ -55,12 +56,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when a GPU is usable, else CPU; ``"cuda"`` without a GPU is a readable error."""
+    """``"auto"`` -> CUDA when a GPU is usable, else CPU. A name that is no device
+    (:func:`~TextSegLib.core.options.check_device`), ``"cuda"`` without a GPU and ``"cuda:N"`` without GPU ``N`` are
+    readable errors."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    device = torch.device(check_device(device) if isinstance(device, str) else device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError("No CUDA GPU is available here; use the device 'cpu' or 'auto'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"There is no GPU {device} here: this computer has {torch.cuda.device_count()} (cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}); use one of them, 'cuda' or 'auto'.")
     return device
 
 
