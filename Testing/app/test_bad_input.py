@@ -2,7 +2,7 @@
 
 Every refused case asserts: the exit status, exactly one line on stderr that names the problem, no traceback,
 no output or temporary file left anywhere under the test's folders, and every input file byte-identical (SHA-256
-before and after). Most command lines run in this process through ``TextSegLib.cli.main`` (the same code as the
+before and after). Most command lines run in this process through ``TextSegLib.app.cli.main`` (the same code as the
 console script, fast); write failures, interrupts (SIGINT and SIGTERM while reading, segmenting and writing), the
 offline text encoder and a representative set of refusals run the console script in a real subprocess.
 """
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from TextSegLib.app.cli import main
 from TextSegLib.core.errors import TextSegError
 from TextSegLib.engine.catalogue import Catalogue
-from TextSegLib.engine.checkpoints import CheckpointError, load_checkpoint, metadata_digest
+from TextSegLib.engine.checkpoints import CheckpointError, load_checkpoint, metadata_digest, read_checkpoint_info
 from TextSegLib.engine.inference import InferenceEngine
 from TextSegLib.engine.loading import load_model
 from TextSegLib.io.segnrrd import TAG_PROMPT, SegmentSpec, decode_tag, encode_tag, read_seg_nrrd, write_seg_nrrd
@@ -118,6 +118,9 @@ def world(tmp_path_factory, data_dir, small_checkpoint):
     edit_header(good, models / "no-weights-digest.safetensors", sign=False, weights_sha256="")
     edit_header(good, models / "bad-orientation.safetensors", orientation="XYZ")
     edit_header(good, models / "version-1.safetensors", sign=False, format_version=1, digest="")
+    edit_header(good, models / "future.safetensors", sign=False, format_version=99)
+    edit_header(good, models / "rolled.safetensors", config={**read_checkpoint_info(good).config,
+                                                             "width_first_roll": 2})
     edit_header(good, models / "other-architecture.safetensors", architecture="unetr")
     edit_header(good, models / "hub-encoder.safetensors",
                      text_encoder={"source": "hf:textseg-tests/no-such-encoder", "max_tokens": 128})
@@ -126,6 +129,8 @@ def world(tmp_path_factory, data_dir, small_checkpoint):
 
     manifest = inputs / "unlabelled.csv"
     manifest.write_text(f"case,image,text\nslab,slab.nrrd,{PROMPT}\n")
+    (inputs / "latin-1.csv").write_bytes(f"case,image,text\nslab,slab.nrrd,{PROMPT} \xe9\n".encode("latin-1"))
+    (inputs / "lists.jsonl").write_text(f'["slab.nrrd", "{PROMPT}"]\n')
     label_seg = inputs / "slab_label.seg.nrrd"
     label = read_volume(inputs / "slab_label.nrrd")
     write_seg_nrrd(label_seg, [SegmentSpec(label.array != 0, "lesion", (1.0, 0.0, 0.0))], label)
@@ -228,10 +233,14 @@ SEGMENT_CASES = {
     "invalid orientation": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "bad-orientation")],
                             "orientation 'XYZ' is not a code"),
     "format version 1": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "version-1")],
-                         "python -m TextSegLib.checkpoints sign"),
+                         "sign it: textseg sign"),
     "unknown architecture": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "other-architecture")],
                              "needs the architecture 'unetr'"),
+    "config the network refuses": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "rolled")],
+                                   "cannot build: width_first_roll is -1 or +1, got 2"),
     # options
+    "server address not a URL": (lambda w: ["segment", i(w, "slab.nrrd"), "--server", "http://[::1"],
+                                 "The server address 'http://[::1' is not a valid address (Invalid IPv6 URL)"),
     "threshold above 1": (lambda w: ["segment", i(w, "slab.nrrd"), "--threshold", "1.5"], "--threshold"),
     "threshold NaN": (lambda w: ["segment", i(w, "slab.nrrd"), "--threshold", "nan"], "--threshold"),
     # outputs
@@ -333,6 +342,13 @@ EVALUATE_CASES = {
                                              "--json", i(w, "garbage.nrrd") / "t.json"], "is a file, not a folder"),
     "table exists": (lambda w, o: ["evaluate", i(w, "slab_label.seg.nrrd"), i(w, "slab_label.nrrd"), "--csv",
                                    i(w, "unlabelled.csv")], "give --overwrite"),
+    "manifest not UTF-8": (lambda w, o: ["evaluate", "--manifest", i(w, "latin-1.csv"), "-m", m(w, "good")],
+                           "is not UTF-8 text; save the manifest as UTF-8"),
+    "JSON line not an object": (lambda w, o: ["evaluate", "--manifest", i(w, "lists.jsonl"), "-m", m(w, "good")],
+                                "line 1: not a JSON object"),
+    "NaN validation fraction": (lambda w, o: ["evaluate", "--manifest", i(w, "unlabelled.csv"), "-m", m(w, "good"),
+                                              "--split", "val", "--val-fraction", "nan"],
+                                "fractions must be at least 0 and leave cases to train on"),
 }
 
 
@@ -362,6 +378,43 @@ def test_import_ids_are_names_never_paths(model_id, world, check):
 
 def test_import_refuses_a_modified_checkpoint(world, check):
     check.refused(["import", m(world, "threshold"), "--id", "edited"], 1, "was modified")
+
+
+def test_demo_refuses_an_output_folder_that_is_a_file_before_it_segments(world, check):
+    check.refused(["demo", "-o", i(world, "garbage.nrrd"), "--device", "cpu", "-q"], 1,
+                  f"'{i(world, 'garbage.nrrd')}' is a file, not a folder")
+
+
+# ----------------------------------------------------------------------------------------------------- sign
+
+
+SIGN_CASES = {
+    "missing checkpoint": (lambda w: ["sign", w / "inputs" / "models" / "nope.safetensors"], "Model file not found"),
+    "pickle": (lambda w: ["sign", i(w, "models/model.pt")], "PyTorch pickle"),
+    "weights not as recorded": (lambda w: ["sign", m(w, "tampered-weights")], "do not match the checksum"),
+    "newer format": (lambda w: ["sign", m(w, "future")], "version 99, which this TextSeg"),
+    "copy exists": (lambda w: ["sign", m(w, "version-1"), w / "victim" / "keep.safetensors"], "give --overwrite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIGN_CASES))
+def test_sign_refuses(case, world, check):
+    build, fragment = SIGN_CASES[case]
+    check.refused(build(world), 1, fragment)
+
+
+# ---------------------------------------------------------------------------------------------------- serve
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--port", "70000"], "--port 70000 is not a port number; give one from 1 to 65535 (0 picks a free one)."),
+    (["--max-request-mb", "nan"], "--max-request-mb nan is not a positive number of megabytes."),
+    (["--max-request-mb", "-1"], "--max-request-mb -1.0 is not a positive number of megabytes."),
+    (["--host", "192.0.2.1", "--token", "secret", "--port", "0"],  # TEST-NET-1: no computer has it
+     "Cannot listen on 192.0.2.1:0 (Cannot assign requested address); choose another --host."),
+])
+def test_serve_refuses(args, fragment, check):
+    assert check.refused(["serve", *args], 1, fragment) == f"textseg: error: {fragment}"
 
 
 # ------------------------------------------------------------------------------------------ real subprocesses
@@ -398,6 +451,35 @@ def test_a_write_that_fails_half_way_leaves_nothing(world, check):
                                     check.out / "brain.seg.nrrd"], world), 1, "Cannot write", in_process=False,
                          preexec=limit_file_size)
     assert "probability.nrrd" in line and line.endswith("nothing was written.")
+
+
+OUT_OF_MEMORY = """
+import resource, sys
+from TextSegLib.app.cli import main
+from TextSegLib.engine.loading import load_model
+import tqdm  # imported by `segment` at its start: loaded before the limit like torch and the model
+
+load_model(sys.argv[1], "cpu")
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + (600 << 20), resource.RLIM_INFINITY))
+sys.exit(main(["segment", *sys.argv[2:], "-m", sys.argv[1]]))
+"""
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_to_do(world, check, data_dir):
+    """A real run out of memory: the whole lung2 CT in batches of 64 slices with 600 MB of address space left once
+    torch and the model are loaded (batches of one slice fit). One line saying what to do, nothing written."""
+    before = check.snapshot()
+    done = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(m(world, "good")),
+                           str(data_dir / "lung2_image.nrrd"), "-p", PROMPT, "-o", str(check.out), "--device", "cpu",
+                           "--batch-size", "64", "-q"],
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        "textseg: error: The computer ran out of memory while segmenting; close other programs, give a smaller batch "
+        "size, or segment on a GPU; nothing was written."]
+    assert check.snapshot() == before
 
 
 def _start(world: Path, out: Path, stage: str | None, extra=()) -> subprocess.Popen:

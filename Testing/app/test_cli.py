@@ -290,3 +290,70 @@ def test_evaluate_a_manifest_with_a_model(tmp_path, capsys, data_dir, annotation
     assert (tmp_path / "t.csv").read_text().count("\n") == 4  # header, two cases, mean
     code, _, stderr = run(["evaluate", "--manifest", manifest], capsys)
     assert code == 1 and "--manifest needs --model" in stderr
+
+
+def test_sign_upgrades_an_old_checkpoint(tmp_path, capsys, small_checkpoint):
+    """``textseg sign``: a format-1 checkpoint (weights digest only) is refused until signed; signing a copy leaves
+    the original as it was and keeps an existing copy without --overwrite; signing in place replaces the file."""
+    from TextSegLib.engine.checkpoints import file_sha256, read_checkpoint_info
+
+    old = tmp_path / "old.safetensors"
+    rewrite_metadata(small_checkpoint, old, sign=False, format_version=1, digest=None)
+    original = old.read_bytes()
+    code, _, stderr = run(["import", old, "--id", "old"], capsys)
+    assert code == 1 and stderr.strip().endswith(f"if you trust the file, sign it: textseg sign {str(old)!r}")
+    signed = tmp_path / "signed.safetensors"
+    code, stdout, stderr = run(["sign", old, signed], capsys)
+    assert code == 0, stderr
+    assert stdout.splitlines() == [f"Signed {signed} (SHA-256 {file_sha256(signed)})"]
+    assert old.read_bytes() == original
+    assert read_checkpoint_info(signed).digest == read_checkpoint_info(small_checkpoint).digest
+    code, _, stderr = run(["sign", old, signed], capsys)
+    assert code == 1 and "exists; give --overwrite" in stderr
+    code, stdout, _ = run(["sign", old], capsys)
+    assert code == 0 and stdout.splitlines() == [f"Signed {old} (SHA-256 {file_sha256(old)})"]
+    code, stdout, stderr = run(["import", old, "--id", "old"], capsys)
+    assert code == 0 and stdout.startswith("Imported old (TexLiverNet"), stderr
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (KeyError("spacing"), "textseg: error: unexpected KeyError: 'spacing' (a fault in TextSeg or a library; run "
+                          "again with --debug for the traceback and report it)"),
+    (RuntimeError(), "textseg: error: unexpected RuntimeError (a fault in TextSeg or a library; run again with "
+                     "--debug for the traceback and report it)"),
+    (ZeroDivisionError("float division by zero\n  in a library's own words"),
+     "textseg: error: unexpected ZeroDivisionError: float division by zero (a fault in TextSeg or a library; run "
+     "again with --debug for the traceback and report it)"),
+    (OSError(5, "Input/output error"), "textseg: error: unexpected OSError: [Errno 5] Input/output error (a fault "
+                                       "in TextSeg or a library; run again with --debug for the traceback and "
+                                       "report it)"),
+])
+def test_a_fault_is_one_line_that_names_it_and_debug_shows_its_traceback(error, line, capsys, monkeypatch):
+    """What is not a TextSegError is a fault in TextSeg or a library under it, whatever its type (an OSError too):
+    one line names it and asks for a report; --debug lets the exception through. The fault is a stand-in (the
+    catalogue raises as a bug would): every real one found is a TextSegError now."""
+    from TextSegLib.engine.catalogue import Catalogue
+
+    def fail(self):
+        raise error
+
+    monkeypatch.setattr(Catalogue, "entries", fail)
+    code, stdout, stderr = run(["models"], capsys)
+    assert (code, stdout, stderr.splitlines()) == (1, "", [line])
+    with pytest.raises(type(error)):
+        main(["--debug", "models"])
+
+
+def test_the_user_s_error_is_its_first_line_only(capsys, monkeypatch):
+    from TextSegLib.engine.catalogue import Catalogue
+    from TextSegLib.engine.checkpoints import CheckpointError
+
+    def refuse(self):
+        raise CheckpointError("The checkpoint 'x' is damaged; copy it again.\nA second line for the log.")
+
+    monkeypatch.setattr(Catalogue, "entries", refuse)
+    code, _, stderr = run(["models"], capsys)
+    assert (code, stderr) == (1, "textseg: error: The checkpoint 'x' is damaged; copy it again.\n")
+    with pytest.raises(CheckpointError):
+        main(["--debug", "models"])
+

@@ -453,6 +453,27 @@ def test_uploads_that_are_not_zipped_dicom_series_are_refused_in_one_line():
         archive.writestr("notes/readme.txt", "not an image")
     with pytest.raises(VolumeError, match=r"^No DICOM series found in the folder 'notes\.zip'"):
         read_upload("notes.zip", text.getvalue())
+    # Zip files Python cannot unpack, marked so in both of a member's headers as a zip tool marks them.
+    with pytest.raises(VolumeError, match=r"^'locked\.zip' is encrypted; zip the DICOM folder without a password\.$"):
+        read_upload("locked.zip", _zip_with(encrypted=True))
+    with pytest.raises(VolumeError, match=r"^'odd\.zip' is not a readable zip file \(That compression method is not "
+                                          r"supported\)"):
+        read_upload("odd.zip", _zip_with(method=99))
+
+
+def _zip_with(encrypted: bool = False, method: int | None = None) -> bytes:
+    """A zip of one DICOM-named file whose local and central headers say it is encrypted or use ``method``."""
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("series/slice.dcm", b"DICM" * 100)
+    data = bytearray(packed.getvalue())
+    for signature, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the method follows the flags
+        at = data.find(signature) + flags
+        if encrypted:
+            data[at] |= 1
+        if method is not None:
+            data[at + 2:at + 4] = method.to_bytes(2, "little")
+    return bytes(data)
 
 
 def test_a_volume_shown_in_the_scene_is_the_volume_read():

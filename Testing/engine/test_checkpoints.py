@@ -181,6 +181,12 @@ def test_architecture_errors(tmp_path, small_checkpoint):
     rewrite_metadata(small_checkpoint, bad_config, config={"wings": 2})
     with pytest.raises(CheckpointError, match="config this TextSeg cannot build"):
         load_checkpoint(bad_config)
+    # A known key with a value the network refuses while it is built (signed, as a deliberate edit would be).
+    rolled = tmp_path / "rolled.safetensors"
+    rewrite_metadata(small_checkpoint, rolled, config={**read_checkpoint_info(small_checkpoint).config,
+                                                       "width_first_roll": 2})
+    with pytest.raises(CheckpointError, match=r"cannot build: width_first_roll is -1 or \+1, got 2"):
+        load_checkpoint(rolled)
     future = tmp_path / "future.safetensors"
     rewrite_metadata(small_checkpoint, future, format_version=99)
     with pytest.raises(CheckpointError, match="update TextSeg"):
@@ -249,7 +255,7 @@ def test_settings_are_covered_by_the_digest_and_old_files_can_be_signed(tmp_path
         read_checkpoint_info(edited)
     old = tmp_path / "old.safetensors"
     rewrite_metadata(small_checkpoint, old, sign=False, format_version=1, digest=None)
-    with pytest.raises(CheckpointError, match=r"python -m TextSegLib\.checkpoints sign"):
+    with pytest.raises(CheckpointError, match="if you trust the file, sign it: textseg sign"):
         load_checkpoint(old)
     first, second = sign_checkpoint(old, tmp_path / "a.safetensors"), sign_checkpoint(old, tmp_path / "b.safetensors")
     assert first.sha256 == second.sha256
@@ -260,6 +266,26 @@ def test_settings_are_covered_by_the_digest_and_old_files_can_be_signed(tmp_path
     rewrite_metadata(small_checkpoint, broken, sign=False, format_version=1, weights_sha256="0" * 64)
     with pytest.raises(CheckpointError, match="do not match"):
         sign_checkpoint(broken)
+
+
+def test_signing_refuses_what_it_cannot_vouch_for(tmp_path, small_checkpoint):
+    """A format newer than this TextSeg (signing would make it an older one), settings holding NaN (no digest can
+    be computed), a missing file and a pickle: one-line CheckpointErrors, and no file is written."""
+    future = tmp_path / "future.safetensors"
+    rewrite_metadata(small_checkpoint, future, sign=False, format_version=99)
+    nan = tmp_path / "nan.safetensors"
+    rewrite_metadata(small_checkpoint, nan, sign=False, format_version=1,
+                     config={**read_checkpoint_info(small_checkpoint).config, "width_first_roll": float("nan")})
+    pickle = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    for path, message in ((future, r"format version 99, which this TextSeg \(.*\) cannot read; update TextSeg"),
+                          (nan, "cannot be signed: its settings hold a value that is not a finite number"),
+                          (tmp_path / "nope.safetensors", "Model file not found"),
+                          (pickle, "is a PyTorch pickle")):
+        with pytest.raises(CheckpointError, match=message):
+            sign_checkpoint(path, tmp_path / "signed.safetensors")
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
 def test_the_shipped_checkpoint_is_signed():

@@ -8,9 +8,10 @@ import SimpleITK as sitk
 import slicerio
 import torch
 
+from TextSegLib.core.errors import TextSegError
 from TextSegLib.core.results import MIN_FOUND_ML
 from TextSegLib.engine.acceleration import BatchTuner
-from TextSegLib.engine.devices import resolve_device
+from TextSegLib.engine.devices import memory_error, resolve_device
 from TextSegLib.engine.inference import CancelToken, InferenceEngine
 from TextSegLib.engine.loading import load_model
 from TextSegLib.evaluation.demo import DEMO_MODEL
@@ -280,8 +281,34 @@ def test_models_are_cached_and_devices_checked(small_checkpoint, monkeypatch):
     assert load_model(small_checkpoint, "cpu") is load_model(str(small_checkpoint), "cpu")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert resolve_device("auto").type == "cpu"
-    with pytest.raises(RuntimeError, match="No CUDA GPU"):
+    with pytest.raises(RuntimeError, match="No CUDA GPU") as missing:
         resolve_device("cuda")
+    assert isinstance(missing.value, TextSegError)
+    with pytest.raises(TextSegError, match="Unknown device 'gpu0': use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    # A computer with one GPU, as torch reports it (a stand-in: this one may have none).
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(TextSegError, match=r"There is no GPU cuda:3 here: this computer has 1 \(cuda:0 to cuda:0\)"):
+        resolve_device("cuda:3")
+
+
+def test_running_out_of_memory_says_what_to_do():
+    """The errors a device gives when it runs out of memory become a TextSeg error that says what to do; on CUDA it
+    is still a ``torch.OutOfMemoryError``, which the worker catches to retry on the CPU. Other errors stay faults.
+    (A real CPU run out of memory is in Testing/app/test_bad_input.py.)"""
+    cuda = memory_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                        torch.device("cuda:0"))
+    assert isinstance(cuda, TextSegError) and isinstance(cuda, torch.OutOfMemoryError)
+    assert str(cuda) == ("The GPU (cuda:0) ran out of memory while segmenting; close other programs that use it, or "
+                         "segment on the CPU.")
+    for error in (MemoryError("Unable to allocate 9.09 TiB"),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                               "tried to allocate 10000000000000 bytes.")):
+        cpu = memory_error(error, torch.device("cpu"))
+        assert isinstance(cpu, TextSegError) and isinstance(cpu, MemoryError)
+        assert "smaller batch size" in str(cpu)
+    assert memory_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), torch.device("cpu")) is None
 
 
 def test_engine_rejects_bad_settings(model):

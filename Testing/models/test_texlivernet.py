@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from TextSegLib.core.errors import TextSegError
 from TextSegLib.models.registry import architectures, config_from_dict, create_model, get_spec, preset_config
 from TextSegLib.models.texlivernet import TexLiverNet, TexLiverNetConfig
 from TextSegLib.text.features import TextFeatures
@@ -20,12 +21,15 @@ def random_text(batch: int, length: int = 9, dim: int = 384, seed: int = 0) -> T
 
 def test_registry_knows_texlivernet_and_explains_unknown_names():
     assert "texlivernet" in architectures()
-    with pytest.raises(KeyError, match="texlivernet"):
+    with pytest.raises(KeyError, match=r"^unknown architecture 'no-such-net'; this TextSeg knows: ") as unknown:
         get_spec("no-such-net")
+    assert "texlivernet" in str(unknown.value)
+    assert isinstance(unknown.value, TextSegError)  # a user's misspelt name, said in one unquoted line
     with pytest.raises(ValueError, match="unknown texlivernet config keys: bogus"):
         config_from_dict("texlivernet", {"bogus": 1})
-    with pytest.raises(KeyError, match="presets"):
+    with pytest.raises(KeyError, match=r"^texlivernet has no preset 'huge'; presets: ") as preset:
         preset_config("texlivernet", "huge")
+    assert isinstance(preset.value, TextSegError)
 
 
 def test_paper_widths_are_the_default_and_small_is_smaller():
@@ -209,7 +213,7 @@ def test_checkpoints_from_before_the_roll_fix_keep_their_function(tmp_path):
     del header["config"]["width_first_roll"]
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata={"textseg": json.dumps(header)})
-    sign_checkpoint(old)  # as an older file is upgraded to the current format (python -m TextSegLib.checkpoints sign)
+    sign_checkpoint(old)  # as an older file is upgraded to the current format (textseg sign)
     loaded = load_checkpoint(old)[0]
     assert loaded.config.width_first_roll == 1
     assert loaded.bottleneck.mlp.long_range.width_first.signs == (1, 1)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -341,10 +342,11 @@ def fake_slicer(tmp_path_factory) -> Path:
 
 
 def run_batch(fake_slicer: Path, *arguments) -> subprocess.CompletedProcess:
+    """The script with the fake Slicer first on the path, then this checkout's TextSegLib."""
     script = MODULE / "Scripts" / "TextSegBatch.py"
     return subprocess.run([sys.executable, str(script), *map(str, arguments)], capture_output=True,
                           encoding="utf-8", errors="replace", timeout=300,
-                          env={"PYTHONPATH": str(fake_slicer), "PATH": "/usr/bin:/bin",
+                          env={"PYTHONPATH": os.pathsep.join([str(fake_slicer), str(REPO)]), "PATH": "/usr/bin:/bin",
                                "TEXTSEG_MODELS_DIR": str(fake_slicer / "models")})
 
 
@@ -362,3 +364,18 @@ def test_the_headless_script_runs_textseg_segment(fake_slicer, tmp_path, data_di
 
     malformed = run_batch(fake_slicer, "--", slab)
     assert malformed.returncode == 2 and "required" in malformed.stderr
+
+
+def test_the_headless_script_says_the_dependency_check_s_refusal_in_one_line(tmp_path):
+    """The module's dependency check refuses with a RuntimeError (here: a Slicer too old); the script says its first
+    line and exits with 1, before anything is read."""
+    old_slicer = tmp_path / "old-slicer"
+    for name, text in FAKE_SLICER.items():
+        (old_slicer / name).parent.mkdir(parents=True, exist_ok=True)
+        (old_slicer / name).write_text(text)
+    (old_slicer / "TextSeg.py").write_text(
+        "class TextSegLogic:\n"
+        "    def ensureDependencies(self, askConfirmation=True):\n"
+        "        raise RuntimeError('TextSeg needs 3D Slicer 5.10 or later.\\nDetails for the log.')\n")
+    done = run_batch(old_slicer, "--", tmp_path / "never-read.nrrd", "-p", "liver", "-m", "m")
+    assert (done.returncode, done.stderr) == (1, "TextSegBatch: error: TextSeg needs 3D Slicer 5.10 or later.\n")

@@ -98,14 +98,48 @@ def test_requests_and_results_survive_the_wire(slab, expected):
     assert result.presence == expected.presence and expected.max_probability == float(expected.probability.max())
 
 
+def frame(header: dict | bytes, payload: bytes = b"") -> bytes:
+    """A frame as a client would send it, with any header (bytes: sent as they are)."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return b"TSEG" + len(text).to_bytes(4, "little") + text + payload
+
+
+FIELDS = {"prompt": PROMPT, "models": ["m"]}
+VOXELS = {"shape": [1, 1, 2], "dtype": "uint8", "spacing": [1, 1, 1], "origin": [0, 0, 0],
+          "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
+
+
 @pytest.mark.parametrize(("body", "message"), [
     (b"not a frame", "not a TextSeg frame"),
     (b"TSEG\xff\x00\x00\x00{}", "cut short"),
     (b"TSEG\x02\x00\x00\x00{}", "Protocol version None"),
+    # Each of these raised ValueError, TypeError, OverflowError or RecursionError: a fault, answered with 500.
+    (frame(b'{"protocol": 1, "x": ' + b"1" * 5000 + b"}"), "not JSON TextSeg can read"),
+    (frame(b"[" * 100_000 + b"]" * 100_000), "not JSON TextSeg can read"),
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "dtype": "(-1,)f4"}}, b"\0\0"),
+     "is not a NumPy type"),
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "spacing": [10**400, 1, 1]}}, b"\0\0"),
+     "volume.spacing must be a list of 3 finite numbers"),
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [2**32, 2**32, 1]}}),
+     "The volume has 0 bytes of voxels"),
+    (frame({"protocol": 1, "request": {**FIELDS, "threshold": 10**400}, "volume": VOXELS}, b"\0\0"),
+     "threshold must lie between 0 and 1"),
 ])
 def test_malformed_frames_are_named(body, message):
     with pytest.raises(ProtocolError, match=message):
         decode_request(body)
+
+
+def test_a_damaged_result_is_a_protocol_error(expected):
+    body = encode_result(expected)
+    length = int.from_bytes(body[4:8], "little")
+    header = json.loads(body[8:8 + length])
+    for damage in ({"shape": "abc"}, {"prompt": None, "threshold": "high"}):
+        with pytest.raises(ProtocolError, match="The result's"):
+            decode_result(frame({**header, **damage}, body[8 + length:]))
+    del header["models"]
+    with pytest.raises(ProtocolError, match=r"header is damaged \(KeyError: 'models'\)"):
+        decode_result(frame(header, body[8 + length:]))
 
 
 def test_the_worker_segments_as_the_engine_does_and_reports_progress(worker, slab, expected, small_checkpoint):
@@ -227,16 +261,51 @@ def test_listening_beyond_this_computer_needs_a_token():
         "(clients pass the same token)."]
 
 
+def finished(manager, job_id: str) -> dict:
+    deadline = time.monotonic() + 60
+    while manager.status(manager.get(job_id))["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, "the job never finished"
+        time.sleep(0.05)
+    return manager.status(manager.get(job_id))
+
+
+@pytest.mark.parametrize(("error", "named"), [(RuntimeError(), "RuntimeError"),
+                                               (KeyError("spacing"), "KeyError: 'spacing'")])
+def test_a_fault_in_a_job_fails_it_with_one_line_and_logs_its_traceback(error, named, slab, small_checkpoint,
+                                                                        monkeypatch):
+    """A fault (not a TextSegError) fails its job, not as refused input, with one line naming it for the client
+    and its traceback in the worker's log; also when it has no message (the first line of an empty message was
+    once taken with ``[0]``, which raised IndexError in the job thread and left the job "running" for ever). The
+    fault is a stand-in: the engine's ``segment`` raises as a bug in it would."""
+    import logging
+
+    from TextSegLib.engine.inference import InferenceEngine
+    from TextSegLib.service.server import JobManager
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(InferenceEngine, "segment", fail)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("textseg").addHandler(handler)
+    try:
+        manager = JobManager()
+        status = finished(manager, manager.submit(slab, request(small_checkpoint)))
+    finally:
+        logging.getLogger("textseg").removeHandler(handler)
+    assert status == {"state": "failed", "done": 0, "total": 0, "input_error": False,
+                      "error": f"Unexpected error in the worker: {named} (see the worker's log)."}
+    (logged,) = [record for record in records if record.getMessage() == "Job failed unexpectedly"]
+    assert logged.exc_info[1] is error
+
+
 def test_a_server_refuses_file_paths_from_other_computers(slab, small_checkpoint):
     from TextSegLib.service.server import JobManager
 
     manager = JobManager(allow_paths=False)
-    job_id = manager.submit(slab, request(small_checkpoint))
-    deadline = time.monotonic() + 60
-    while manager.status(manager.get(job_id))["state"] in ("queued", "running"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    status = manager.status(manager.get(job_id))
+    status = finished(manager, manager.submit(slab, request(small_checkpoint)))
     assert status["state"] == "failed" and status["input_error"]
     assert status["error"].startswith(f"No model named {str(small_checkpoint)!r} on this server")
 

@@ -5,7 +5,7 @@
 
 Everything after ``--`` is what ``textseg segment`` takes (inputs, ``-p/--prompt``, ``-m/--model``, ``-o/--output``,
 ``--name``, ``--probability``, ``--device``, ``--batch-size``, ``--threshold``, ``--modality``, ``-q``); the
-command line is handed to ``TextSegLib.cli`` unchanged, so the two never differ. Models are looked up in the same
+command line is handed to ``TextSegLib.app.cli`` unchanged, so the two never differ. Models are looked up in the same
 catalogue (``$TEXTSEG_MODELS_DIR`` chooses the folder of imported models). Missing Python packages are installed
 first without asking (batch mode; torch through the PyTorch extension). Slicer exits with the command's exit code:
 0 on success, 1 for bad input (one line on stderr, nothing written), 2 for a malformed command line.
@@ -22,24 +22,32 @@ import slicer
 
 
 def segmentFiles(arguments: list[str]) -> int:
-    """Install missing dependencies, then run ``textseg segment`` with ``arguments``; return the exit code."""
-    from TextSeg import TextSegLogic
+    """Install missing dependencies, then run ``textseg segment`` with ``arguments``; return the exit code.
 
-    TextSegLogic().ensureDependencies(askConfirmation=False)
+    ``textseg segment`` says the user's errors itself (a :class:`~TextSegLib.core.errors.TextSegError`: one line,
+    exit code 1); the dependency check says its refusals as the module raises them, as ``RuntimeError``.
+    """
+    from TextSeg import TextSegLogic  # also puts TextSegLib on the path in a source checkout
+
+    try:
+        TextSegLogic().ensureDependencies(askConfirmation=False)
+    except RuntimeError as error:  # an unsupported Slicer, packages that could not be installed
+        from TextSegLib.core.messages import first_line
+
+        print(f"TextSegBatch: error: {first_line(error)}", file=sys.stderr)
+        return 1
     from TextSegLib.app.cli import main
 
     return main(["segment", *arguments])
 
 
 def exitCode(arguments: list[str]) -> int:
-    """Exit code of the run; argparse's own exits (``--help``, a malformed command line) are passed on."""
+    """Exit code of the run; argparse's own exits (``--help``, a malformed command line) are passed on, and a fault
+    is logged with its traceback."""
     try:
         return segmentFiles(arguments)
     except SystemExit as request:
         return request.code if isinstance(request.code, int) else (0 if request.code is None else 1)
-    except RuntimeError as error:  # an unsupported Slicer, dependencies that could not be installed
-        print(f"TextSegBatch: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
     except Exception:
         logging.exception("TextSeg batch segmentation failed")
         return 1

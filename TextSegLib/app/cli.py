@@ -1,9 +1,10 @@
-"""The ``textseg`` command: list models, segment volumes from text prompts, evaluate segmentations.
+"""The ``textseg`` command: list models, segment volumes from text prompts, evaluate segmentations, sign checkpoints.
 
 Errors caused by the input (a missing file, an empty prompt, a damaged checkpoint, an output that cannot be
-written, ...) are reported in one line on stderr and the exit code is 1 (2 for a command line argparse cannot
-parse); ``--debug`` shows the full traceback instead. Ctrl-C (SIGINT) and SIGTERM end a run with one line and the
-exit codes 130 and 143.
+written, ...) raise a :class:`~TextSegLib.core.errors.TextSegError`, reported in one line on stderr with the exit
+code 1 (2 for a command line argparse cannot parse). Any other exception is a fault in TextSeg or a library under
+it: one line names it as unexpected and asks for a report, also with the exit code 1. ``--debug`` shows the full
+traceback of either instead. Ctrl-C (SIGINT) and SIGTERM end a run with one line and the exit codes 130 and 143.
 
 ``segment`` and ``evaluate`` write all their outputs or none: everything is checked first (inputs, prompts,
 options, that no output is an input, that no output exists unless ``--overwrite`` is given, that each output's
@@ -33,7 +34,7 @@ from pathlib import Path
 from TextSegLib import __version__
 from TextSegLib.core.errors import TextSegError
 from TextSegLib.core.files import OutputTransaction, check_writable
-from TextSegLib.core.messages import first_line
+from TextSegLib.core.messages import describe_fault, first_line
 from TextSegLib.io.volumes import case_name
 from TextSegLib.service.protocol import DEFAULT_MAX_REQUEST_MB
 
@@ -290,17 +291,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ sign
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from TextSegLib.engine.checkpoints import sign_checkpoint
+
+    if args.signed_copy:
+        _check_outputs([Path(args.signed_copy)], [Path(args.checkpoint)], args.overwrite)
+    signed = sign_checkpoint(args.checkpoint, args.signed_copy)
+    print(f"Signed {signed.path} (SHA-256 {signed.sha256})")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- serve
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from TextSegLib.service.server import serve
 
-    try:
-        serve(args.host, args.port, args.token, args.max_request_mb, args.models_dir, args.ready_line,
-              args.exit_with_stdin)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    serve(args.host, args.port, args.token, args.max_request_mb, args.models_dir, args.ready_line,
+          args.exit_with_stdin)
     return 0
 
 
@@ -498,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("checkpoint", help="a TextSeg .safetensors checkpoint")
     importer.add_argument("--id", help="catalogue id (default: the file name)")
     importer.set_defaults(func=cmd_import)
+
+    sign = sub.add_parser("sign", help="record the digest of a checkpoint's settings: for a checkpoint saved before "
+                          "TextSeg recorded it, or after a deliberate edit (only for files you trust)")
+    sign.add_argument("checkpoint", metavar="CHECKPOINT", help="a TextSeg .safetensors checkpoint (replaced by the "
+                      "signed one)")
+    sign.add_argument("signed_copy", metavar="SIGNED_COPY", nargs="?", help="write the signed checkpoint here "
+                      "instead")
+    sign.add_argument("--overwrite", action="store_true", help="replace SIGNED_COPY if it exists (default: refuse "
+                      "to start)")
+    sign.set_defaults(func=cmd_sign)
     return parser
 
 
@@ -519,20 +540,28 @@ def _run(args: argparse.Namespace) -> int:
             raise
         sigint = isinstance(stop, KeyboardInterrupt)
         what = "interrupted (Ctrl-C)" if sigint else "terminated (SIGTERM)"
-        after = "; nothing was written" if args.command in ("segment", "evaluate", "import") else ""
+        after = "; nothing was written" if args.command in ("segment", "evaluate", "import", "sign") else ""
         print(f"textseg: {what}{after}.", file=sys.stderr)
         return 130 if sigint else 143
     except Exception as error:
         if args.debug:
             raise
-        if isinstance(error, TextSegError | RuntimeError | OSError | MemoryError):
-            message = first_line(error)
-        else:
-            message = f"unexpected {type(error).__name__}: {first_line(error)} (run with --debug for the details)"
-        if getattr(args, "outputs_started", False) and not message.endswith("nothing was written."):
-            message = f"{message.rstrip('.')}; nothing was written."
-        print(f"textseg: error: {message}", file=sys.stderr)
+        print(f"textseg: error: {_error_line(error, getattr(args, 'outputs_started', False))}", file=sys.stderr)
         return 1
+
+
+def _error_line(error: Exception, outputs_started: bool) -> str:
+    """What ``textseg: error:`` says: a :class:`TextSegError`'s first line (the user's problem, worded for the user);
+    anything else is a fault in TextSeg or a library under it, named as one. Once outputs were started it also says
+    that nothing was written (the transaction took everything back)."""
+    if isinstance(error, TextSegError):
+        message = first_line(error)
+        if outputs_started and not message.endswith("nothing was written."):
+            message = f"{message.rstrip('.')}; nothing was written."
+        return message
+    written = "; nothing was written" if outputs_started else ""
+    return (f"unexpected {describe_fault(error).rstrip('.')}{written} (a fault in TextSeg or a library; run again "
+            "with --debug for the traceback and report it)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,21 +1,12 @@
-"""Masks as segments: names, colours, terminology and tags, in ``.seg.nrrd`` files and Slicer segmentation nodes.
+"""Masks as segments in Slicer segmentation nodes, and volumes as Slicer volume nodes.
 
-Every segment TextSeg makes records where it came from in segment tags (the same keys in a ``.seg.nrrd`` file and
-in a Slicer segmentation node)::
+A segment gets the name, colour, terminology and TextSeg tags that a ``.seg.nrrd`` file gives it
+(:mod:`TextSegLib.io.segnrrd` describes the tags and their encoding, the same in files and in nodes).
 
-    TextSeg.Prompt            the prompt, as encoded
-    TextSeg.Model             the model id (ids joined by "+" for an ensemble)
-    TextSeg.CheckpointSHA256  SHA-256 of each checkpoint file (joined by ",")
-    TextSeg.Version           TextSeg's version
-
-Slicer stores tags as ``key:value|``; a ``|`` inside a value is written as ``%7C`` (and ``%`` as ``%25``) so a
-prompt survives the round trip. Slicer writes tag values as they are, so segments in nodes hold the encoded values
-too. Each segment also gets the standard terminology of what its prompt names (``terminology.py``).
-
-Slicer nodes (the second half of this file) are used through their MRML classes only, so the same functions run
-inside 3D Slicer and on the ``slicer-core`` package: a scalar volume node becomes a :class:`Volume` (voxels copied,
-IJK-to-RAS geometry converted to LPS), and a mask becomes a segment on the volume's own grid. ``slicer`` is imported
-lazily, never at module level. The rules for segments in a node:
+Slicer nodes are used through their MRML classes only, so the same functions run inside 3D Slicer and on the
+``slicer-core`` package: a scalar volume node becomes a :class:`Volume` (voxels copied, IJK-to-RAS geometry
+converted to LPS), and a mask becomes a segment on the volume's own grid. ``slicer`` is imported lazily, never at
+module level. The rules for segments in a node:
 
 - the segment's labelmap has the volume's geometry (through the volume's and the segmentation's parent transforms,
   which must be linear), and a segmentation without segments takes the volume's transform and reference geometry;
@@ -31,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from TextSegLib.core.errors import TextSegValueError
 from TextSegLib.io.segnrrd import TAG_PROMPT, SegmentSpec, decode_tag, encode_tag, segment_for_result
 from TextSegLib.io.volumes import Volume, VolumeError, check_volume
 
@@ -175,14 +167,15 @@ def put_segment(segmentation_node: vtkMRMLSegmentationNode, volume_node: vtkMRML
     """Add ``spec`` as a segment on ``volume_node``'s grid to ``segmentation_node``; return the segment ID.
 
     A segment carrying the same ``TextSeg.Prompt`` tag is replaced (same ID and position); every other segment
-    is left as it was. Raises ValueError when the mask does not fit the volume, when the segmentation is not made
-    of labelmaps (for example imported models) or when a non-linear transform lies between the two nodes.
+    is left as it was. Raises :class:`~TextSegLib.core.errors.TextSegValueError` (a ``ValueError``) when the mask
+    does not fit the volume, when the segmentation is not made of labelmaps (for example imported models) or when a
+    non-linear transform lies between the two nodes.
     """
     import slicer
     import vtk
 
     if spec.mask.shape != _voxel_shape(volume_node):
-        raise ValueError(
+        raise TextSegValueError(
             f"The mask of {spec.name!r} has shape {spec.mask.shape}, the volume {_node_name(volume_node)!r} "
             f"{_voxel_shape(volume_node)}; the segment must be made on that volume."
         )
@@ -194,7 +187,7 @@ def put_segment(segmentation_node: vtkMRMLSegmentationNode, volume_node: vtkMRML
         segmentation.SetSourceRepresentationName(labelmap_name)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     elif segmentation.GetSourceRepresentationName() != labelmap_name:
-        raise ValueError(
+        raise TextSegValueError(
             f"The segmentation {_node_name(segmentation_node)!r} is made of "
             f"{segmentation.GetSourceRepresentationName().lower()}s, not labelmaps; choose another segmentation "
             "or create a new one."
@@ -206,7 +199,7 @@ def put_segment(segmentation_node: vtkMRMLSegmentationNode, volume_node: vtkMRML
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
         volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(), volume_to_segmentation
     ):
-        raise ValueError(
+        raise TextSegValueError(
             f"A non-linear transform lies between the volume {_node_name(volume_node)!r} and the segmentation "
             f"{_node_name(segmentation_node)!r}; harden it or put both under the same transform."
         )

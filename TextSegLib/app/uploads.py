@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
+from TextSegLib.core.errors import OutputError
 from TextSegLib.core.messages import first_line
 from TextSegLib.io.volumes import Volume, VolumeError, read_volume
 
@@ -31,11 +33,16 @@ def _dicom_folder(root: Path) -> Path:
 def read_upload(name: str, content: bytes) -> Volume:
     """Read an uploaded file (its browser file name and bytes) as :func:`~TextSegLib.io.volumes.read_volume` reads
     files; a ``.zip`` holds a DICOM series. Raises :class:`~TextSegLib.io.volumes.VolumeError` with one line for the
-    user; the temporary copy is always removed."""
+    user, or :class:`~TextSegLib.core.errors.OutputError` when the server cannot store the upload; the temporary
+    copy is always removed."""
     base = Path(name).name or "upload"
     with tempfile.TemporaryDirectory(prefix="textseg-upload-") as folder:
         path = Path(folder) / base
-        path.write_bytes(content)
+        try:
+            path.write_bytes(content)
+        except OSError as error:
+            raise OutputError(f"The upload {base!r} cannot be stored on the server ({error.strerror or error}); "
+                              "free disk space there or upload a smaller file.") from None
         if base.lower().endswith(".zip"):
             unpacked = Path(folder) / "unpacked"
             try:
@@ -46,8 +53,17 @@ def read_upload(name: str, content: bytes) -> Volume:
                             raise VolumeError(f"The zip file {base!r} holds the path {member.filename!r} outside "
                                               "its folder; zip the DICOM folder itself.")
                     archive.extractall(unpacked)
-            except zipfile.BadZipFile as error:
-                raise VolumeError(f"{base!r} is not a readable zip file ({error}); upload {UPLOAD_KINDS}.") from None
+            except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as error:
+                # damaged, cut short, compressed in a way Python cannot unpack
+                raise VolumeError(f"{base!r} is not a readable zip file ({first_line(error)}); upload "
+                                  f"{UPLOAD_KINDS}.") from None
+            except RuntimeError as error:
+                if "encrypted" not in str(error):
+                    raise
+                raise VolumeError(f"{base!r} is encrypted; zip the DICOM folder without a password.") from None
+            except OSError as error:
+                raise OutputError(f"The zip file {base!r} cannot be unpacked on the server ({error.strerror or error});"
+                                  " free disk space there or upload a smaller file.") from None
             path = _dicom_folder(unpacked)
         try:
             volume = read_volume(path)

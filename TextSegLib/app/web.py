@@ -8,7 +8,7 @@ type a prompt, press **Segment**, and download the segments as ``.seg.nrrd``.
 Nothing here computes a segmentation or writes a segment: the volume is read with :func:`TextSegLib.io.volumes.
 read_volume` (what ``textseg segment`` reads), sent to a TextSeg worker (:mod:`TextSegLib.service.protocol`: a worker
 process on this computer, or a ``textseg serve`` server given with ``--server``), and its result is put into the
-scene with :func:`TextSegLib.app.mrml.store_result` and written with :func:`TextSegLib.segmentations.
+scene with :func:`TextSegLib.app.mrml.store_result` and written with :func:`TextSegLib.io.segnrrd.
 write_seg_nrrd`, as the Slicer module and the CLI do. The networks never run in this process: the page, its
 event loop and the rendering stay responsive while a volume is segmented, **Cancel** stops the worker's job before
 its next batch of slices, and a worker that crashes or runs out of memory does not take the page down.
@@ -21,6 +21,7 @@ The application serves one scene: every browser tab connected to it shows and ed
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import tempfile
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import numpy as np
 
 from TextSegLib.app.uploads import UPLOAD_KINDS, read_upload
 from TextSegLib.core.errors import TextSegError, TextSegValueError
-from TextSegLib.core.messages import first_line
+from TextSegLib.core.messages import describe_fault, first_line
 from TextSegLib.core.results import SegmentationResult
 from TextSegLib.io.volumes import Volume, VolumeError, case_name, read_volume
 
@@ -42,6 +43,8 @@ __all__ = [
     "TextSegWebApp",
     "serve_web",
 ]
+
+log = logging.getLogger("textseg")
 
 DEFAULT_PORT = 8780
 DEVICES = ("auto", "cpu", "cuda")
@@ -54,9 +57,6 @@ WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
     "CT bone (W 2000, L 400)": (2000.0, 400.0),
     "Brain (W 80, L 40)": (80.0, 40.0),
 }
-
-
-# --------------------------------------------------------------------------------------------------- uploads
 
 
 # ---------------------------------------------------------------------------------------------- application
@@ -134,6 +134,13 @@ class TextSegWebApp:
         self._build_ui()
 
     # ------------------------------------------------------------------------------------------------ state
+
+    def _say_fault(self, error: Exception, after: str = "") -> None:
+        """A fault in TextSeg or a library under it (not the user's problem): its traceback in the log, one line in
+        the page, and the page keeps working."""
+        log.error("Unexpected error in the web page", exc_info=error)
+        self._say(f"Unexpected {describe_fault(error)} (a fault in TextSeg; its traceback is in the log).{after}",
+                  "error")
 
     def _say(self, text: str, kind: str = "info") -> None:
         self.state.message = text
@@ -215,8 +222,11 @@ class TextSegWebApp:
         loop = asyncio.get_running_loop()
         try:
             volume = await loop.run_in_executor(None, read_upload, upload.name, upload.content or b"")
-        except VolumeError as error:
-            self._say(str(error), "error")
+        except TextSegError as error:
+            self._say(first_line(error), "error")
+            return
+        except Exception as error:
+            self._say_fault(error)
             return
         self._show_volume(volume, case_name(Path(upload.name)).removesuffix(".zip"))
 
@@ -250,7 +260,7 @@ class TextSegWebApp:
     # --------------------------------------------------------------------------------------------- segmenting
 
     def _request(self):
-        """The worker request from the panel; raises ValueError (one line for the user) on bad input."""
+        """The worker request from the panel; raises a :class:`TextSegError` (one line for the user) on bad input."""
         from TextSegLib.core.options import validate_prompt
         from TextSegLib.service.protocol import SegmentRequest
 
@@ -283,8 +293,11 @@ class TextSegWebApp:
             return
         try:
             request = self._request()
-        except (TextSegError, ValueError) as error:
+        except TextSegError as error:
             self._say(first_line(error), "error")
+            return
+        except Exception as error:
+            self._say_fault(error)
             return
         self.cancel_requested = False
         self.state.update({"running": True, "cancelling": False, "progress": 0,
@@ -330,13 +343,12 @@ class TextSegWebApp:
                               "error")
                 else:
                     self._store(result, name)
-        except (TextSegError, ValueError, OSError) as error:
+        except TextSegError as error:  # the worker's WorkerError included
             with self.state:
                 self._say(f"{first_line(error)} The segments are as they were.", "error")
-        except Exception as error:  # a bug: still one line in the page, and the page keeps working
+        except Exception as error:
             with self.state:
-                self._say(f"Unexpected {type(error).__name__}: {first_line(error)} The segments are as they were.",
-                          "error")
+                self._say_fault(error, " The segments are as they were.")
         finally:
             self.job = None
             with self.state:
@@ -437,8 +449,11 @@ class TextSegWebApp:
             path = Path(folder) / "segments.seg.nrrd"
             try:
                 write_seg_nrrd(path, specs, self.volume)
-            except (TextSegError, ValueError, OSError) as error:
+            except TextSegError as error:
                 self._say(f"The segments cannot be written: {first_line(error)}", "error")
+                return None
+            except Exception as error:
+                self._say_fault(error)
                 return None
             return self.server.protocol.addAttachment(path.read_bytes())
 

@@ -38,5 +38,5 @@ class OutputError(TextSegError, OSError):
     """An output that cannot be written (folder missing or read-only, disk full, an input in the way, ...)."""
 
 
-class PretrainedUnavailableError(RuntimeError):
+class PretrainedUnavailableError(TextSegError, RuntimeError):
     """Pretrained weights a network's builder needs (a frozen backbone, say) cannot be loaded."""

@@ -1,10 +1,12 @@
-"""Short messages: the first line of an exception, and a description of mismatched weight keys."""
+"""Short messages: the first line of an exception, a fault named in one line, and a description of mismatched
+weight keys."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 __all__ = [
+    "describe_fault",
     "first_line",
 ]
 
@@ -13,6 +15,14 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can run to pages)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def describe_fault(error: BaseException) -> str:
+    """``"KeyError: 'spacing'"``: an exception that is not a :class:`~TextSegLib.core.errors.TextSegError` (a fault
+    in TextSeg or a library under it) in one line, its type first; only the type when it has no message."""
+    text = str(error).strip()
+    name = type(error).__name__
+    return f"{name}: {text.splitlines()[0]}" if text else name
 
 
 def describe_key_problems(groups: Iterable[tuple[str, list[str]]], shown: int = 5) -> str:

@@ -5,7 +5,7 @@ document under the key ``"textseg"``::
 
     {
       "format": "textseg-checkpoint", "format_version": 1,
-      "architecture": "texlivernet",            # registry name (TextSegLib.models)
+      "architecture": "texlivernet",            # registry name (TextSegLib.models.registry)
       "config": {...},                          # the architecture's config dataclass as a dict
       "text_encoder": {"source": "minilm", "max_tokens": 128},
       "preprocessing": {"size": [256, 256], "intensity": {"CT": {"kind": "window", "low": -200, "high": 200}}},
@@ -29,8 +29,7 @@ damage, not an attacker (anyone can compute them); files are still only ever rea
 the whole file identifies a checkpoint in segment tags and logs.
 
 Format version 1 had only the weights digest; such files are refused until :func:`sign_checkpoint` records the
-digest of their settings (``python -m TextSegLib.checkpoints sign FILE``; this is how the shipped demo checkpoint
-was upgraded).
+digest of their settings (``textseg sign FILE``; this is how the shipped demo checkpoint was upgraded).
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,8 +259,11 @@ def _what_else(path: Path) -> str | None:
     if path.is_dir():
         return (f"{str(path)!r} is a folder, not a checkpoint; give the .safetensors file in it, or a catalogue id "
                 "(`textseg models` lists them).")
-    with open(path, "rb") as handle:
-        head = handle.read(512)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as error:
+        return f"{str(path)!r} cannot be read ({error.strerror or error}); check the file and its permissions."
     if len(head) < 10 or (head[8:10] in (b'{"', b"{}")):
         return None
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
@@ -315,7 +316,7 @@ def read_checkpoint_info(path: str | os.PathLike[str], with_sha256: bool = True)
     if version < FORMAT_VERSION:
         raise CheckpointError(
             f"{_where(path)} was saved before TextSeg recorded a digest of its settings, so edits to them cannot be "
-            f"detected; if you trust the file, sign it: python -m TextSegLib.checkpoints sign {str(path)!r}"
+            f"detected; if you trust the file, sign it: textseg sign {str(path)!r}"
         )
     try:
         expected = metadata_digest(data)
@@ -385,6 +386,8 @@ def load_checkpoint(
                 model = create_model(info.architecture, config)
     except PretrainedUnavailableError as error:
         raise CheckpointError(f"{_where(info.path)} needs pretrained weights that cannot be loaded: {error}") from error
+    except (TypeError, ValueError) as error:  # the networks check their configs as they are built
+        raise CheckpointError(f"{_where(info.path)} has a config this TextSeg cannot build: {error}") from error
     _load_state(model, state, info)
     return model.to(device).eval(), info
 
@@ -410,19 +413,29 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], info: Checkpoi
 def sign_checkpoint(path: str | os.PathLike[str], target: str | os.PathLike[str] | None = None) -> CheckpointInfo:
     """Record the digests of a checkpoint's current weights and settings (format version 2) in ``target`` (default:
     the file itself, replaced atomically). For checkpoints saved before version 2, and after a deliberate edit of
-    a checkpoint's settings. Refuses files whose weights do not match the weights digest they record."""
+    a checkpoint's settings (``textseg sign``). Refuses files whose weights do not match the weights digest they
+    record, and files of a format version this TextSeg does not know."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"Model file not found: {str(path)!r}.")
+    problem = _what_else(path)
+    if problem:
+        raise CheckpointError(problem)
     try:
         with safe_open(str(path), framework="pt") as handle:
             data = json.loads((handle.metadata() or {})[METADATA_KEY])
         state = load_file(str(path))
     except Exception as error:  # safetensors, JSON and key errors: not a readable TextSeg checkpoint
         raise CheckpointError(f"{_where(path)} is not a readable TextSeg checkpoint ({error}).") from error
-    if data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{_where(path)} is not a TextSeg checkpoint.")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{_where(path)} uses checkpoint format version {version!r}, which this TextSeg "
+                              f"({__version__}) cannot read; update TextSeg.")
     digest = weights_digest(state)
     if data.get("weights_sha256") and data["weights_sha256"] != digest:
         raise CheckpointError(f"{_where(path)}: its weights do not match the checksum recorded in it; not signed.")
@@ -431,14 +444,11 @@ def sign_checkpoint(path: str | os.PathLike[str], target: str | os.PathLike[str]
     problem = _settings_problem(info)
     if problem:
         raise CheckpointError(f"{_where(path)} cannot be signed: {problem}.")
+    try:
+        metadata = {METADATA_KEY: json.dumps(info.to_metadata())}
+    except ValueError as error:  # NaN or infinity in the config: no digest can be computed
+        raise CheckpointError(f"{_where(path)} cannot be signed: its settings hold a value that is not a finite "
+                              "number.") from error
     target = Path(target) if target is not None else path
-    metadata = {METADATA_KEY: json.dumps(info.to_metadata())}
     atomic_write(target, lambda temporary: save_file(state, temporary, metadata=metadata))
     return read_checkpoint_info(target)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4) or sys.argv[1] != "sign":
-        sys.exit("usage: python -m TextSegLib.checkpoints sign CHECKPOINT [SIGNED_COPY]")
-    signed = sign_checkpoint(*sys.argv[2:])
-    print(f"Signed {signed.path} (SHA-256 {signed.sha256})")

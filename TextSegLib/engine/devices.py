@@ -1,5 +1,6 @@
 """Where a run computes: the device a user asked for, checked against what this computer has (a GPU with too
-little free memory means the CPU, with a note for the user)."""
+little free memory means the CPU, with a note for the user), and the errors for a device that is missing or out of
+memory."""
 
 from __future__ import annotations
 
@@ -9,13 +10,41 @@ from pathlib import Path
 
 import torch
 
+from TextSegLib.core.errors import TextSegError
+from TextSegLib.core.options import check_device
+
 __all__ = [
+    "DeviceError",
+    "DeviceMemoryError",
     "choose_device",
     "cpu_has_native_bf16",
+    "memory_error",
     "resolve_device",
 ]
 
 log = logging.getLogger("textseg")
+
+
+class DeviceError(TextSegError, RuntimeError):
+    """A device that this computer does not have."""
+
+
+class DeviceMemoryError(TextSegError, torch.OutOfMemoryError, MemoryError):
+    """A run that did not fit in the memory of its device. A ``torch.OutOfMemoryError`` too, so that a caller that
+    retries on the CPU after the GPU ran out (the worker service) still sees it as one."""
+
+
+def memory_error(error: BaseException, device: torch.device) -> DeviceMemoryError | None:
+    """The :class:`DeviceMemoryError` for ``error`` when it says that ``device`` ran out of memory while segmenting
+    (torch's CUDA out-of-memory error, NumPy's ``MemoryError``, the CPU allocator's ``RuntimeError``); else None."""
+    cpu_allocator = isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    if not isinstance(error, torch.OutOfMemoryError | MemoryError) and not cpu_allocator:
+        return None
+    if device.type == "cuda":
+        return DeviceMemoryError(f"The GPU ({device}) ran out of memory while segmenting; close other programs that "
+                                 "use it, or segment on the CPU.")
+    return DeviceMemoryError("The computer ran out of memory while segmenting; close other programs, give a smaller "
+                             "batch size, or segment on a GPU.")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -27,12 +56,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when a GPU is usable, else CPU; ``"cuda"`` without a GPU is a readable error."""
+    """``"auto"`` -> CUDA when a GPU is usable, else CPU. A name that is no device
+    (:func:`~TextSegLib.core.options.check_device`), ``"cuda"`` without a GPU and ``"cuda:N"`` without GPU ``N`` are
+    readable errors."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    device = torch.device(check_device(device) if isinstance(device, str) else device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("No CUDA GPU is available here; use the device 'cpu' or 'auto'.")
+        raise DeviceError("No CUDA GPU is available here; use the device 'cpu' or 'auto'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"There is no GPU {device} here: this computer has {torch.cuda.device_count()} (cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}); use one of them, 'cuda' or 'auto'.")
     return device
 
 

@@ -1,10 +1,10 @@
 """The slice-wise inference engine: volume + prompt -> mask (and probability) on the input grid.
 
-Data path (``DESIGN.md``):
+The steps from a volume to a mask:
 
 1. the volume's array is put in each model's canonical orientation (axis permutation and flips, a view);
 2. the prompt is encoded once per (text encoder, prompt) through the LRU cache;
-3. slices go to the device in batches and are normalised and resized there (``preprocessing.py``);
+3. slices go to the device in batches and are normalised and resized there (:mod:`TextSegLib.engine.preprocessing`);
 4. batched forward under ``torch.inference_mode()`` through a copy of the network with BatchNorm folded into the
    preceding convolutions; on CUDA with autocast (bf16, or fp16 where bf16 is missing), channels-last tensors,
    cuDNN autotuning and pinned-memory copies overlapped with compute, the batch size from the free GPU memory,
@@ -15,14 +15,17 @@ Data path (``DESIGN.md``):
    orientation, averaged over the models of an ensemble, and thresholded.
 
 Progress is reported after every batch; a cancel token is checked before every batch and a cancelled run returns
-``None`` (nothing half-done escapes). Loaded models and encoded prompts are cached for the life of the process,
-so re-prompting the same volume only pays for the forward passes.
+``None`` (nothing half-done escapes). A device that runs out of memory for good (CUDA with one slice per batch, the
+CPU at once) raises :class:`~TextSegLib.engine.devices.DeviceMemoryError`, which says what to do. Loaded models and
+encoded prompts are cached for the life of the process, so re-prompting the same volume only pays for the forward
+passes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +39,7 @@ from TextSegLib.core.errors import TextSegTypeError, TextSegValueError
 from TextSegLib.core.options import check_threshold, validate_prompt
 from TextSegLib.core.results import CancelToken, SegmentationResult
 from TextSegLib.engine.acceleration import BatchTuner, _CompiledOrEager, _CudaStreams, _StagedPipeline, fold_batchnorm
-from TextSegLib.engine.devices import cpu_has_native_bf16
+from TextSegLib.engine.devices import cpu_has_native_bf16, memory_error
 from TextSegLib.engine.loading import LoadedModel
 from TextSegLib.engine.preprocessing import IntensityMapping
 from TextSegLib.io.volumes import CanonicalTransform, Volume, VolumeError, check_volume, guess_modality
@@ -73,6 +76,25 @@ def _without_nonfinite(volume: Volume) -> tuple[Volume, np.ndarray | None, str |
     note = (f"{count} voxels of {name} are NaN or infinite; they were treated as missing (given the lowest finite "
             f"value, {float(fill):g}, for the network) and left outside the segment.")
     return volume.with_array(np.where(finite, array, fill)), ~finite, note
+
+
+def _memory_errors_for_users(segment: Callable) -> Callable:
+    """``InferenceEngine.segment`` raising :class:`~TextSegLib.engine.devices.DeviceMemoryError` (a TextSeg error
+    that says what to do) where the device runs out of memory: on CUDA once batches of one slice do not fit, on
+    the CPU at once."""
+
+    @functools.wraps(segment)
+    def checked(engine: InferenceEngine, *args, **kwargs):
+        try:
+            return segment(engine, *args, **kwargs)
+        except (RuntimeError, MemoryError) as error:
+            replacement = memory_error(error, engine.device)
+            if replacement is None:
+                raise
+            log.info("Out of memory on %s: %s", engine.device, error)
+            raise replacement from error
+
+    return checked
 
 
 class InferenceEngine:
@@ -215,6 +237,7 @@ class InferenceEngine:
             self._per_slice_bytes[model.id] = max(1, peak // 2)
         return self._per_slice_bytes[model.id]
 
+    @_memory_errors_for_users
     def segment(
         self,
         volume: Volume,

@@ -1,7 +1,7 @@
 """Intensity normalisation and resizing of slices, per model, as stored in its checkpoint.
 
-The same functions prepare slices for inference (``inference.py``) and for training (``Training/``), so a
-network always sees inputs made the way it was trained on.
+The same functions prepare slices for inference (:mod:`TextSegLib.engine.inference`) and for training
+(``Training/``), so a network always sees inputs made the way it was trained on.
 
 Checkpoint metadata (``"preprocessing"``)::
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from TextSegLib.core.files import check_writable
 from TextSegLib.io.volumes import CanonicalTransform, Volume
 
 __all__ = [
@@ -182,6 +183,9 @@ def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: 
     from TextSegLib.io.volumes import labels_on_grid, read_volume
 
     info = demo_case(case)
+    seg_path, png_path = output / f"{info['case']}.seg.nrrd", output / f"{info['case']}_montage.png"
+    for path in (seg_path, png_path):  # before minutes of segmenting, not after
+        check_writable(path)
     volume = read_volume(info["image"], modality=info["modality"])
     labels = labels_on_grid(read_volume(info["label"]), volume)
     loaded = load_model(model, device)
@@ -219,7 +223,6 @@ def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: 
             f"{target['structure']} (absent): {'found' if result.found else 'not found'}"
         entries.append((caption, result.mask, reference))
     output.mkdir(parents=True, exist_ok=True)
-    seg_path = output / f"{info['case']}.seg.nrrd"
     write_seg_nrrd(seg_path, specs, volume)
     width = max(len(r["structure"]) for r in rows) + 2
     report(f"{'structure':<{width}}{'Dice':>6}{'HD95 mm':>9}{'mL':>9}{'ref. mL':>9}  result")
@@ -237,7 +240,6 @@ def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: 
            f"of {len(present)} present structures.")
     report(f"Dice and HD95 are measured against {info.get('labels', 'the reference labels')}, on the image's grid "
            "in physical space.")
-    png_path = output / f"{info['case']}_montage.png"
     title = f"{info['title']}: mean Dice {mean_dice:.3f}"
     if len(entries) == 1 and present:  # one lesion: the slices through it, cropped around it
         _, prediction, reference = entries[0]

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from TextSegLib.core.errors import TextSegError
+from TextSegLib.core.errors import TextSegError, TextSegValueError
 
 __all__ = [
     "ManifestCase",
@@ -77,15 +77,28 @@ class ManifestCase:
 
 
 def _rows(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        yield number, {k: "" if v is None else str(v) for k, v in json.loads(line).items()}
-                    except json.JSONDecodeError as error:
-                        raise ManifestError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-        return
+    try:
+        yield from _json_rows(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _csv_rows(path)
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path} is not UTF-8 text; save the manifest as UTF-8.") from None
+    except csv.Error as error:
+        raise ManifestError(f"{path} is not a readable CSV file ({error}); save it as plain CSV.") from None
+
+
+def _json_rows(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ManifestError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+                if not isinstance(row, dict):
+                    raise ManifestError(f"{path}, line {number}: not a JSON object ({{\"image\": ..., \"text\": ...}})")
+                yield number, {k: "" if v is None else str(v) for k, v in row.items()}
+
+
+def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
     with open(path, newline="", encoding="utf-8") as handle:
         for number, row in enumerate(csv.DictReader(handle), start=2):
             yield number, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
@@ -96,7 +109,7 @@ def _optional_int(value: str, what: str, where: str) -> int | None:
         return None
     try:
         return int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number; infinity
         raise ManifestError(f"{where}: {what} must be a whole number, got {value!r}") from None
 
 
@@ -177,11 +190,11 @@ def split_patients(
     remainders), so a split never lacks a modality that has enough cases. Without a test share and without
     stratification the split is the one :func:`split_cases` always made.
     """
-    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"validation ({val_fraction}) and test ({test_fraction}) fractions must be at least 0 and "
-                         "leave cases to train on")
+    if not (val_fraction >= 0 and test_fraction >= 0 and val_fraction + test_fraction < 1):  # NaN fails too
+        raise TextSegValueError(f"The validation ({val_fraction}) and test ({test_fraction}) fractions must be at "
+                                "least 0 and leave cases to train on.")
     if stratify not in (None, "modality"):
-        raise ValueError(f"stratify must be 'modality' or nothing, got {stratify!r}")
+        raise TextSegValueError(f"stratify must be 'modality' or nothing, not {stratify!r}.")
     fixed = {name: [c for c in cases if c.split == name] for name in ("train", "val", "test")}
     free = sorted((c for c in cases if c.split is None), key=lambda c: c.case)
     random.Random(seed).shuffle(free)

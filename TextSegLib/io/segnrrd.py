@@ -35,7 +35,7 @@ from TextSegLib.io.volumes import Volume, VolumeError, check_volume
 
 if TYPE_CHECKING:
 
-    from TextSegLib.io.results import SegmentationResult
+    from TextSegLib.core.results import SegmentationResult
 
 __all__ = [
     "TAG_CHECKPOINT",
@@ -94,7 +94,7 @@ def decode_tag(value: str) -> str:
 class SegmentSpec:
     """One segment to write: a ``(K, J, I)`` mask on the reference volume's grid and its metadata.
 
-    ``terminology`` is a Slicer ``TerminologyEntry`` string (see ``terminology.py``); empty for none.
+    ``terminology`` is a Slicer ``TerminologyEntry`` string (see :mod:`TextSegLib.io.terminology`); empty for none.
     """
 
     mask: np.ndarray

@@ -12,7 +12,7 @@ tables below names the context Slicer ships that has it: "Segmentation category 
 list" (the Segment Editor's default) where it has the type, else "Segmentation category and type - DICOM master
 list" (Breast, Nodule, Neoplasm, Inflammation). Anatomic regions and their Left/Right modifiers are from "Anatomic
 codes - DICOM master list". Codes and meanings are written as those context files spell them (Slicer 5.10 to 5.12,
-``../shared/data/slicer-terminologies``); ``Testing/test_terminology.py`` checks every entry with Slicer's own
+``../shared/data/slicer-terminologies``); ``Testing/io/test_terminology.py`` checks every entry with Slicer's own
 terminology logic. All codes are SNOMED CT (scheme ``SCT``).
 
 :func:`terminology_for_prompt` maps a prompt to an entry by keywords:

@@ -3,7 +3,7 @@
 A :class:`Volume` is a scalar 3D image: a NumPy array in SimpleITK's ``(k, j, i)`` order (slice, row, column)
 plus the ITK geometry in LPS millimetres: spacing and origin per ``(i, j, k)`` axis and a direction matrix whose
 columns are the ``i``, ``j`` and ``k`` axes. Files are read with SimpleITK (NRRD, NIfTI, MHA/MHD and DICOM series
-folders); a Slicer volume node maps onto the same fields (see ``segmentations.py``).
+folders); a Slicer volume node maps onto the same fields (see :mod:`TextSegLib.app.mrml`).
 
 Networks are trained on slices in one *canonical orientation* (stored in the checkpoint as a three-letter code
 such as ``"LPS"``: the directions the ``i``, ``j`` and ``k`` axes point to). :class:`CanonicalTransform` permutes

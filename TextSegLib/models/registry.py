@@ -31,8 +31,11 @@ from typing import Any
 
 from torch import nn
 
+from TextSegLib.core.errors import TextSegError
+
 __all__ = [
     "ModelSpec",
+    "RegistryError",
     "architectures",
     "building_from_checkpoint",
     "checkpoint_external_weights",
@@ -42,6 +45,13 @@ __all__ = [
     "preset_config",
     "register",
 ]
+
+
+class RegistryError(TextSegError, KeyError):
+    """A name the registry does not know: an architecture, or a preset of one (the message lists the known ones)."""
+
+    def __str__(self) -> str:  # the message as given, not quoted as KeyError quotes a missing key
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -96,12 +106,13 @@ def architectures() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of ``name``; a readable ``KeyError`` lists the known names otherwise."""
+    """The :class:`ModelSpec` of ``name``; a :class:`RegistryError` (a ``KeyError``) lists the known names
+    otherwise."""
     try:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise KeyError(f"unknown architecture {name!r}; this TextSeg knows: {known}") from None
+        raise RegistryError(f"unknown architecture {name!r}; this TextSeg knows: {known}") from None
 
 
 def config_from_dict(name: str, values: Mapping[str, Any] | None = None):
@@ -122,7 +133,7 @@ def preset_config(name: str, preset: str = "paper", **overrides: Any):
     """Config of a named preset (``"paper"`` widths or ``"small"`` for CPU use) with optional overrides."""
     spec = get_spec(name)
     if preset not in spec.presets:
-        raise KeyError(f"{name} has no preset {preset!r}; presets: {', '.join(sorted(spec.presets))}")
+        raise RegistryError(f"{name} has no preset {preset!r}; presets: {', '.join(sorted(spec.presets))}")
     return config_from_dict(name, {**spec.presets[preset], **overrides})
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,13 @@ class RemoteWorker:
         if not url.startswith(("http://", "https://")):
             raise WorkerError(f"The server address {url!r} must start with http:// or https://, for example "
                               "http://gpu-server:8765.")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            if not parts.hostname or parts.port == 0:  # reading .port raises ValueError for a port out of range
+                raise ValueError("it names no computer" if not parts.hostname else "port 0 is no server's port")
+        except ValueError as error:
+            raise WorkerError(f"The server address {url!r} is not a valid address ({error}); give one such as "
+                              "http://gpu-server:8765.") from None
         self.url = url
         self.token = token or None
 

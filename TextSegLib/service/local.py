@@ -1,11 +1,15 @@
-"""The worker process on this computer: :class:`LocalWorker` starts ``textseg serve`` (``python -m TextSegLib
-serve``) on a loopback port with a random token, and :func:`shared_worker` hands every caller the same client, so
-the worker and its loaded models serve every run.
+"""The worker process this computer starts: :class:`LocalWorker`, as 3D Slicer and ``textseg web`` use it, and
+:func:`shared_worker`, which hands every caller the same client, so one worker and its loaded models serve every run.
 
-The networks never run in the process that asks for a segmentation: 3D Slicer's main thread holds Python's GIL
-while it idles in the Qt event loop, so a Python thread there barely runs, while a separate process runs at full
-speed, keeps its models and encoded prompts loaded between runs, and can crash or run out of memory without taking
-Slicer down. Standard library and NumPy only, like the rest of the client side.
+The networks never run in the process that asks for a segmentation. 3D Slicer's main thread holds Python's GIL
+while it idles in the Qt event loop, so a Python thread there barely runs; a separate process runs at full speed,
+keeps its models and encoded prompts loaded between runs, and can crash or run out of memory without taking Slicer
+down. The worker is ``textseg serve`` (:mod:`TextSegLib.service.server`): started on this computer by
+:class:`LocalWorker` (loopback address, a random token, stopped when its parent exits), or run by hand on a GPU
+server and reached with :class:`~TextSegLib.service.client.RemoteWorker`. Both speak the protocol of
+:mod:`TextSegLib.service.protocol`.
+
+Only the standard library and the client are used here, so 3D Slicer's process starts its worker without torch.
 """
 
 from __future__ import annotations
@@ -29,12 +33,6 @@ __all__ = [
     "LocalWorker",
     "shared_worker",
 ]
-
-
-# ------------------------------------------------------------------------------------------------------ frames
-
-
-# ------------------------------------------------------------------------------------------------------ client
 
 
 # Checking a large checkpoint fully (weights included) on a slow disk: generous, but a hung import still ends.

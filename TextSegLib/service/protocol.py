@@ -1,12 +1,5 @@
-"""Segmentation in a worker process: the protocol, version 1, and the light types both sides share.
-
-The networks never run in the process that asks for a segmentation. 3D Slicer's main thread holds Python's GIL
-while it idles in the Qt event loop, so a Python thread there barely runs; a separate process runs at full speed,
-keeps its models and encoded prompts loaded between runs, and can crash or run out of memory without taking Slicer
-down. The worker is ``textseg serve`` (:mod:`TextSegLib.service.server`): started on this computer by
-:class:`~TextSegLib.service.local.LocalWorker` (loopback address, a random token, stopped when its parent exits),
-or run by hand on a GPU server and reached with :class:`~TextSegLib.service.client.RemoteWorker`. Both speak the
-same versioned HTTP protocol.
+"""The worker protocol: the wire format between a TextSeg worker (``textseg serve``) and its clients, and the
+light types both sides share (:class:`SegmentRequest`, :class:`ModelChoice`, the worker's errors).
 
 Protocol, version 1 (every path starts with ``/v1``; every request carries ``Authorization: Bearer <token>`` when
 the worker has a token; errors are JSON ``{"error": "<one line for the user>"}`` with a 4xx/5xx status):
@@ -20,7 +13,7 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
     "text_role"}]`` (``text_role``: what the prompt does in that network).
 ``POST /v1/jobs``
     Body: one *frame* (below) whose header is ``{"request": {...}, "volume": {...}}`` and whose payload is the
-    voxels. ``request``: ``prompt``, ``models`` (catalogue ids), ``device`` ("auto", "cpu", "cuda"),
+    voxels. ``request``: ``prompt``, ``models`` (catalogue ids), ``device`` ("auto", "cpu", "cuda", "cuda:N"),
     ``batch_size`` (null = automatic), ``threshold`` (null = the model's), ``probability`` (bool), ``modality``
     ("CT", "MR" or null), ``fp32`` (bool). ``volume``: ``shape`` ``[K, J, I]``, ``dtype`` (NumPy name, little
     endian), ``spacing``, ``origin`` (LPS, mm), ``direction`` (3 x 3, row-major), ``modality``, ``source``.
@@ -49,6 +42,7 @@ Only the standard library and NumPy are used here, so the client side runs in Sl
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -56,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from TextSegLib.core.errors import TextSegError, TextSegValueError
+from TextSegLib.core.messages import describe_fault, first_line
 from TextSegLib.core.results import ModelRecord, SegmentationResult
 from TextSegLib.io.volumes import Volume
 
@@ -131,7 +126,7 @@ class SegmentRequest:
         if self.batch_size is not None and (type(self.batch_size) is not int or self.batch_size < 1):
             raise ProtocolError("The batch size must be a whole number of at least 1 (or automatic).")
         if self.threshold is not None and (not isinstance(self.threshold, int | float)
-                                           or not 0.0 < float(self.threshold) < 1.0):
+                                           or not 0.0 < self.threshold < 1.0):
             raise ProtocolError("The threshold must lie between 0 and 1.")
         if self.modality not in (None, "CT", "MR"):
             raise ProtocolError("The modality must be CT or MR.")
@@ -159,8 +154,8 @@ def _unframe(body: bytes) -> tuple[dict[str, Any], memoryview]:
         raise ProtocolError("The frame's header is cut short.")
     try:
         header = json.loads(bytes(body[8:8 + length]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ProtocolError(f"The frame's header is not JSON: {error}.") from error
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, a number of thousands of digits, deep nesting
+        raise ProtocolError(f"The frame's header is not JSON TextSeg can read: {first_line(error)}.") from error
     if not isinstance(header, dict):
         raise ProtocolError("The frame's header must be a JSON object.")
     if header.get("protocol") != PROTOCOL_VERSION:
@@ -185,9 +180,16 @@ def encode_request(volume: Volume, request: SegmentRequest) -> bytes:
     return _frame(header, memoryview(array).cast("B"))
 
 
+def _finite(value: object) -> bool:
+    """Whether a JSON value is a finite number (an integer too large for a float is not)."""
+    try:
+        return isinstance(value, int | float) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _numbers(value: object, count: int, what: str) -> tuple[float, ...]:
-    if not isinstance(value, list) or len(value) != count or \
-            not all(isinstance(v, int | float) and np.isfinite(v) for v in value):
+    if not isinstance(value, list) or len(value) != count or not all(_finite(v) for v in value):
         raise ProtocolError(f"volume.{what} must be a list of {count} finite numbers.")
     return tuple(float(v) for v in value)
 
@@ -209,11 +211,11 @@ def decode_request(body: bytes) -> tuple[Volume, SegmentRequest]:
         raise ProtocolError("volume.shape must be three positive whole numbers [K, J, I].")
     try:
         dtype = np.dtype(str(meta.get("dtype"))).newbyteorder("<")
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ProtocolError(f"volume.dtype {meta.get('dtype')!r} is not a NumPy type.") from error
     if dtype.kind not in "iuf":
         raise ProtocolError(f"volume.dtype {dtype.name} is not a scalar integer or float type.")
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: a huge shape cannot wrap round to the payload
     if len(payload) != expected:
         raise ProtocolError(f"The volume has {len(payload)} bytes of voxels; shape {shape} of {dtype.name} needs "
                             f"{expected}.")
@@ -244,24 +246,30 @@ def encode_result(result: SegmentationResult) -> bytes:
 
 
 def decode_result(body: bytes) -> SegmentationResult:
-    """Inverse of :func:`encode_result` (the models become :class:`ModelRecord` entries)."""
+    """Inverse of :func:`encode_result` (the models become :class:`ModelRecord` entries); raises
+    :class:`ProtocolError` for a damaged answer."""
     header, payload = _unframe(body)
-    shape = tuple(header["shape"])
-    voxels = int(np.prod(shape))
+    shape = header.get("shape")
+    if not isinstance(shape, list) or not shape or not all(type(s) is int and s > 0 for s in shape):
+        raise ProtocolError("The result's shape must be a list of positive whole numbers.")
+    voxels = math.prod(shape)
     packed = (voxels + 7) // 8
-    expected = packed + (4 * voxels if header["probability"] else 0)
+    expected = packed + (4 * voxels if header.get("probability") else 0)
     if len(payload) != expected:
-        raise ProtocolError(f"The result has {len(payload)} bytes; shape {list(shape)} needs {expected}.")
+        raise ProtocolError(f"The result has {len(payload)} bytes; shape {shape} needs {expected}.")
     mask = np.unpackbits(np.frombuffer(payload[:packed], dtype=np.uint8), count=voxels).reshape(shape)
     probability = None
-    if header["probability"]:
+    if header.get("probability"):
         probability = np.frombuffer(payload[packed:], dtype="<f4").reshape(shape).astype(np.float32)
-    models = [ModelRecord(m["id"], m.get("sha256"), m.get("name", ""), m.get("architecture", ""))
-              for m in header["models"]]
-    return SegmentationResult(mask, probability, header["prompt"], models, float(header["threshold"]),
-                              float(header["seconds"]), header.get("modality", ""), list(header.get("notes", [])),
-                              header.get("device", ""), float(header.get("max_probability", "nan")),
-                              float(header.get("voxel_ml", "nan")))
+    try:
+        models = [ModelRecord(m["id"], m.get("sha256"), m.get("name", ""), m.get("architecture", ""))
+                  for m in header["models"]]
+        return SegmentationResult(mask, probability, header["prompt"], models, float(header["threshold"]),
+                                  float(header["seconds"]), header.get("modality", ""),
+                                  list(header.get("notes", [])), header.get("device", ""),
+                                  float(header.get("max_probability", "nan")), float(header.get("voxel_ml", "nan")))
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ProtocolError(f"The result's header is damaged ({describe_fault(error)}).") from error
 
 
 @dataclass

@@ -12,14 +12,15 @@ on the server). For TLS, put the service behind a reverse proxy that terminates 
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import socket
 import sys
 import threading
-import traceback
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from TextSegLib import __version__
+from TextSegLib.core.errors import TextSegError, TextSegValueError
+from TextSegLib.core.messages import describe_fault, first_line
 from TextSegLib.core.results import CancelToken, SegmentationResult
 from TextSegLib.io.volumes import Volume
 from TextSegLib.service.protocol import (
@@ -196,14 +199,14 @@ class JobManager:
             job.state = "running"
         try:
             result = self._segment(job)
-        except (ValueError, RuntimeError) as error:
-            log.warning("Job failed: %s", error)
-            job.error, job.input_error = str(error).strip().splitlines()[0], isinstance(error, ValueError)
+        except TextSegError as error:  # the user's problem: its one line, input_error for refused input
+            job.error, job.input_error = first_line(error), isinstance(error, ValueError)
+            log.warning("Job failed: %s", job.error)
             job.state = "failed"
             return
-        except Exception as error:
-            log.error("Job failed unexpectedly:\n%s", traceback.format_exc())
-            job.error = f"Unexpected error in the worker: {type(error).__name__}: {error} (see the worker's log)."
+        except Exception as error:  # a fault in TextSeg or a library: its traceback in the log
+            log.exception("Job failed unexpectedly")
+            job.error = f"Unexpected error in the worker: {describe_fault(error)} (see the worker's log)."
             job.state = "failed"
             return
         finally:
@@ -264,7 +267,7 @@ def create_app(token: str | None, max_request_bytes: int, jobs: JobManager):
             chunks.append(chunk)
         try:
             volume, segment_request = decode_request(b"".join(chunks))
-        except (ProtocolError, TypeError) as problem:
+        except ProtocolError as problem:
             return error(400, f"Malformed request: {problem}")
         return JSONResponse({"job": jobs.submit(volume, segment_request)}, status_code=202)
 
@@ -318,17 +321,21 @@ def serve(host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
           ready_line: bool = False, exit_with_stdin: bool = False) -> None:
     """Run the worker service until interrupted.
 
-    Raises ValueError when ``host`` is not a loopback address and no token is given.
+    Raises :class:`~TextSegLib.core.errors.TextSegValueError` when ``host`` is not a loopback address and no token
+    is given, for a port outside 0-65535 or a request limit that is not a positive number, and when nothing can
+    listen at ``host:port``.
     """
     import uvicorn
 
     token = token or os.environ.get("TEXTSEG_TOKEN") or None
     local = is_loopback(host)
     if not local and not token:
-        raise ValueError(f"Listening on {host} lets other computers in: give a token with --token or "
-                         "$TEXTSEG_TOKEN (clients pass the same token).")
-    if max_request_mb <= 0:
-        raise ValueError("--max-request-mb must be positive.")
+        raise TextSegValueError(f"Listening on {host} lets other computers in: give a token with --token or "
+                                "$TEXTSEG_TOKEN (clients pass the same token).")
+    if not 0 <= port <= 65535:
+        raise TextSegValueError(f"--port {port} is not a port number; give one from 1 to 65535 (0 picks a free one).")
+    if not (math.isfinite(max_request_mb) and max_request_mb > 0):
+        raise TextSegValueError(f"--max-request-mb {max_request_mb} is not a positive number of megabytes.")
     jobs = JobManager(models_dir, allow_paths=local)
     app = create_app(token, int(max_request_mb * 2**20), jobs)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -337,7 +344,9 @@ def serve(host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
     try:
         listener.bind((host, port))
     except OSError as problem:
-        raise ValueError(f"Cannot listen on {host}:{port} ({problem.strerror}); choose another --port.") from None
+        other = "--port" if problem.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
+        raise TextSegValueError(f"Cannot listen on {host}:{port} ({problem.strerror or problem}); choose another "
+                                f"{other}.") from None
     listener.listen(64)
     bound = listener.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host

@@ -2,7 +2,7 @@
 
 Importing ``transformers`` and building its BERT costs seconds at every start of ``textseg``; this module reads the
 same folder (``config.json``, ``tokenizer.json`` with ``tokenizers``, ``model.safetensors`` with ``safetensors``)
-and computes the same features, bit for bit (``Testing/test_text.py`` compares the two).
+and computes the same features, bit for bit (``Testing/text/test_text.py`` compares the two).
 :func:`TextSegLib.text.sources.load_text_encoder` uses it for ``"minilm"`` and for the local BERT folders it can run
 (:func:`is_native_bert_folder`).
 """
