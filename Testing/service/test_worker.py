@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+import torch
 
 from TextSegLib.core.results import SegmentationResult
 from TextSegLib.engine.inference import InferenceEngine
@@ -242,17 +243,22 @@ def test_a_server_refuses_file_paths_from_other_computers(slab, small_checkpoint
 
 
 def test_textseg_segment_on_a_server_writes_what_it_writes_in_process(tmp_path, slab, small_checkpoint):
+    """Also the device: where there is no GPU, "cuda" means the CPU and the same note, in this process or there."""
     image = tmp_path / "slab.nrrd"
     sitk.WriteImage(slab.to_sitk(), str(image))
+    device = "cpu" if torch.cuda.is_available() else "cuda"
     process, url = serve(env={"TEXTSEG_TOKEN": "secret"})
     try:
         outputs = {}
         for how, extra in (("local", []), ("server", ["--server", url, "--token", "secret"])):
             outputs[how] = tmp_path / f"{how}.seg.nrrd"
             done = subprocess.run([sys.executable, "-m", "TextSegLib", "segment", str(image), "-p", PROMPT,
-                                   "-m", str(small_checkpoint), "--device", "cpu", "-q", "-o", str(outputs[how]),
+                                   "-m", str(small_checkpoint), "--device", device, "-q", "-o", str(outputs[how]),
                                    *extra], capture_output=True, encoding="utf-8", cwd=REPO, timeout=300)
             assert done.returncode == 0, done.stderr
+            notes = [line for line in done.stderr.splitlines() if line.startswith("textseg: note: ")]
+            assert notes == ([] if device == "cpu" else
+                             ["textseg: note: No usable GPU was found; TextSeg runs on the CPU."]), done.stderr
         refused = subprocess.run([sys.executable, "-m", "TextSegLib", "segment", str(image), "-p", PROMPT,
                                   "-m", str(small_checkpoint), "-q", "-o", str(tmp_path / "x.seg.nrrd"), "--server",
                                   url], capture_output=True, encoding="utf-8", cwd=REPO, timeout=300)

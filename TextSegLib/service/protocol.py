@@ -29,9 +29,6 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 
-DEFAULT_MAX_REQUEST_MB = 2048
-
-
 MAGIC = b"TSEG"
 
 
