@@ -57,6 +57,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from TextSegLib.core.settings import DEFAULT_HOST, TOKEN_VARIABLE
 from TextSegLib.service.client import POLL_TIMEOUT, RemoteWorker
 from TextSegLib.service.protocol import READY_LINE, WorkerError, WorkerUnreachableError
 
@@ -118,13 +119,13 @@ class LocalWorker(RemoteWorker):
             return
         self._process = None
         log = Path(tempfile.mkstemp(prefix="textseg-worker-", suffix=".log")[1])
-        environment = {**os.environ, **self.environment, "TEXTSEG_TOKEN": self.token,
+        environment = {**os.environ, **self.environment, TOKEN_VARIABLE: self.token,
                        "PYTHONUNBUFFERED": "1"}
         repository = str(Path(__file__).resolve().parents[2])
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [repository, environment.get("PYTHONPATH")]))
         with open(log, "wb") as handle:
             popen = subprocess.Popen(
-                [self.python, "-m", "TextSegLib", "serve", "--host", "127.0.0.1", "--port", "0", "--ready-line",
+                [self.python, "-m", "TextSegLib", "serve", "--host", DEFAULT_HOST, "--port", "0", "--ready-line",
                  "--exit-with-stdin"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=handle, env=environment)
         process = _Process(popen, log)
