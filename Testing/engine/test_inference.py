@@ -305,12 +305,12 @@ def test_a_checkpoint_naming_an_encoder_of_the_wrong_width_is_refused(small_chec
 def test_staged_pipeline_bookkeeping_on_the_cpu(lung2_slab, model, monkeypatch):
     """The CUDA path's staging (prefetch, double buffers, delayed downloads, out-of-memory restart) run with
     synchronous stand-ins for the CUDA streams: the engine's result must not change."""
-    from TextSegLib.engine import inference
+    from TextSegLib.engine import acceleration
 
     exact = InferenceEngine(model, batch_size=5, amp=False)
     reference = exact.segment(lung2_slab, PROMPT, probability=True).probability
-    monkeypatch.setattr(InferenceEngine, "_pipeline", lambda self, canonical, output: inference._StagedPipeline(
-        inference._SynchronousStreams(), canonical, output))
+    monkeypatch.setattr(InferenceEngine, "_pipeline", lambda self, canonical, output: acceleration._StagedPipeline(
+        acceleration._SynchronousStreams(), canonical, output))
     original = InferenceEngine._probabilities
     calls = []
 

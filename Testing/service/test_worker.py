@@ -109,6 +109,36 @@ def test_malformed_frames_are_named(body, message):
         decode_request(body)
 
 
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"device": "auto:3"}, r"^Unknown device 'auto:3': use auto, cpu, cuda or cuda:N"),
+    ({"device": "cpu:x"}, r"^Unknown device 'cpu:x'"),
+    ({"batch_size": 0}, r"^The batch size must be at least 1 \(or automatic\), not 0\.$"),
+    ({"batch_size": True}, r"^The batch size must be a whole number, not bool\.$"),
+    ({"threshold": 1.0}, r"^The threshold must lie between 0 and 1"),
+    ({"modality": "PET"}, r"^The modality must be 'CT', 'MR' or None \(guess it\), not 'PET'\.$"),
+])
+def test_requests_are_checked_by_the_rules_every_front_end_uses(slab, fields, message):
+    with pytest.raises(ProtocolError, match=message):
+        SegmentRequest(PROMPT, ["m"], **fields).validate()
+    with pytest.raises(ProtocolError, match=message):
+        decode_request(_edited_body(slab, "request", fields))
+
+
+def test_a_volume_header_s_modality_is_checked_too(slab):
+    with pytest.raises(ProtocolError, match=r"^volume\.modality: The modality must be 'CT', 'MR'"):
+        decode_request(_edited_body(slab, "volume", {"modality": "PET"}))
+
+
+def _edited_body(volume: Volume, part: str, fields: dict) -> bytes:
+    """A request's body whose header's ``part`` ("request" or "volume") has ``fields`` changed, sent as is."""
+    body = encode_request(volume, SegmentRequest(PROMPT, ["m"]))
+    length = int.from_bytes(body[4:8], "little")
+    header = json.loads(body[8:8 + length])
+    header[part].update(fields)
+    text = json.dumps(header).encode()
+    return b"TSEG" + len(text).to_bytes(4, "little") + text + body[8 + length:]
+
+
 def test_the_worker_segments_as_the_engine_does_and_reports_progress(worker, slab, expected, small_checkpoint):
     seen = []
     job = worker.submit(slab, request(small_checkpoint, probability=True, batch_size=2))

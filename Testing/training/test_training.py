@@ -123,6 +123,14 @@ def test_explicit_splits_and_manifest_errors(tmp_path, data_dir, annotations):
                         f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,holdout\n")
     with pytest.raises(ManifestError, match="split must be"):
         read_manifest(manifest)
+    manifest.write_text("case,image,label,text,modality\n"
+                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,mr\n"
+                        f"b,{data_dir / 'brain2_image.nrrd'},{data_dir / 'brain2_label.nrrd'},y,\n")
+    assert [c.modality for c in read_manifest(manifest)] == ["MR", None]
+    manifest.write_text("case,image,label,text,modality\n"
+                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,PET\n")
+    with pytest.raises(ManifestError, match=r"^m\.csv, row 2: The modality must be 'CT', 'MR' .*not 'PET'"):
+        read_manifest(manifest)
 
 
 def test_training_slices_are_prepared_exactly_like_inference(tmp_path, data_dir, annotations, lung2):
