@@ -124,6 +124,11 @@ def test_requests_are_checked_by_the_rules_every_front_end_uses(slab, fields, me
         decode_request(_edited_body(slab, "request", fields))
 
 
+def test_unknown_request_fields_are_named(slab):
+    with pytest.raises(ProtocolError, match=r"^request has unknown fields: colour \(known: batch_size, device, fp32"):
+        decode_request(_edited_body(slab, "request", {"colour": "red"}))
+
+
 def test_a_volume_header_s_modality_is_checked_too(slab):
     with pytest.raises(ProtocolError, match=r"^volume\.modality: The modality must be 'CT', 'MR'"):
         decode_request(_edited_body(slab, "volume", {"modality": "PET"}))

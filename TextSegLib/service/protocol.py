@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from TextSegLib.core.errors import TextSegError, TextSegValueError
+from TextSegLib.core.messages import unknown_keys
 from TextSegLib.core.options import check_batch_size, check_device, check_modality, check_threshold
 from TextSegLib.core.results import ModelRecord, SegmentationResult
 from TextSegLib.io.volumes import Volume
@@ -155,10 +156,9 @@ def decode_request(body: bytes) -> tuple[Volume, SegmentRequest]:
     meta = header.get("volume")
     if not isinstance(fields, dict) or not isinstance(meta, dict):
         raise ProtocolError("The header needs a 'request' and a 'volume' object.")
-    known = {f for f in SegmentRequest.__dataclass_fields__}
-    unknown = sorted(set(fields) - known)
-    if unknown or "prompt" not in fields or "models" not in fields:
-        raise ProtocolError(f"request: unknown fields {unknown}" if unknown else "request needs prompt and models.")
+    problem = unknown_keys(fields, SegmentRequest.__dataclass_fields__, "request has unknown fields")
+    if problem or "prompt" not in fields or "models" not in fields:
+        raise ProtocolError(problem or "request needs prompt and models.")
     request = SegmentRequest(**fields).validate()
     shape = meta.get("shape")
     if not isinstance(shape, list) or len(shape) != 3 or not all(type(s) is int and s > 0 for s in shape):
