@@ -38,7 +38,9 @@ def exitCode(arguments: list[str]) -> int:
     except SystemExit as request:
         return request.code if isinstance(request.code, int) else (0 if request.code is None else 1)
     except RuntimeError as error:  # an unsupported Slicer, dependencies that could not be installed
-        print(f"TextSegBatch: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        from TextSegLib.core.messages import first_line
+
+        print(f"TextSegBatch: error: {first_line(error)}", file=sys.stderr)
         return 1
     except Exception:
         logging.exception("TextSeg batch segmentation failed")
