@@ -19,7 +19,7 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
     "text_role"}]`` (``text_role``: what the prompt does in that network).
 ``POST /v1/jobs``
     Body: one *frame* (below) whose header is ``{"request": {...}, "volume": {...}}`` and whose payload is the
-    voxels. ``request``: ``prompt``, ``models`` (catalogue ids), ``device`` ("auto", "cpu", "cuda"),
+    voxels. ``request``: ``prompt``, ``models`` (catalogue ids), ``device`` ("auto", "cpu", "cuda" or "cuda:N"),
     ``batch_size`` (null = automatic), ``threshold`` (null = the model's), ``probability`` (bool), ``modality``
     ("CT", "MR" or null), ``fp32`` (bool). ``volume``: ``shape`` ``[K, J, I]``, ``dtype`` (NumPy name, little
     endian), ``spacing``, ``origin`` (LPS, mm), ``direction`` (3 x 3, row-major), ``modality``, ``source``.
