@@ -274,10 +274,13 @@ def test_evaluate_a_manifest_with_a_model(tmp_path, capsys, data_dir, annotation
     manifest.write_text("case,image,label,text,modality\n" + "".join(
         f"{c},{data_dir / annotations[c]['image']},{data_dir / annotations[c]['label']},{annotations[c]['prompt']},"
         f"{annotations[c]['modality']}\n" for c in ("brain2", "breast1")))
-    code, _stdout, stderr = run(["evaluate", "--manifest", manifest, "-m", small_checkpoint, "--device", "cpu",
+    device = "cpu" if torch.cuda.is_available() else "cuda"  # no GPU: the CPU, with segment's note
+    code, _stdout, stderr = run(["evaluate", "--manifest", manifest, "-m", small_checkpoint, "--device", device,
                                 "--markdown", tmp_path / "t.md", "--json", tmp_path / "t.json", "--csv",
                                 tmp_path / "t.csv"], capsys)
     assert code == 0, stderr
+    notes = [line for line in stderr.splitlines() if line.startswith("textseg: note: ")]
+    assert notes == ([] if device == "cpu" else ["textseg: note: No usable GPU was found; TextSeg runs on the CPU."])
     table = json.loads((tmp_path / "t.json").read_text())
     assert [row["case"] for row in table["cases"]] == ["brain2", "breast1"]
     assert table["cases"][1]["text"] == annotations["breast1"]["prompt"]

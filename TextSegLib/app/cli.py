@@ -121,9 +121,33 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit].lower() or "segment"
 
 
+class _Said(logging.Filter):
+    """What this run has said on stderr (log records as they pass the handler, and notes), so that a result's note
+    that was also logged as a warning where it arose, in this process, is not said twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.add(record.getMessage())
+        return True
+
+    def note(self, message: str) -> None:
+        """Say ``message`` as ``textseg: note: ...`` unless it was said already."""
+        if message not in self.messages:
+            self.messages.add(message)
+            print(f"textseg: note: {message}", file=sys.stderr, flush=True)
+
+
+_SAID = _Said()
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("textseg: %(levelname)s: %(message)s"))
+    _SAID.messages.clear()
+    handler.addFilter(_SAID)
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
@@ -288,7 +312,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     segment, where = _segmenter(args, options)
     print(f"Model {where}", flush=True)
-    noted: set[str] = set()
 
     args.outputs_started = True
     with OutputTransaction() as transaction:
@@ -304,10 +327,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 finally:
                     bar.close()
                 assert result is not None  # nothing cancels a command-line run
-                for note in result.notes:
-                    if note not in noted:  # a device note holds for every result: said once
-                        noted.add(note)
-                        print(f"textseg: note: {note}", file=sys.stderr, flush=True)
+                for note in result.notes:  # a device note holds for every result: said once
+                    _SAID.note(note)
                 segments.append(segment_for_result(result, name, index))
                 if args.probability:
                     probabilities.append(result.probability)
@@ -386,6 +407,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         segmenter = Segmenter(args.model, options, Catalogue(args.models_dir))
         rows = evaluation.evaluate_manifest(segmenter, cases, progress=lambda case: print(f"Segmenting {case}",
                                                                                            file=sys.stderr))
+        for note in segmenter.notes:  # where it ran: as segment says it
+            _SAID.note(note)
     else:
         if not (args.prediction and args.reference):
             raise UsageError("Give a prediction and a reference (files or folders), or --manifest with --model.")

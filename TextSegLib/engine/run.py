@@ -99,7 +99,7 @@ class Segmenter:
                 raise
             self._engine = None
             torch.cuda.empty_cache()
-            log.warning("Out of GPU memory: running on the CPU")
+            log.warning("%s", OUT_OF_MEMORY_NOTE)
             self.notes.append(OUT_OF_MEMORY_NOTE)
             self.device = "cpu"
             return work(self._built())
