@@ -62,6 +62,8 @@ def test_an_unknown_id_and_bad_options_are_refused_before_loading(small_checkpoi
     monkeypatch.setattr(run_module, "load_model", lambda *_: pytest.fail("nothing may load"))
     with pytest.raises(CheckpointError, match="No model named 'no-such-model'"):
         Segmenter(["no-such-model"], CPU)
+    with pytest.raises(CheckpointError, match="No model chosen"):
+        Segmenter([], CPU)
     for options, message in ((SegmentOptions(threshold=1.5), "threshold must lie between 0 and 1"),
                              (SegmentOptions(batch_size=0), "batch size must be at least 1"),
                              (SegmentOptions(device="gpu"), "Unknown device 'gpu'"),
