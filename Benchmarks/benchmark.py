@@ -43,6 +43,7 @@ from TextSegLib.engine.inference import InferenceEngine
 from TextSegLib.engine.loading import LoadedModel, load_model
 from TextSegLib.engine.preprocessing import Preprocessing
 from TextSegLib.evaluation.demo import DEMO_DIR, DEMO_MODEL
+from TextSegLib.evaluation.metrics import dice
 from TextSegLib.io.volumes import CanonicalTransform, Volume, read_volume, write_image
 from TextSegLib.models.registry import create_model, get_spec, preset_config
 from TextSegLib.text.features import TextFeatures
@@ -364,10 +365,8 @@ def main() -> None:
             if device.type == "cuda":
                 fp32 = InferenceEngine(model, amp=False).segment(lung2, PROMPT, probability=True)
                 fast = InferenceEngine(model).segment(lung2, PROMPT, probability=True)
-                overlap = np.logical_and(fp32.mask, fast.mask).sum()
-                total = fp32.mask.sum() + fast.mask.sum()
                 figures["optimised_vs_fp32"] = {
-                    "dice": 1.0 if total == 0 else float(2 * overlap / total),
+                    "dice": dice(fast.mask, fp32.mask),
                     "max_probability_difference": float(np.abs(fp32.probability - fast.probability).max()),
                 }
     report(figures, batch_sizes)

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=DEMO_MODEL)
     args = parser.parse_args()
-    lung2 = read_volume(demo_case()["image"])
+    lung2 = read_volume(demo_case("lung2")["image"])
     print("volume | in-process 1st / 2nd prompt (s) | worker 1st (cold) / 2nd prompt (s) | worker round trip (s)")
     for label, volume in (("lung2 512x512x61", lung2), ("512x512x300", resampled(lung2, 300))):
         first, second = in_process(volume, args.model, args.device)

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from TextSegLib.core.configs import lists_as_tuples
+from TextSegLib.core.messages import unknown_keys
+
 __all__ = ["TrainConfig", "load_config"]
 
 
@@ -127,16 +130,10 @@ class TrainConfig:
 
 
 def _section(cls, values: dict[str, Any], name: str):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"[{name}] has unknown keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    converted = {}
-    for key, value in values.items():
-        if isinstance(value, list) and "tuple" in str(known[key].type):
-            value = tuple(value)
-        converted[key] = value
-    return cls(**converted)
+    problem = unknown_keys(values, (f.name for f in dataclasses.fields(cls)), f"[{name}] has unknown keys")
+    if problem:
+        raise ValueError(problem)
+    return cls(**lists_as_tuples(cls, values))
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
@@ -165,8 +162,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section, name, value = _parse_override(override)
         raw.setdefault(section, {})[name] = value
     sections = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "base_dir"}
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ValueError(f"unknown config sections: {', '.join(unknown)} (known: {', '.join(sections)})")
+    problem = unknown_keys(raw, sections, "unknown config sections")
+    if problem:
+        raise ValueError(problem)
     values = {name: _section(type(getattr(TrainConfig(), name)), raw.get(name, {}), name) for name in sections}
     return TrainConfig(**values, base_dir=base)

@@ -27,6 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from TextSegLib import __version__
 from TextSegLib.engine.checkpoints import save_checkpoint
 from TextSegLib.engine.preprocessing import Preprocessing
+from TextSegLib.evaluation.metrics import dice_from_counts, iou_from_counts
 from TextSegLib.io.manifests import read_manifest, split_patients
 from TextSegLib.models.registry import create_model, get_spec, preset_config
 from TextSegLib.text.features import TextFeatures
@@ -278,15 +279,13 @@ class Trainer:
                 reference += float(targets.sum())
             results.append((key, overlap, predicted, reference, loss, len(indices)))
         everything = [r for part in all_gather_objects(results, self.context) for r in part]
-        dices = [1.0 if p + r == 0 else 2 * o / (p + r) for _, o, p, r, _, _ in everything]
-        ious = [1.0 if p + r == 0 else o / (p + r - o) for _, o, p, r, _, _ in everything]
-        overlap = sum(r[1] for r in everything)
-        volume = sum(r[2] + r[3] for r in everything)
+        dices = [dice_from_counts(o, p, r) for _, o, p, r, _, _ in everything]
+        ious = [iou_from_counts(o, p, r) for _, o, p, r, _, _ in everything]
         return {
             "val_loss": sum(r[4] for r in everything) / max(sum(r[5] for r in everything), 1),
             "val_dice": sum(dices) / max(len(dices), 1),
             "val_iou": sum(ious) / max(len(ious), 1),
-            "val_dice_global": 1.0 if volume == 0 else 2 * overlap / volume,
+            "val_dice_global": dice_from_counts(*(sum(r[i] for r in everything) for i in (1, 2, 3))),
         }
 
     # ------------------------------------------------------------- lifecycle

@@ -301,8 +301,21 @@ def test_overwrite_replaces_and_says_so(world, check, capsys):
     assert read_seg_nrrd(existing)["segments"][0]["name"] == PROMPT
 
 
+@pytest.mark.parametrize(("options", "fragment"), [
+    (["--batch-size", "0"], "--batch-size: The batch size must be at least 1"),
+    (["--device", "bogus"], "--device: Unknown device 'bogus'"),
+    (["--device", "cuda:x"], "--device: Unknown device 'cuda:x'"),
+    (["--threshold", "0"], "--threshold: The threshold must lie between 0 and 1"),
+])
+def test_bad_options_are_refused_before_anything_is_read_or_loaded(options, fragment, world, check):
+    """The input is missing and the model unknown: the option's message comes first, naming the flag."""
+    check.refused(["segment", i(world, "nope.nrrd"), "-p", PROMPT, "-m", "no-such-model", *options], 1, fragment)
+    if "--threshold" not in options:
+        check.refused(["evaluate", "--manifest", i(world, "unlabelled.csv"), "-m", "no-such-model", *options], 1,
+                      fragment)
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["segment", "x.nrrd", "-p", "p", "-m", "m", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["segment", "x.nrrd", "-p", "p", "-m", "m", "--modality", "PET"], "invalid choice: 'PET'"),
     (["segment", "x.nrrd", "-m", "m"], "the following arguments are required: -p/--prompt"),
     (["segment", "x.nrrd", "-p", "p", "-m", "m", "--no-such-option"], "unrecognized arguments"),

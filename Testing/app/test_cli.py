@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+import torch
 from safetensors.torch import load_file, save_file
 from testkit import assert_same_grid, read_label, rewrite_metadata
 
@@ -71,6 +72,15 @@ def test_the_console_script_runs(tmp_path, slab, small_checkpoint):
                           capture_output=True, encoding="utf-8", errors="replace")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "lung2_slab.seg.nrrd").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here the GPU would be used")
+def test_a_gpu_asked_for_where_there_is_none_means_the_cpu_and_one_note(tmp_path, capsys, slab, small_checkpoint):
+    code, stdout, stderr = run(["segment", slab, "-p", PROMPT, "-p", "the left lung", "-m", small_checkpoint,
+                                "--device", "cuda:1", "-o", tmp_path, "-q"], capsys)
+    assert code == 0, stderr
+    assert f"Model {small_checkpoint.name.removesuffix('.safetensors')} on cpu" in stdout
+    assert stderr.splitlines() == ["textseg: note: No usable GPU was found; TextSeg runs on the CPU."]
 
 
 def test_several_inputs_go_to_a_folder(tmp_path, capsys, slab, data_dir, small_checkpoint):
@@ -264,10 +274,13 @@ def test_evaluate_a_manifest_with_a_model(tmp_path, capsys, data_dir, annotation
     manifest.write_text("case,image,label,text,modality\n" + "".join(
         f"{c},{data_dir / annotations[c]['image']},{data_dir / annotations[c]['label']},{annotations[c]['prompt']},"
         f"{annotations[c]['modality']}\n" for c in ("brain2", "breast1")))
-    code, _stdout, stderr = run(["evaluate", "--manifest", manifest, "-m", small_checkpoint, "--device", "cpu",
+    device = "cpu" if torch.cuda.is_available() else "cuda"  # no GPU: the CPU, with segment's note
+    code, _stdout, stderr = run(["evaluate", "--manifest", manifest, "-m", small_checkpoint, "--device", device,
                                 "--markdown", tmp_path / "t.md", "--json", tmp_path / "t.json", "--csv",
                                 tmp_path / "t.csv"], capsys)
     assert code == 0, stderr
+    notes = [line for line in stderr.splitlines() if line.startswith("textseg: note: ")]
+    assert notes == ([] if device == "cpu" else ["textseg: note: No usable GPU was found; TextSeg runs on the CPU."])
     table = json.loads((tmp_path / "t.json").read_text())
     assert [row["case"] for row in table["cases"]] == ["brain2", "breast1"]
     assert table["cases"][1]["text"] == annotations["breast1"]["prompt"]

@@ -15,6 +15,7 @@ import torch
 from TextSegLib.engine.inference import CancelToken, InferenceEngine
 from TextSegLib.engine.loading import clear_model_cache, load_model
 from TextSegLib.evaluation.demo import DEMO_DIR, DEMO_MODEL
+from TextSegLib.evaluation.metrics import dice
 from TextSegLib.io.volumes import Volume, read_volume
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -36,18 +37,13 @@ def gpu_model():
     return load_model(DEMO_MODEL, "cuda")
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
-
-
 def test_cuda_fp32_matches_the_cpu(lung2, gpu_model):
     slab = _slab(lung2, 24, 40)
     cpu = InferenceEngine(load_model(DEMO_MODEL, "cpu"), amp=False).segment(slab, PROMPT, probability=True)
     gpu = InferenceEngine(gpu_model, amp=False).segment(slab, PROMPT, probability=True)
     # amp=False is IEEE fp32 on both (the engine switches cuDNN's TF32 off): only summation order differs.
     np.testing.assert_allclose(gpu.probability, cpu.probability, atol=1e-3)
-    assert _dice(gpu.mask, cpu.mask) >= 0.99
+    assert dice(gpu.mask, cpu.mask) >= 0.99
 
 
 def test_the_inverse_fft_of_a_filtered_spectrum_is_the_same_on_the_gpu():
@@ -62,7 +58,7 @@ def test_the_inverse_fft_of_a_filtered_spectrum_is_the_same_on_the_gpu():
 def test_bf16_masks_agree_with_fp32_on_the_real_case(lung2, gpu_model):
     fp32 = InferenceEngine(gpu_model, amp=False).segment(lung2, PROMPT, probability=True)
     fast = InferenceEngine(gpu_model).segment(lung2, PROMPT, probability=True)
-    assert _dice(fast.mask, fp32.mask) >= 0.99
+    assert dice(fast.mask, fp32.mask) >= 0.99
     assert np.abs(fast.probability - fp32.probability).max() < 0.1
 
 
@@ -113,7 +109,7 @@ def test_compiled_engine_matches_eager(lung2, gpu_model):
     eager = InferenceEngine(gpu_model, batch_size=8).segment(slab, PROMPT, probability=True)
     compiled = InferenceEngine(gpu_model, batch_size=8, compile=True).segment(slab, PROMPT, probability=True)
     np.testing.assert_allclose(compiled.probability, eager.probability, atol=0.05)
-    assert _dice(compiled.mask, eager.mask) >= 0.99
+    assert dice(compiled.mask, eager.mask) >= 0.99
 
 
 def test_cancel_on_the_gpu_returns_nothing(lung2, gpu_model):

@@ -18,7 +18,7 @@ from TextSegLib.core.results import MIN_FOUND_ML
 from TextSegLib.engine.catalogue import SHIPPED_MODELS_DIR, Catalogue
 from TextSegLib.engine.checkpoints import read_checkpoint_info
 from TextSegLib.engine.loading import load_model
-from TextSegLib.evaluation.demo import CASE_DIRS, DEMO_DIR, DEMO_MODEL, demo_case, montage
+from TextSegLib.evaluation.demo import CASE_DIRS, DEFAULT_CASE, DEMO_DIR, DEMO_MODEL, demo_case, montage
 from TextSegLib.evaluation.metrics import dice
 from TextSegLib.evaluation.tables import read_mask
 from TextSegLib.io.segnrrd import TAG_FOUND, read_seg_nrrd
@@ -41,6 +41,7 @@ def test_the_lung2_case_is_the_real_lung2_with_its_licence(data_dir, annotations
 def test_patient_b_is_bundled_unchanged_and_asks_for_the_trained_structures():
     case = demo_case("abdomen")
     folder = CASE_DIRS["abdomen"]
+    assert DEFAULT_CASE == "abdomen" and demo_case() == case  # the one default, also `textseg demo`'s
     files = sorted(p.name for p in (TOTALSEG / "ct_b_dicom").iterdir())
     assert sorted(p.name for p in case["image"].iterdir()) == files and len(files) == 20
     for name in files:

@@ -258,6 +258,23 @@ def test_empty_mask_conventions(which):
     assert case_metrics["reference_voxels"] == reference.sum()
 
 
+def test_counted_dice_and_iou_are_the_masks_own(labels):
+    """Training counts voxels slice by slice and tables sum them over cases: the same Dice, IoU and Dice Global."""
+    from TextSegLib.evaluation.tables import summarise
+
+    pairs = [(perturb(labels[case][0], name), labels[case][0])
+             for case, name in (("lung2", "identical"), ("breast1", "shift_j"), ("brain2", "eroded"))]
+    rows = [metrics.evaluate_case(prediction, reference) for prediction, reference in pairs]
+    for (prediction, reference), row in zip(pairs, rows, strict=True):
+        slices = [(np.count_nonzero(p & r), np.count_nonzero(p), np.count_nonzero(r))
+                  for p, r in zip(prediction, reference, strict=True)]
+        counts = [float(sum(column)) for column in zip(*slices, strict=True)]
+        assert metrics.dice_from_counts(*counts) == metrics.dice(prediction, reference) == row["dice"]
+        assert metrics.iou_from_counts(*counts) == metrics.iou(prediction, reference) == row["iou"]
+    assert summarise(rows)["dice_global"] == metrics.dice_global(pairs)
+    assert summarise([])["dice_global"] == metrics.dice_global([]) == metrics.dice_from_counts(0, 0, 0) == 1.0
+
+
 def test_dice_global_with_empty_cases():
     empty = np.zeros((3, 3, 3), bool)
     voxel = np.zeros((3, 3, 3), bool)

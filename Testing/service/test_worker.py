@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+import torch
 
 from TextSegLib.core.results import SegmentationResult
 from TextSegLib.engine.inference import InferenceEngine
@@ -140,6 +141,41 @@ def test_a_damaged_result_is_a_protocol_error(expected):
     del header["models"]
     with pytest.raises(ProtocolError, match=r"header is damaged \(KeyError: 'models'\)"):
         decode_result(frame(header, body[8 + length:]))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"device": "auto:3"}, r"^Unknown device 'auto:3': use auto, cpu, cuda or cuda:N"),
+    ({"device": "cpu:x"}, r"^Unknown device 'cpu:x'"),
+    ({"batch_size": 0}, r"^The batch size must be at least 1 \(or automatic\), not 0\.$"),
+    ({"batch_size": True}, r"^The batch size must be a whole number, not bool\.$"),
+    ({"threshold": 1.0}, r"^The threshold must lie between 0 and 1"),
+    ({"modality": "PET"}, r"^The modality must be 'CT', 'MR' or None \(guess it\), not 'PET'\.$"),
+])
+def test_requests_are_checked_by_the_rules_every_front_end_uses(slab, fields, message):
+    with pytest.raises(ProtocolError, match=message):
+        SegmentRequest(PROMPT, ["m"], **fields).validate()
+    with pytest.raises(ProtocolError, match=message):
+        decode_request(_edited_body(slab, "request", fields))
+
+
+def test_unknown_request_fields_are_named(slab):
+    with pytest.raises(ProtocolError, match=r"^request has unknown fields: colour \(known: batch_size, device, fp32"):
+        decode_request(_edited_body(slab, "request", {"colour": "red"}))
+
+
+def test_a_volume_header_s_modality_is_checked_too(slab):
+    with pytest.raises(ProtocolError, match=r"^volume\.modality: The modality must be 'CT', 'MR'"):
+        decode_request(_edited_body(slab, "volume", {"modality": "PET"}))
+
+
+def _edited_body(volume: Volume, part: str, fields: dict) -> bytes:
+    """A request's body whose header's ``part`` ("request" or "volume") has ``fields`` changed, sent as is."""
+    body = encode_request(volume, SegmentRequest(PROMPT, ["m"]))
+    length = int.from_bytes(body[4:8], "little")
+    header = json.loads(body[8:8 + length])
+    header[part].update(fields)
+    text = json.dumps(header).encode()
+    return b"TSEG" + len(text).to_bytes(4, "little") + text + body[8 + length:]
 
 
 def test_the_worker_segments_as_the_engine_does_and_reports_progress(worker, slab, expected, small_checkpoint):
@@ -311,17 +347,22 @@ def test_a_server_refuses_file_paths_from_other_computers(slab, small_checkpoint
 
 
 def test_textseg_segment_on_a_server_writes_what_it_writes_in_process(tmp_path, slab, small_checkpoint):
+    """Also the device: where there is no GPU, "cuda" means the CPU and the same note, in this process or there."""
     image = tmp_path / "slab.nrrd"
     sitk.WriteImage(slab.to_sitk(), str(image))
+    device = "cpu" if torch.cuda.is_available() else "cuda"
     process, url = serve(env={"TEXTSEG_TOKEN": "secret"})
     try:
         outputs = {}
         for how, extra in (("local", []), ("server", ["--server", url, "--token", "secret"])):
             outputs[how] = tmp_path / f"{how}.seg.nrrd"
             done = subprocess.run([sys.executable, "-m", "TextSegLib", "segment", str(image), "-p", PROMPT,
-                                   "-m", str(small_checkpoint), "--device", "cpu", "-q", "-o", str(outputs[how]),
+                                   "-m", str(small_checkpoint), "--device", device, "-q", "-o", str(outputs[how]),
                                    *extra], capture_output=True, encoding="utf-8", cwd=REPO, timeout=300)
             assert done.returncode == 0, done.stderr
+            notes = [line for line in done.stderr.splitlines() if line.startswith("textseg: note: ")]
+            assert notes == ([] if device == "cpu" else
+                             ["textseg: note: No usable GPU was found; TextSeg runs on the CPU."]), done.stderr
         refused = subprocess.run([sys.executable, "-m", "TextSegLib", "segment", str(image), "-p", PROMPT,
                                   "-m", str(small_checkpoint), "-q", "-o", str(tmp_path / "x.seg.nrrd"), "--server",
                                   url], capture_output=True, encoding="utf-8", cwd=REPO, timeout=300)

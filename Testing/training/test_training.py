@@ -79,8 +79,12 @@ def test_config_overrides_and_errors():
     config = load_config(CONFIGS / "texlivernet.toml", ["train.epochs=3", "model.overrides={dropout=0.0}",
                                                         "export.name=liver"])
     assert config.train.epochs == 3 and config.model.overrides == {"dropout": 0.0} and config.export.name == "liver"
-    with pytest.raises(ValueError, match="unknown keys: epoch"):
+    with pytest.raises(ValueError, match=r"^\[train\] has unknown keys: epoch \(known: .*epochs"):
         load_config(CONFIGS / "texlivernet.toml", ["train.epoch=3"])
+    with pytest.raises(ValueError, match=r"^unknown config sections: trian \(known: augment, data, export, model"):
+        load_config(CONFIGS / "texlivernet.toml", ["trian.epochs=3"])
+    betas = load_config(CONFIGS / "texlivernet.toml", ["optim.betas=[0.8, 0.9]", 'export.example_prompts=["a"]'])
+    assert betas.optim.betas == (0.8, 0.9) and betas.export.example_prompts == ["a"]  # tuples where declared
     with pytest.raises(ValueError, match=r"section\.key=value"):
         load_config(CONFIGS / "texlivernet.toml", ["epochs=3"])
 
@@ -122,6 +126,14 @@ def test_explicit_splits_and_manifest_errors(tmp_path, data_dir, annotations):
     manifest.write_text("case,image,label,text,split\n"
                         f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,holdout\n")
     with pytest.raises(ManifestError, match="split must be"):
+        read_manifest(manifest)
+    manifest.write_text("case,image,label,text,modality\n"
+                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,mr\n"
+                        f"b,{data_dir / 'brain2_image.nrrd'},{data_dir / 'brain2_label.nrrd'},y,\n")
+    assert [c.modality for c in read_manifest(manifest)] == ["MR", None]
+    manifest.write_text("case,image,label,text,modality\n"
+                        f"a,{data_dir / 'brain1_image.nrrd'},{data_dir / 'brain1_label.nrrd'},x,PET\n")
+    with pytest.raises(ManifestError, match=r"^m\.csv, row 2: The modality must be 'CT', 'MR' .*not 'PET'"):
         read_manifest(manifest)
 
 

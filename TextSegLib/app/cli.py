@@ -22,21 +22,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from TextSegLib import __version__
 from TextSegLib.core.errors import TextSegError
 from TextSegLib.core.files import OutputTransaction, check_writable
 from TextSegLib.core.messages import describe_fault, first_line
+from TextSegLib.core.options import MODALITIES, SegmentOptions, check_batch_size, check_device, check_threshold
+from TextSegLib.core.settings import (
+    DEBUG_PAUSE_VARIABLE,
+    DEFAULT_HOST,
+    DEFAULT_MAX_REQUEST_MB,
+    MODELS_DIR_VARIABLE,
+    SERVE_PORT,
+    TOKEN_VARIABLE,
+    WEB_PORT,
+    debug_pause,
+    environment_token,
+)
 from TextSegLib.io.volumes import case_name
-from TextSegLib.service.protocol import DEFAULT_MAX_REQUEST_MB
 
 log = logging.getLogger("textseg")
 
@@ -58,9 +69,36 @@ class _Parser(argparse.ArgumentParser):
 def _stage(stage: str, what: str) -> None:
     """Log a stage of ``segment`` (shown with --debug) and pause there when ``TEXTSEG_DEBUG_PAUSE`` names it."""
     log.info("%s %s", stage, what)
-    if os.environ.get("TEXTSEG_DEBUG_PAUSE") == stage:
-        print(f"textseg: debug: paused at {stage} {what} (TEXTSEG_DEBUG_PAUSE)", flush=True)
+    if debug_pause() == stage:
+        print(f"textseg: debug: paused at {stage} {what} ({DEBUG_PAUSE_VARIABLE})", flush=True)
         time.sleep(60)
+
+
+_Checked = TypeVar("_Checked")
+
+
+def _option(flag: str, check: Callable[[object], _Checked], value: object) -> _Checked:
+    """``check(value)`` (one of :mod:`TextSegLib.core.options`' checks), its error a :class:`UsageError` naming
+    ``flag``."""
+    try:
+        return check(value)
+    except TextSegError as error:
+        raise UsageError(f"{flag}: {error}") from None
+
+
+def _segment_options(args: argparse.Namespace) -> SegmentOptions:
+    """The run's options from the command line, each checked (a bad one is a :class:`UsageError` naming its flag)
+    before anything is read or loaded."""
+    threshold = getattr(args, "threshold", None)
+    return SegmentOptions(
+        device=_option("--device", check_device, args.device),
+        batch_size=_option("--batch-size", check_batch_size, args.batch_size),
+        threshold=None if threshold is None else _option("--threshold", check_threshold, threshold),
+        probability=getattr(args, "probability", False),
+        modality=getattr(args, "modality", None),
+        fp32=getattr(args, "fp32", False),
+        compile=getattr(args, "compile", False),
+    )
 
 
 def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Path], overwrite: bool) -> None:
@@ -84,9 +122,33 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit].lower() or "segment"
 
 
+class _Said(logging.Filter):
+    """What this run has said on stderr (log records as they pass the handler, and notes), so that a result's note
+    that was also logged as a warning where it arose, in this process, is not said twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.add(record.getMessage())
+        return True
+
+    def note(self, message: str) -> None:
+        """Say ``message`` as ``textseg: note: ...`` unless it was said already."""
+        if message not in self.messages:
+            self.messages.add(message)
+            print(f"textseg: note: {message}", file=sys.stderr, flush=True)
+
+
+_SAID = _Said()
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("textseg: %(levelname)s: %(message)s"))
+    _SAID.messages.clear()
+    handler.addFilter(_SAID)
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
@@ -179,18 +241,19 @@ def _progress_bar(total: int, label: str, quiet: bool):
     return tqdm(total=total, desc=label, unit="slice", disable=quiet or None, leave=False, file=sys.stderr)
 
 
-def _segmenter(args: argparse.Namespace):
-    """``(segment(volume, prompt, progress) -> result, description)``: in this process, or on ``--server``."""
+def _segmenter(args: argparse.Namespace, options: SegmentOptions):
+    """``(segment(volume, prompt, progress) -> result, description)``: in this process, or on ``--server``; both
+    choose the device and fall back to the CPU the same way (:class:`~TextSegLib.engine.run.Segmenter`)."""
     if args.server:
         from TextSegLib.service.client import RemoteWorker
         from TextSegLib.service.protocol import SegmentRequest, WorkerError
 
-        worker = RemoteWorker(args.server, args.token or os.environ.get("TEXTSEG_TOKEN"))
+        worker = RemoteWorker(args.server, args.token or environment_token())
         worker.health()
 
         def remote(volume, prompt: str, progress):
-            request = SegmentRequest(prompt, list(args.model), args.device, args.batch_size, args.threshold,
-                                     args.probability, args.modality, args.fp32)
+            request = SegmentRequest(prompt, list(args.model), options.device, options.batch_size, options.threshold,
+                                     options.probability, options.modality, options.fp32)
             job = worker.submit(volume, request)
             try:
                 result = job.wait(progress)
@@ -204,18 +267,10 @@ def _segmenter(args: argparse.Namespace):
         return remote, f"{'+'.join(args.model)} on {worker.describe()}"
 
     from TextSegLib.engine.catalogue import Catalogue
-    from TextSegLib.engine.inference import InferenceEngine
-    from TextSegLib.engine.loading import load_model
+    from TextSegLib.engine.run import Segmenter
 
-    catalogue = Catalogue(args.models_dir)
-    models = [load_model(name, args.device, catalogue) for name in args.model]
-    engine = InferenceEngine(models, batch_size=args.batch_size, amp=not args.fp32, compile=args.compile)
-
-    def local(volume, prompt: str, progress):
-        return engine.segment(volume, prompt, threshold=args.threshold, probability=args.probability,
-                              progress=progress, modality=args.modality)
-
-    return local, f"{'+'.join(m.id for m in models)} on {engine.device}"
+    segmenter = Segmenter(args.model, options, Catalogue(args.models_dir))
+    return segmenter.segment, segmenter.describe()
 
 
 def _reporter(bar, label: str):
@@ -238,21 +293,17 @@ def _probability_path(target: Path, number: int, name: str) -> Path:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from TextSegLib.core.options import check_threshold, validate_prompt
+    from TextSegLib.core.options import validate_prompt
     from TextSegLib.io.segnrrd import segment_for_result, write_seg_nrrd
     from TextSegLib.io.volumes import check_volume_file, read_volume, write_image
 
+    options = _segment_options(args)
     prompts = [validate_prompt(p) for p in args.prompt]
     names = _segment_names(prompts, args.name)
     inputs = [Path(p) for p in args.inputs]
     for path in inputs:
         check_volume_file(path)
     outputs = _output_paths(inputs, Path(args.output) if args.output else None)
-    if args.threshold is not None:
-        try:
-            check_threshold(args.threshold)
-        except ValueError as error:
-            raise UsageError(f"--threshold: {error}") from error
     probability_paths = [[_probability_path(target, number, name) for number, name in enumerate(names, start=1)]
                          if args.probability else [] for target in outputs]
     models_given = [Path(m) for m in args.model if Path(m).exists()]
@@ -260,7 +311,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     _check_outputs(every_output, [*inputs, *models_given], args.overwrite)
     existing = {path for path in every_output if path.exists()}
 
-    segment, where = _segmenter(args)
+    segment, where = _segmenter(args, options)
     print(f"Model {where}", flush=True)
 
     args.outputs_started = True
@@ -277,6 +328,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 finally:
                     bar.close()
                 assert result is not None  # nothing cancels a command-line run
+                for note in result.notes:  # a device note holds for every result: said once
+                    _SAID.note(note)
                 segments.append(segment_for_result(result, name, index))
                 if args.probability:
                     probabilities.append(result.probability)
@@ -324,7 +377,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UsageError(f"textseg web needs trame-slicer ({error.name} is missing): pip install "
                          "'textseg[web]'.") from None
-    serve_web(args.host, args.port, args.server, args.token or os.environ.get("TEXTSEG_TOKEN"), args.models_dir)
+    serve_web(args.host, args.port, args.server, args.token or environment_token(), args.models_dir)
     return 0
 
 
@@ -339,6 +392,7 @@ def _files(path: Path) -> list[Path]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from TextSegLib.evaluation import tables as evaluation
 
+    options = _segment_options(args)
     tables = [(Path(option), render) for option, render in (
         (args.json, evaluation.to_json), (args.csv, evaluation.to_csv), (args.markdown, evaluation.to_markdown))
         if option]
@@ -354,19 +408,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not args.model:
             raise UsageError("--manifest needs --model: the model whose segmentations are evaluated.")
         from TextSegLib.engine.catalogue import Catalogue
-        from TextSegLib.engine.inference import InferenceEngine
-        from TextSegLib.engine.loading import load_model
+        from TextSegLib.engine.run import Segmenter
         from TextSegLib.io.manifests import read_manifest, split_cases
 
         cases = read_manifest(args.manifest)
         if args.split:
             train, val = split_cases(cases, args.val_fraction, args.split_seed)
             cases = train if args.split == "train" else val
-        catalogue = Catalogue(args.models_dir)
-        engine = InferenceEngine([load_model(name, args.device, catalogue) for name in args.model],
-                                 batch_size=args.batch_size)
-        rows = evaluation.evaluate_manifest(engine, cases, progress=lambda case: print(f"Segmenting {case}",
-                                                                                        file=sys.stderr))
+        segmenter = Segmenter(args.model, options, Catalogue(args.models_dir))
+        rows = evaluation.evaluate_manifest(segmenter, cases, progress=lambda case: print(f"Segmenting {case}",
+                                                                                           file=sys.stderr))
+        for note in segmenter.notes:  # where it ran: as segment says it
+            _SAID.note(note)
     else:
         if not (args.prediction and args.reference):
             raise UsageError("Give a prediction and a reference (files or folders), or --manifest with --model.")
@@ -418,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="textseg", description="Text-guided segmentation of CT and MR volumes.")
     parser.add_argument("--version", action="version", version=f"textseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("--models-dir", help="folder of imported models (default: $TEXTSEG_MODELS_DIR or "
+    parser.add_argument("--models-dir", help=f"folder of imported models (default: ${MODELS_DIR_VARIABLE} or "
                         "~/.local/share/textseg/models)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -438,14 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     segment.add_argument("--batch-size", type=int, help="slices per forward pass (default: chosen for the device)")
     segment.add_argument("--threshold", type=float, help="probability threshold (default: the model's, 0.5)")
-    segment.add_argument("--modality", choices=["CT", "MR"], help="override the guess from the intensities")
+    segment.add_argument("--modality", choices=MODALITIES, help="override the guess from the intensities")
     segment.add_argument("--fp32", action="store_true", help="compute in fp32 (default: bf16/fp16 where the GPU or "
                          "CPU has it; masks agree to Dice > 0.99)")
     segment.add_argument("--compile", action="store_true", help="torch.compile the networks first (tens of "
                          "seconds; pays off for many or large volumes)")
     segment.add_argument("--server", help="segment on a TextSeg worker service (`textseg serve`) at this URL, "
-                         "e.g. http://gpu-server:8765; models are the server's")
-    segment.add_argument("--token", help="the server's token (default: $TEXTSEG_TOKEN)")
+                         f"e.g. http://gpu-server:{SERVE_PORT}; models are the server's")
+    segment.add_argument("--token", help=f"the server's token (default: ${TOKEN_VARIABLE})")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     segment.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: "
                          "refuse to start)")
@@ -453,10 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the segmentation worker as an HTTP service (for 3D Slicer on another "
                            "computer, or `textseg segment --server`)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer "
-                       "only; any other address needs --token)")
-    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    serve.add_argument("--token", help="token every client must send (default: $TEXTSEG_TOKEN)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this "
+                       "computer only; any other address needs --token)")
+    serve.add_argument("--port", type=int, default=SERVE_PORT, help=f"port (default {SERVE_PORT}; 0 picks a free one)")
+    serve.add_argument("--token", help=f"token every client must send (default: ${TOKEN_VARIABLE})")
     serve.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
                        help=f"largest request accepted, in MB (default {DEFAULT_MAX_REQUEST_MB})")
     serve.add_argument("--ready-line", action="store_true", help=argparse.SUPPRESS)
@@ -464,12 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     web = sub.add_parser("web", help="segment in a web browser, with Slicer's slice and 3D views")
-    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer "
-                     "only; the page has no log-in, see the README before using another)")
-    web.add_argument("--port", type=int, default=8780, help="port (default 8780; 0 picks a free one)")
+    web.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this "
+                     "computer only; the page has no log-in, see the README before using another)")
+    web.add_argument("--port", type=int, default=WEB_PORT, help=f"port (default {WEB_PORT}; 0 picks a free one)")
     web.add_argument("--server", help="segment on a TextSeg worker service (`textseg serve`) at this URL "
                      "(default: a worker process on this computer)")
-    web.add_argument("--token", help="the server's token (default: $TEXTSEG_TOKEN)")
+    web.add_argument("--token", help=f"the server's token (default: ${TOKEN_VARIABLE})")
     web.set_defaults(func=cmd_web)
 
     evaluate = sub.add_parser("evaluate", help="compare predictions with references (files, folders, or a "
@@ -571,8 +624,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(verbose=getattr(args, "debug", False))
-    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     if args.command in ("segment", "evaluate"):
         import SimpleITK as sitk
 

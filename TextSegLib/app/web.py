@@ -34,11 +34,12 @@ import numpy as np
 from TextSegLib.app.uploads import UPLOAD_KINDS, read_upload
 from TextSegLib.core.errors import TextSegError, TextSegValueError
 from TextSegLib.core.messages import describe_fault, first_line
+from TextSegLib.core.options import DEVICES, check_batch_size, check_threshold
 from TextSegLib.core.results import SegmentationResult
+from TextSegLib.core.settings import DEFAULT_HOST, MODELS_DIR_VARIABLE, WEB_PORT, is_loopback
 from TextSegLib.io.volumes import Volume, VolumeError, case_name, read_volume
 
 __all__ = [
-    "DEFAULT_PORT",
     "WINDOW_PRESETS",
     "TextSegWebApp",
     "serve_web",
@@ -46,8 +47,6 @@ __all__ = [
 
 log = logging.getLogger("textseg")
 
-DEFAULT_PORT = 8780
-DEVICES = ("auto", "cpu", "cuda")
 POLL_SECONDS = 0.2
 # Window and level (Hounsfield units for CT) of the slice views; "Automatic" is Slicer's automatic window.
 WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
@@ -277,13 +276,14 @@ class TextSegWebApp:
             except ValueError:
                 raise TextSegValueError(f"The threshold {text!r} is not a number; give one between 0 and 1, or "
                                         "leave it empty for the model's.") from None
+            check_threshold(threshold)
         batch_size = None
         text = str(self.state.batch_size or "").strip()
         if text:
-            if not text.isdigit() or int(text) < 1:
+            if not text.isdigit():
                 raise TextSegValueError(f"The batch size {text!r} is not a whole number of at least 1; leave it "
                                         "empty to let TextSeg choose.")
-            batch_size = int(text)
+            batch_size = check_batch_size(int(text))
         return SegmentRequest(prompt, [self.state.model_id], self.state.device, batch_size, threshold, True,
                               self.volume.modality).validate()
 
@@ -545,7 +545,7 @@ class TextSegWebApp:
 # ------------------------------------------------------------------------------------------------------ start
 
 
-def serve_web(host: str = "127.0.0.1", port: int = DEFAULT_PORT, server: str | None = None,
+def serve_web(host: str = DEFAULT_HOST, port: int = WEB_PORT, server: str | None = None,
               token: str | None = None, models_dir: str | None = None,
               announce: Callable[[str], None] = print) -> None:
     """Run the web application until interrupted (blocking). ``server`` (a ``textseg serve`` URL) segments there;
@@ -563,7 +563,7 @@ def serve_web(host: str = "127.0.0.1", port: int = DEFAULT_PORT, server: str | N
         worker.health()
         models = worker.models()
     else:
-        environment = {"TEXTSEG_MODELS_DIR": models_dir} if models_dir else {}
+        environment = {MODELS_DIR_VARIABLE: models_dir} if models_dir else {}
         worker = LocalWorker(environment=environment)
         models = [ModelChoice.from_entry(entry) for entry in Catalogue(models_dir).entries()]
     import SimpleITK as sitk
@@ -575,7 +575,7 @@ def serve_web(host: str = "127.0.0.1", port: int = DEFAULT_PORT, server: str | N
         app.executor.submit(worker.start)  # the first Segment then finds the worker ready
 
     def ready(**_: Any) -> None:
-        where = "this computer only" if host in ("127.0.0.1", "localhost", "::1") else \
+        where = "this computer only" if is_loopback(host) else \
             "every computer that can reach this address; there is no log-in"
         announce(f"TextSeg web: http://{host}:{trame.port}/ (reachable from {where}; Ctrl-C stops it)")
 

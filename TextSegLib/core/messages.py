@@ -1,5 +1,5 @@
-"""Short messages: the first line of an exception, a fault named in one line, and a description of mismatched
-weight keys."""
+"""Short messages: the first line of an exception, a fault named in one line, mismatched weight keys, and keys
+a reader does not know."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections.abc import Iterable
 
 __all__ = [
     "describe_fault",
+    "describe_key_problems",
     "first_line",
+    "unknown_keys",
 ]
 
 
@@ -34,3 +36,14 @@ def describe_key_problems(groups: Iterable[tuple[str, list[str]]], shown: int = 
             listed = ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
             problems.append(f"{len(keys)} {label} ({listed})")
     return "; ".join(problems)
+
+
+def unknown_keys(given: Iterable[str], known: Iterable[str], what: str) -> str | None:
+    """``"<what>: a, b (known: c, d)"`` naming the keys of ``given`` that are not ``known``, both sorted; None when
+    every key is known. Config files, checkpoint configs and worker requests name their unknown keys with it, each
+    in its own exception."""
+    known = sorted(set(known))
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return None
+    return f"{what}: {', '.join(unknown)} (known: {', '.join(known)})"

@@ -61,8 +61,9 @@ def check_threshold(threshold: object) -> float:
     (:class:`~TextSegLib.core.errors.TextSegError` subclasses)."""
     if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating | np.integer):
         raise TextSegTypeError(f"The threshold must be a number between 0 and 1, not {type(threshold).__name__}.")
-    if not 0.0 < float(threshold) < 1.0:
-        raise TextSegValueError(f"The threshold must lie between 0 and 1 (a probability), not {threshold}.")
+    if not 0 < threshold < 1:  # compared as given: float() of a huge integer overflows, NaN compares false
+        shown = str(threshold) if len(str(threshold)) <= 20 else f"{str(threshold)[:20]}..."
+        raise TextSegValueError(f"The threshold must lie between 0 and 1 (a probability), not {shown}.")
     return float(threshold)
 
 

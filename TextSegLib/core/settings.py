@@ -14,6 +14,7 @@ functions here, never ``os.environ`` directly, so one variable has one meaning e
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -27,6 +28,7 @@ __all__ = [
     "WEB_PORT",
     "debug_pause",
     "environment_token",
+    "is_loopback",
     "user_models_dir",
 ]
 
@@ -61,3 +63,14 @@ def user_models_dir() -> Path:
 def debug_pause() -> str:
     """The stage at which ``textseg segment`` pauses for tests (``$TEXTSEG_DEBUG_PAUSE``), "" when unset."""
     return os.environ.get(DEBUG_PAUSE_VARIABLE, "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this computer only (127.0.0.0/8, ::1, localhost): a service listening there needs no
+    token, and a page served there is reachable from this computer alone."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from TextSegLib.core.messages import first_line
 from TextSegLib.text.features import TextFeatures
 
 __all__ = [
@@ -108,7 +109,7 @@ class _CompiledOrEager(nn.Module):
         try:
             return self.compiled(padded, prompt)[:count]
         except Exception as error:  # compilation problems surface as many exception types
-            log.warning("torch.compile failed (%s); running uncompiled", str(error).strip().splitlines()[0])
+            log.warning("torch.compile failed (%s); running uncompiled", first_line(error))
             self.failed = True
             return self.network(image, text)
 

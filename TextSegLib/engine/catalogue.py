@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from TextSegLib.core.files import atomic_write
+from TextSegLib.core.settings import user_models_dir
 from TextSegLib.engine.checkpoints import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint_info
 from TextSegLib.models.registry import architectures, config_from_dict, get_spec
 
@@ -19,22 +20,12 @@ __all__ = [
     "Catalogue",
     "CatalogueEntry",
     "check_model_id",
-    "user_models_dir",
 ]
 
 log = logging.getLogger("textseg")
 
 
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "weights"
-
-
-def user_models_dir() -> Path:
-    """Folder of models the user imported: ``$TEXTSEG_MODELS_DIR``, else ``$XDG_DATA_HOME/textseg/models``
-    (``~/.local/share/textseg/models``)."""
-    if os.environ.get("TEXTSEG_MODELS_DIR"):
-        return Path(os.environ["TEXTSEG_MODELS_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "textseg" / "models"
 
 
 @dataclass(frozen=True)

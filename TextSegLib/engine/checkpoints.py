@@ -53,6 +53,7 @@ from TextSegLib import __version__
 from TextSegLib.core.errors import PretrainedUnavailableError, TextSegError
 from TextSegLib.core.files import atomic_write
 from TextSegLib.core.messages import describe_key_problems
+from TextSegLib.core.options import check_threshold
 from TextSegLib.models.ensemble import Ensemble
 from TextSegLib.models.registry import architectures, building_from_checkpoint, config_from_dict, create_model, get_spec
 
@@ -156,9 +157,10 @@ def _settings_problem(info: CheckpointInfo) -> str | None:
         CanonicalTransform.create(np.eye(3), info.orientation)
     except (KeyError, ValueError):
         return f"its orientation {info.orientation!r} is not a code such as 'LPS' or 'RAS'"
-    threshold = info.threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
-        return f"its threshold {threshold!r} does not lie between 0 and 1"
+    try:
+        check_threshold(info.threshold)
+    except TextSegError:
+        return f"its threshold {info.threshold!r} does not lie between 0 and 1"
     if not isinstance(info.external_weights, list) or not all(isinstance(k, str) for k in info.external_weights):
         return "its external_weights is not a list of names"
     if not isinstance(info.weights_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", info.weights_sha256):

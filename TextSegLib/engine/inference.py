@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from TextSegLib.core.errors import TextSegTypeError, TextSegValueError
-from TextSegLib.core.options import check_threshold, validate_prompt
+from TextSegLib.core.options import check_batch_size, check_modality, check_threshold, validate_prompt
 from TextSegLib.core.results import CancelToken, SegmentationResult
 from TextSegLib.engine.acceleration import BatchTuner, _CompiledOrEager, _CudaStreams, _StagedPipeline, fold_batchnorm
 from TextSegLib.engine.devices import cpu_has_native_bf16, memory_error
@@ -129,11 +128,7 @@ class InferenceEngine:
         if len(devices) != 1:
             raise ValueError("all models of an ensemble must be on the same device")
         self.device = devices.pop()
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
-            raise TextSegTypeError(f"The batch size must be a whole number, not {type(batch_size).__name__}.")
-        if batch_size is not None and batch_size < 1:
-            raise TextSegValueError(f"The batch size must be at least 1, not {batch_size}.")
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.amp = amp
         self.compile = compile
         self._per_slice_bytes: dict[str, int] = {}
@@ -261,8 +256,7 @@ class InferenceEngine:
         prompt = validate_prompt(prompt)
         if threshold is not None:
             threshold = check_threshold(threshold)
-        if modality not in (None, "CT", "MR"):
-            raise TextSegValueError(f"The modality must be 'CT', 'MR' or None (guess it), not {modality!r}.")
+        modality = check_modality(modality)
         volume, missing, note = _without_nonfinite(volume)
         if note:
             log.warning("%s", note)

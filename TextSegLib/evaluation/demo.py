@@ -42,10 +42,10 @@ REFERENCE_COLOUR = (40, 220, 70)
 PREDICTION_COLOUR = (255, 70, 50)
 
 
-def demo_case(name: str = "lung2") -> dict[str, Any]:
-    """A bundled case's description (its ``case.json``) with absolute file paths: ``"lung2"`` (the chest CT with
-    one lesion) or ``"abdomen"`` (patient B). ``targets`` lists ``{"structure", "prompt", "label_value"}``; a null
-    label value is a structure the scan does not contain."""
+def demo_case(name: str = DEFAULT_CASE) -> dict[str, Any]:
+    """A bundled case's description (its ``case.json``) with absolute file paths: ``"abdomen"`` (patient B, the
+    default) or ``"lung2"`` (the chest CT with one lesion). ``targets`` lists ``{"structure", "prompt",
+    "label_value"}``; a null label value is a structure the scan does not contain."""
     if name not in CASE_DIRS:
         raise ValueError(f"There is no demo case {name!r}; choose one of {', '.join(CASE_DIRS)}.")
     folder = CASE_DIRS[name]

@@ -45,11 +45,13 @@ __all__ = [
     "assd",
     "boundary_dice",
     "dice",
+    "dice_from_counts",
     "dice_global",
     "evaluate_case",
     "hausdorff",
     "hd95",
     "iou",
+    "iou_from_counts",
     "ravd",
     "surface_distances",
     "voe",
@@ -70,27 +72,34 @@ def _counts(prediction: np.ndarray, reference: np.ndarray) -> tuple[int, int, in
     return int(np.count_nonzero(p & r)), int(np.count_nonzero(p)), int(np.count_nonzero(r))
 
 
+def dice_from_counts(overlap: float, predicted: float, reference: float) -> float:
+    """Dice from voxel counts ``|P n R|``, ``|P|`` and ``|R|`` (1 when both are empty): where masks are counted
+    piecewise (slices in training) or summed over cases (Dice Global)."""
+    return 1.0 if predicted + reference == 0 else 2.0 * overlap / (predicted + reference)
+
+
+def iou_from_counts(overlap: float, predicted: float, reference: float) -> float:
+    """IoU from voxel counts ``|P n R|``, ``|P|`` and ``|R|`` (1 when both are empty)."""
+    union = predicted + reference - overlap
+    return 1.0 if union == 0 else overlap / union
+
+
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     """Dice similarity coefficient (1 when both are empty)."""
-    overlap, p, r = _counts(prediction, reference)
-    return 1.0 if p + r == 0 else 2.0 * overlap / (p + r)
+    return dice_from_counts(*_counts(prediction, reference))
 
 
 def dice_global(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     """Dice Global over ``(prediction, reference)`` pairs: overlaps and volumes summed before the ratio."""
-    overlap_sum = volume_sum = 0
+    sums = [0, 0, 0]
     for prediction, reference in pairs:
-        overlap, p, r = _counts(prediction, reference)
-        overlap_sum += overlap
-        volume_sum += p + r
-    return 1.0 if volume_sum == 0 else 2.0 * overlap_sum / volume_sum
+        sums = [total + count for total, count in zip(sums, _counts(prediction, reference), strict=True)]
+    return dice_from_counts(*sums)
 
 
 def iou(prediction: np.ndarray, reference: np.ndarray) -> float:
     """Intersection over union (Jaccard; 1 when both are empty)."""
-    overlap, p, r = _counts(prediction, reference)
-    union = p + r - overlap
-    return 1.0 if union == 0 else overlap / union
+    return iou_from_counts(*_counts(prediction, reference))
 
 
 def voe(prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -196,11 +205,7 @@ def evaluate_case(
     ``prediction_voxels`` and ``reference_voxels`` from which Dice Global is summed), surface distances computed
     once."""
     overlap, p, r = _counts(prediction, reference)
-    union = p + r - overlap
-    result = {
-        "dice": 1.0 if p + r == 0 else 2.0 * overlap / (p + r),
-        "iou": 1.0 if union == 0 else overlap / union,
-    }
+    result = {"dice": dice_from_counts(overlap, p, r), "iou": iou_from_counts(overlap, p, r)}
     result["voe"] = 1.0 - result["iou"]
     result["ravd"] = ravd(prediction, reference)
     distances = surface_distances(prediction, reference, spacing)

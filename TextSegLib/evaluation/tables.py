@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from TextSegLib.core.errors import TextSegError
-from TextSegLib.evaluation.metrics import METRIC_NAMES, evaluate_case
+from TextSegLib.evaluation.metrics import METRIC_NAMES, dice_from_counts, evaluate_case
 from TextSegLib.io.volumes import case_name
 
 __all__ = [
@@ -156,9 +156,8 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for name in METRIC_NAMES:
         values = [row[name] for row in rows]
         summary[name] = float(np.mean(values)) if values else math.nan
-    overlap = sum(row["overlap_voxels"] for row in rows)
-    volume = sum(row["prediction_voxels"] + row["reference_voxels"] for row in rows)
-    summary["dice_global"] = 1.0 if volume == 0 else 2.0 * overlap / volume
+    summary["dice_global"] = dice_from_counts(*(sum(row[key] for row in rows)
+                                                for key in ("overlap_voxels", "prediction_voxels", "reference_voxels")))
     return summary
 
 

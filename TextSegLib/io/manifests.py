@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from TextSegLib.core.errors import TextSegError, TextSegValueError
+from TextSegLib.core.options import check_modality
 
 __all__ = [
     "ManifestCase",
@@ -113,6 +114,14 @@ def _optional_int(value: str, what: str, where: str) -> int | None:
         raise ManifestError(f"{where}: {what} must be a whole number, got {value!r}") from None
 
 
+def _modality(value: str, where: str) -> str | None:
+    """The row's modality, upper-cased (empty: None, guessed from the intensities)."""
+    try:
+        return check_modality(value.upper() or None)
+    except TextSegError as error:
+        raise ManifestError(f"{where}: {error}") from None
+
+
 def read_manifest(path: str | os.PathLike[str]) -> list[ManifestCase]:
     """Read a CSV or JSONL manifest into cases (rows grouped by ``case``), in first-appearance order."""
     path = Path(path)
@@ -131,10 +140,10 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ManifestCase]:
         split = row.get("split", "").lower() or None
         if split not in (None, "train", "val", "test"):
             raise ManifestError(f"{where}: split must be 'train', 'val' or 'test', got {split!r}")
+        modality = _modality(row.get("modality", ""), where)
         case = cases.get(case_id)
         if case is None:
-            case = cases[case_id] = ManifestCase(case_id, image, label, split=split,
-                                                 modality=row.get("modality", "").upper() or None)
+            case = cases[case_id] = ManifestCase(case_id, image, label, split=split, modality=modality)
         elif case.image != image or case.label != label:
             raise ManifestError(f"{where}: case {case_id!r} appears with another image or label")
         elif split and case.split and split != case.split:

@@ -31,7 +31,9 @@ from typing import Any
 
 from torch import nn
 
+from TextSegLib.core.configs import lists_as_tuples
 from TextSegLib.core.errors import TextSegError
+from TextSegLib.core.messages import unknown_keys
 
 __all__ = [
     "ModelSpec",
@@ -119,14 +121,11 @@ def config_from_dict(name: str, values: Mapping[str, Any] | None = None):
     """Build the config dataclass of ``name`` from a dict, rejecting unknown keys with a readable error."""
     spec = get_spec(name)
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(spec.config_class)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {name} config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    for f in dataclasses.fields(spec.config_class):
-        if f.name in values and isinstance(values[f.name], list):
-            values[f.name] = tuple(values[f.name])
-    return spec.config_class(**values)
+    known = (f.name for f in dataclasses.fields(spec.config_class))
+    problem = unknown_keys(values, known, f"unknown {name} config keys")
+    if problem:
+        raise ValueError(problem)
+    return spec.config_class(**lists_as_tuples(spec.config_class, values))
 
 
 def preset_config(name: str, preset: str = "paper", **overrides: Any):

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from TextSegLib.core.settings import TOKEN_VARIABLE
+from TextSegLib.core.settings import DEFAULT_HOST, TOKEN_VARIABLE
 from TextSegLib.service.client import POLL_TIMEOUT, ImportedModel, RemoteWorker
 from TextSegLib.service.protocol import READY_LINE, WorkerError, WorkerUnreachableError
 
@@ -92,7 +92,7 @@ class LocalWorker(RemoteWorker):
         environment = self._environment()
         with open(log, "wb") as handle:
             popen = subprocess.Popen(
-                [self.python, "-m", "TextSegLib", "serve", "--host", "127.0.0.1", "--port", "0", "--ready-line",
+                [self.python, "-m", "TextSegLib", "serve", "--host", DEFAULT_HOST, "--port", "0", "--ready-line",
                  "--exit-with-stdin"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=handle, env=environment)
         process = _Process(popen, log, environment)

@@ -44,13 +44,15 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from TextSegLib.core.errors import TextSegError, TextSegValueError
-from TextSegLib.core.messages import describe_fault, first_line
+from TextSegLib.core.messages import describe_fault, first_line, unknown_keys
+from TextSegLib.core.options import check_batch_size, check_device, check_modality, check_threshold
 from TextSegLib.core.results import ModelRecord, SegmentationResult
 from TextSegLib.io.volumes import Volume
 
@@ -70,16 +72,10 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 
-DEFAULT_MAX_REQUEST_MB = 2048
-
-
 MAGIC = b"TSEG"
 
 
 READY_LINE = "TEXTSEG-WORKER-READY"
-
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class WorkerError(TextSegError, RuntimeError):
@@ -115,24 +111,30 @@ class SegmentRequest:
     fp32: bool = False
 
     def validate(self) -> SegmentRequest:
-        """Check the fields' types and ranges; raise :class:`ProtocolError` naming the first bad one."""
+        """Check the fields' types and ranges (:mod:`TextSegLib.core.options`' checks, as every front end);
+        raise :class:`ProtocolError` naming the first bad one."""
         if not isinstance(self.prompt, str):
             raise ProtocolError("The prompt must be text.")
         if not isinstance(self.models, list) or not self.models or \
                 not all(isinstance(m, str) and m for m in self.models):
             raise ProtocolError("No model chosen: pick one from the catalogue or import a checkpoint.")
-        if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
-            raise ProtocolError(f"Unknown device {self.device!r}: use auto, cpu or cuda.")
-        if self.batch_size is not None and (type(self.batch_size) is not int or self.batch_size < 1):
-            raise ProtocolError("The batch size must be a whole number of at least 1 (or automatic).")
-        if self.threshold is not None and (not isinstance(self.threshold, int | float)
-                                           or not 0.0 < self.threshold < 1.0):
-            raise ProtocolError("The threshold must lie between 0 and 1.")
-        if self.modality not in (None, "CT", "MR"):
-            raise ProtocolError("The modality must be CT or MR.")
+        _as_protocol_error(check_device, self.device)
+        _as_protocol_error(check_batch_size, self.batch_size)
+        if self.threshold is not None:
+            _as_protocol_error(check_threshold, self.threshold)
+        _as_protocol_error(check_modality, self.modality)
         if not isinstance(self.probability, bool) or not isinstance(self.fp32, bool):
             raise ProtocolError("probability and fp32 must be true or false.")
         return self
+
+
+def _as_protocol_error(check: Callable[[object], object], value: object, where: str = "") -> None:
+    """``check(value)``, its :class:`~TextSegLib.core.errors.TextSegError` a :class:`ProtocolError` of the same
+    line (after ``where: `` when given)."""
+    try:
+        check(value)
+    except TextSegError as error:
+        raise ProtocolError(f"{where}: {error}" if where else str(error)) from None
 
 
 def too_large(size: int, limit: int) -> str:
@@ -201,10 +203,9 @@ def decode_request(body: bytes) -> tuple[Volume, SegmentRequest]:
     meta = header.get("volume")
     if not isinstance(fields, dict) or not isinstance(meta, dict):
         raise ProtocolError("The header needs a 'request' and a 'volume' object.")
-    known = {f for f in SegmentRequest.__dataclass_fields__}
-    unknown = sorted(set(fields) - known)
-    if unknown or "prompt" not in fields or "models" not in fields:
-        raise ProtocolError(f"request: unknown fields {unknown}" if unknown else "request needs prompt and models.")
+    problem = unknown_keys(fields, SegmentRequest.__dataclass_fields__, "request has unknown fields")
+    if problem or "prompt" not in fields or "models" not in fields:
+        raise ProtocolError(problem or "request needs prompt and models.")
     request = SegmentRequest(**fields).validate()
     shape = meta.get("shape")
     if not isinstance(shape, list) or len(shape) != 3 or not all(type(s) is int and s > 0 for s in shape):
@@ -222,8 +223,7 @@ def decode_request(body: bytes) -> tuple[Volume, SegmentRequest]:
     array = np.frombuffer(payload, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     direction = np.array(_numbers(meta.get("direction"), 9, "direction")).reshape(3, 3)
     modality = meta.get("modality")
-    if modality not in (None, "CT", "MR"):
-        raise ProtocolError("volume.modality must be CT, MR or null.")
+    _as_protocol_error(check_modality, modality, "volume.modality")
     volume = Volume(array, _numbers(meta.get("spacing"), 3, "spacing"), _numbers(meta.get("origin"), 3, "origin"),
                     direction, modality, str(meta.get("source") or ""))
     return volume, request

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import hmac
-import ipaddress
 import logging
 import math
 import os
@@ -34,9 +33,9 @@ from TextSegLib import __version__
 from TextSegLib.core.errors import TextSegError, TextSegValueError
 from TextSegLib.core.messages import describe_fault, first_line
 from TextSegLib.core.results import CancelToken, SegmentationResult
+from TextSegLib.core.settings import DEFAULT_HOST, DEFAULT_MAX_REQUEST_MB, SERVE_PORT, environment_token, is_loopback
 from TextSegLib.io.volumes import Volume
 from TextSegLib.service.protocol import (
-    DEFAULT_MAX_REQUEST_MB,
     PROTOCOL_VERSION,
     READY_LINE,
     ModelChoice,
@@ -56,16 +55,6 @@ __all__ = [
 log = logging.getLogger("textseg")
 
 FINISHED_JOBS_KEPT = 32
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this computer only (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -148,49 +137,16 @@ class JobManager:
             job.done, job.total = done, total
         return report
 
-    def _resolve(self, names: list[str]):
-        from TextSegLib.engine.catalogue import Catalogue
-        from TextSegLib.engine.checkpoints import CheckpointError
-
-        catalogue = Catalogue(self.models_dir)
-        if not self.allow_paths:
-            known = {entry.id for entry in catalogue.entries()}
-            for name in names:
-                if name not in known:
-                    raise CheckpointError(f"No model named {name!r} on this server; its catalogue has "
-                                          f"{', '.join(sorted(known)) or 'no models'}.")
-        return catalogue, [catalogue.resolve(name) for name in names]
-
     def _segment(self, job: _Job) -> SegmentationResult | None:
-        import torch
-
-        from TextSegLib.engine.devices import choose_device
-        from TextSegLib.engine.inference import InferenceEngine
-        from TextSegLib.engine.loading import load_model
+        from TextSegLib.core.options import SegmentOptions
+        from TextSegLib.engine.catalogue import Catalogue
+        from TextSegLib.engine.run import Segmenter
 
         request = job.request
-        catalogue, paths = self._resolve(request.models)
-        device, notes = choose_device(request.device, paths)
-        try:
-            return self._engine_run(job, catalogue, paths, device, notes, load_model, InferenceEngine)
-        except torch.OutOfMemoryError:
-            if device == "cpu":
-                raise
-            torch.cuda.empty_cache()
-            log.warning("Out of GPU memory: running on the CPU")
-            notes.append("The GPU ran out of memory; TextSeg used the CPU instead.")
-            return self._engine_run(job, catalogue, paths, "cpu", notes, load_model, InferenceEngine)
-
-    def _engine_run(self, job, catalogue, paths, device, notes, load_model, engine_class):
-        request = job.request
-        models = [load_model(path, device, catalogue) for path in paths]
-        engine = engine_class(models, batch_size=request.batch_size, amp=not request.fp32)
-        result = engine.segment(job.volume, request.prompt, threshold=request.threshold,
-                                probability=request.probability, progress=self._progress(job),
-                                cancel=job.cancel, modality=request.modality)
-        if result is not None:
-            result.notes[:0] = notes
-        return result
+        options = SegmentOptions(device=request.device, batch_size=request.batch_size, threshold=request.threshold,
+                                 probability=request.probability, modality=request.modality, fp32=request.fp32)
+        segmenter = Segmenter(request.models, options, Catalogue(self.models_dir), self.allow_paths)
+        return segmenter.segment(job.volume, request.prompt, progress=self._progress(job), cancel=job.cancel)
 
     def _run(self, job: _Job) -> None:
         with self._lock:
@@ -316,7 +272,7 @@ def _exit_when_stdin_closes() -> None:
     threading.Thread(target=watch, name="textseg-parent-watch", daemon=True).start()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+def serve(host: str = DEFAULT_HOST, port: int = SERVE_PORT, token: str | None = None,
           max_request_mb: float = DEFAULT_MAX_REQUEST_MB, models_dir: str | None = None,
           ready_line: bool = False, exit_with_stdin: bool = False) -> None:
     """Run the worker service until interrupted.
@@ -327,7 +283,7 @@ def serve(host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
     """
     import uvicorn
 
-    token = token or os.environ.get("TEXTSEG_TOKEN") or None
+    token = token or environment_token()
     local = is_loopback(host)
     if not local and not token:
         raise TextSegValueError(f"Listening on {host} lets other computers in: give a token with --token or "

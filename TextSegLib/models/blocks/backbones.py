@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from TextSegLib.core.errors import PretrainedUnavailableError
+from TextSegLib.core.messages import first_line
 from TextSegLib.text.sources import _WEIGHT_SUFFIXES, open_clip_source_has_weights
 
 __all__ = [
@@ -39,14 +40,9 @@ class BackboneUnavailableError(PretrainedUnavailableError):
     """A pretrained backbone that cannot be built (not downloaded, no hub access, unknown name)."""
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _unavailable(source: str, error: BaseException) -> BackboneUnavailableError:
     return BackboneUnavailableError(
-        f"The open_clip image tower {source!r} could not be loaded ({_first_line(error)}). Give 'local-dir:<folder>' "
+        f"The open_clip image tower {source!r} could not be loaded ({first_line(error)}). Give 'local-dir:<folder>' "
         "with open_clip_config.json and weights, or download it once on a machine with access to the hub."
     )
 
@@ -265,7 +261,7 @@ class ConvNeXtPyramid(nn.Module):
             raise BackboneUnavailableError(
                 f"The timm model {self.model_name!r} could not be built"
                 f"{' with ImageNet weights' if pretrained else ''} "
-                f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})."
+                f"({first_line(error)})."
             ) from error
 
     def load_pretrained(self) -> None:
