@@ -16,6 +16,7 @@ __all__ = [
     "TextSegError",
     "TextSegTypeError",
     "TextSegValueError",
+    "UsageError",
 ]
 
 
@@ -32,6 +33,10 @@ class TextSegTypeError(TextSegError, TypeError):
 
 class TextSegValueError(TextSegError, ValueError):
     """A library function was given an argument with a value it cannot use."""
+
+
+class UsageError(TextSegError, ValueError):
+    """A command line that cannot be carried out as given (the ``textseg`` command names the option)."""
 
 
 class OutputError(TextSegError, OSError):

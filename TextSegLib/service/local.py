@@ -37,7 +37,7 @@ __all__ = [
 
 # Checking a large checkpoint fully (weights included) on a slow disk: generous, but a hung import still ends.
 IMPORT_TIMEOUT = 600.0
-# What `textseg import` prints when it has copied a checkpoint (TextSegLib.app.cli.cmd_import).
+# What `textseg import` prints when it has copied a checkpoint (TextSegLib.app.commands.cmd_import).
 _IMPORTED = re.compile(r"Imported (?P<id>\S+) \(.*\) to (?P<path>.+)")
 _ERROR_PREFIX = "textseg: error: "
 
