@@ -1,6 +1,6 @@
-"""The one segmentation run that every front end uses: ``textseg segment`` in this process, ``textseg evaluate
---manifest`` and the worker service (``textseg serve``) behind the Slicer module, the web page and
-``textseg segment --server``.
+"""The one segmentation run that every front end uses: ``textseg segment`` in this process, ``textseg demo``,
+``textseg evaluate --manifest`` and the worker service (``textseg serve``) behind the Slicer module, the web page
+and ``textseg segment --server``.
 
 A :class:`Segmenter` takes the models (catalogue ids or checkpoint files) and the user's
 :class:`~TextSegLib.core.options.SegmentOptions`, and then:
@@ -34,7 +34,7 @@ from TextSegLib.engine.catalogue import Catalogue
 from TextSegLib.engine.checkpoints import CheckpointError
 from TextSegLib.engine.devices import choose_device
 from TextSegLib.engine.inference import InferenceEngine
-from TextSegLib.engine.loading import load_model
+from TextSegLib.engine.loading import LoadedModel, load_model
 from TextSegLib.io.volumes import Volume
 
 __all__ = [
@@ -104,10 +104,14 @@ class Segmenter:
             self.device = "cpu"
             return work(self._built())
 
+    @property
+    def loaded(self) -> list[LoadedModel]:
+        """The models, loaded on the device the run uses (loads them)."""
+        return self._on_device(lambda engine: engine.models)
+
     def describe(self) -> str:
         """``"<model ids joined by +> on <device>"`` (loads the models)."""
-        engine = self._on_device(lambda engine: engine)
-        return f"{'+'.join(model.id for model in engine.models)} on {engine.device}"
+        return f"{'+'.join(model.id for model in self.loaded)} on {self.device}"
 
     def segment(self, volume: Volume, prompt: str, progress: Callable[[int, int], None] | None = None,
                 cancel: CancelToken | None = None) -> SegmentationResult | None:

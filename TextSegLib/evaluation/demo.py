@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from TextSegLib.core.files import check_writable
+from TextSegLib.core.options import SegmentOptions
 from TextSegLib.io.volumes import CanonicalTransform, Volume
 
 __all__ = [
@@ -176,8 +177,7 @@ def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: 
     "reference_ml", "dice", "hd95"}, ...], "mean_dice": ..., "segmentation": path, "montage": path}``; Dice and HD95
     (mm) are NaN for a structure the scan does not contain.
     """
-    from TextSegLib.engine.inference import InferenceEngine
-    from TextSegLib.engine.loading import load_model
+    from TextSegLib.engine.run import Segmenter
     from TextSegLib.evaluation.metrics import dice, hd95
     from TextSegLib.io.segnrrd import segment_for_result, write_seg_nrrd
     from TextSegLib.io.volumes import labels_on_grid, read_volume
@@ -188,17 +188,19 @@ def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: 
         check_writable(path)
     volume = read_volume(info["image"], modality=info["modality"])
     labels = labels_on_grid(read_volume(info["label"]), volume)
-    loaded = load_model(model, device)
+    segmenter = Segmenter([model], SegmentOptions(device=device))
+    loaded = segmenter.loaded[0]
     k, j, i = volume.array.shape
     source = "DICOM series" if Path(info["image"]).is_dir() else Path(info["image"]).name
     report(f"TextSeg demo: {info['title']} ({info['modality']}, {i} x {j} x {k} voxels, {source})")
-    report(f"Model: {loaded.id} ({loaded.info.name or loaded.info.architecture}) on {loaded.device}")
+    report(f"Model: {loaded.id} ({loaded.info.name or loaded.info.architecture}) on {segmenter.device}")
+    for note in segmenter.notes:
+        report(f"Note: {note}")
     trained_on = loaded.info.training.get("train_cases", [])
     held_out = info["case"] not in trained_on
     report("This case is held out: the model never saw it." if held_out else
            f"Note: {info['case']} is one of the {len(trained_on)} cases this model was trained on, so this is not a "
            "held-out result.")
-    engine = InferenceEngine(loaded)
     targets = info["targets"]
     total = len(targets) * k
 
@@ -209,7 +211,7 @@ def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: 
     millilitres = float(np.prod(volume.spacing)) / 1000.0
     rows, specs, entries = [], [], []
     for index, target in enumerate(targets):
-        result = engine.segment(volume, target["prompt"], progress=step(index))
+        result = segmenter.segment(volume, target["prompt"], progress=step(index))
         present = target["label_value"] is not None
         reference = labels == target["label_value"] if present else None
         row = {"structure": target["structure"], "prompt": target["prompt"], "present": present,
