@@ -179,6 +179,6 @@ def test_training_and_benchmarks_import_only_the_documented_library_api():
     section = readme.split("### Library API", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"`(TextSegLib(?:\.[a-z_]+)+)`", section))
     assert documented, "the README's Library API section lists no module"
-    scripts = sorted([*(REPO / "Training").glob("*.py"), *(REPO / "Benchmarks").glob("*.py")])
+    scripts = sorted([*(REPO / "Training").rglob("*.py"), *(REPO / "Benchmarks").rglob("*.py")])
     for script, modules in external_imports(scripts).items():
         assert modules <= documented | {PACKAGE}, f"{script} imports {sorted(modules - documented - {PACKAGE})}"
