@@ -22,6 +22,7 @@ import time
 
 from benchmark import resampled  # Benchmarks/benchmark.py: python puts the script's folder on the path
 
+from TextSegLib.core.options import SegmentOptions
 from TextSegLib.engine.inference import InferenceEngine
 from TextSegLib.engine.loading import load_model
 from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
@@ -48,7 +49,7 @@ def through_worker(volume: Volume, model: str, device: str) -> tuple[float, floa
         times, engine_seconds = [], 0.0
         for prompt in PROMPTS:
             started = time.perf_counter()
-            result = worker.submit(volume, SegmentRequest(prompt, [model], device)).wait()
+            result = worker.submit(volume, SegmentRequest(prompt, [model], SegmentOptions(device=device))).wait()
             times.append(time.perf_counter() - started)
             engine_seconds = result.seconds
         return times[0], times[1], times[1] - engine_seconds

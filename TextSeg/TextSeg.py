@@ -750,7 +750,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         prompt that is not text); the prompt and the options are checked before the volume is sent.
         """
         from TextSegLib.app.mrml import volume_from_node
-        from TextSegLib.core.options import validate_prompt
+        from TextSegLib.core.options import SegmentOptions, validate_prompt
         from TextSegLib.service.protocol import SegmentRequest
 
         reason = unsupportedReason()
@@ -761,8 +761,9 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         if not modelIds or not all(modelIds):
             raise ValueError(_("No model chosen: pick one from the catalogue or import a checkpoint."))
         wanted = DEVICES.get(device, device)
-        request = SegmentRequest(prompt, [str(m) for m in modelIds], wanted, batchSize or None, threshold, probability,
-                                 modality).validate()
+        options = SegmentOptions(device=wanted, batch_size=batchSize or None, threshold=threshold,
+                                 probability=probability, modality=modality)
+        request = SegmentRequest(prompt, [str(m) for m in modelIds], options).validate()
         volume = volume_from_node(inputVolume, modality)
         worker = self.worker(server, token)
         job = worker.submit(volume, request)

@@ -147,6 +147,7 @@ def bad_checkpoints(folder: Path, good: Path) -> dict[str, Path]:
         ("names do not match prompts", "one --name per --prompt"),
         ("output overwrites input", "overwrite its input"),
         ("threshold out of range", "--threshold"),
+        ("compile on a server", "--compile applies to a run in this process"),
     ],
 )
 def test_bad_input_gives_one_line_a_nonzero_exit_and_writes_nothing(case, message, tmp_path, capsys, slab,
@@ -188,6 +189,8 @@ def test_bad_input_gives_one_line_a_nonzero_exit_and_writes_nothing(case, messag
         out = image
     elif case == "threshold out of range":
         extra = ["--threshold", "1.5"]
+    elif case == "compile on a server":  # refused before the server is asked anything (nothing listens there)
+        extra = ["--compile", "--server", "http://127.0.0.1:9"]
     before = sorted(p.name for p in (inputs.iterdir()))
     code, _stdout, stderr = run(["segment", image, "-p", prompt, "-m", model, "-o", out, "-q", *extra], capsys)
     assert code == 1

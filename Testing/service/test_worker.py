@@ -21,6 +21,7 @@ import SimpleITK as sitk
 import slicerio
 import torch
 
+from TextSegLib.core.options import SegmentOptions
 from TextSegLib.core.results import SegmentationResult
 from TextSegLib.engine.inference import InferenceEngine
 from TextSegLib.engine.loading import load_model
@@ -41,6 +42,7 @@ from TextSegLib.service.protocol import (
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
+CPU = SegmentOptions(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def worker():
 
 
 def request(small_checkpoint, **fields) -> SegmentRequest:
-    return SegmentRequest(PROMPT, [str(small_checkpoint)], "cpu", **fields)
+    return SegmentRequest(PROMPT, [str(small_checkpoint)], SegmentOptions(device="cpu", **fields))
 
 
 def serve(*arguments: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
@@ -84,12 +86,13 @@ def serve(*arguments: str, env: dict[str, str] | None = None) -> tuple[subproces
 
 
 def test_requests_and_results_survive_the_wire(slab, expected):
-    volume, decoded = decode_request(encode_request(slab, SegmentRequest("the liver", ["m"], threshold=0.3)))
+    sent = SegmentRequest("the liver", ["m"], SegmentOptions(threshold=0.3))
+    volume, decoded = decode_request(encode_request(slab, sent))
     np.testing.assert_array_equal(volume.array, slab.array)
     assert volume.array.dtype == slab.array.dtype
     assert volume.spacing == slab.spacing and volume.origin == slab.origin
     np.testing.assert_array_equal(volume.direction, slab.direction)
-    assert decoded == SegmentRequest("the liver", ["m"], threshold=0.3)
+    assert decoded == sent
     result = decode_result(encode_result(expected))
     np.testing.assert_array_equal(result.mask, expected.mask)
     np.testing.assert_array_equal(result.probability, expected.probability)
@@ -153,7 +156,7 @@ def test_a_damaged_result_is_a_protocol_error(expected):
 ])
 def test_requests_are_checked_by_the_rules_every_front_end_uses(slab, fields, message):
     with pytest.raises(ProtocolError, match=message):
-        SegmentRequest(PROMPT, ["m"], **fields).validate()
+        SegmentRequest(PROMPT, ["m"], SegmentOptions(**fields)).validate()
     with pytest.raises(ProtocolError, match=message):
         decode_request(_edited_body(slab, "request", fields))
 
@@ -192,8 +195,8 @@ def test_the_worker_segments_as_the_engine_does_and_reports_progress(worker, sla
 def test_re_prompting_reuses_the_loaded_model_and_encoded_prompts(worker, slab, small_checkpoint):
     worker.submit(slab, request(small_checkpoint)).wait()
     before = worker.health()
-    worker.submit(slab, SegmentRequest("the left lung", [str(small_checkpoint)], "cpu")).wait()
-    worker.submit(slab, SegmentRequest("the left lung", [str(small_checkpoint)], "cpu")).wait()
+    worker.submit(slab, SegmentRequest("the left lung", [str(small_checkpoint)], CPU)).wait()
+    worker.submit(slab, SegmentRequest("the left lung", [str(small_checkpoint)], CPU)).wait()
     after = worker.health()
     assert after["models_loaded"] == before["models_loaded"] == [small_checkpoint.name.removesuffix(".safetensors")]
     assert after["prompts_encoded"] == before["prompts_encoded"] + 1
@@ -245,7 +248,7 @@ def test_refused_input_in_a_job_comes_back_as_a_value_error(worker, slab, small_
     for fields, message in (({"prompt": "   "}, "The prompt is empty"), ({"models": ["no-such-model"]},
                                                                            "No model named 'no-such-model'")):
         job = worker.submit(slab, SegmentRequest(**{"prompt": PROMPT, "models": [str(small_checkpoint)],
-                                                    "device": "cpu", **fields}))
+                                                    "options": CPU, **fields}))
         with pytest.raises(WorkerInputError, match=message):
             job.wait()
 
@@ -274,7 +277,7 @@ def test_two_clients_at_once_both_get_their_own_result(worker, slab, expected, s
 
     def client(name: str, prompt: str) -> None:
         results[name] = RemoteWorker(worker.url, worker.token).submit(
-            slab, SegmentRequest(prompt, [str(small_checkpoint)], "cpu")).wait()
+            slab, SegmentRequest(prompt, [str(small_checkpoint)], CPU)).wait()
 
     threads = [threading.Thread(target=client, args=(name, prompt))
                for name, prompt in (("first", PROMPT), ("second", "the right lung"))]

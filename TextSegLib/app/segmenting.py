@@ -76,6 +76,8 @@ def _segmenter(args: argparse.Namespace, options: SegmentOptions):
     """``(segment(volume, prompt, progress) -> result, description)``: in this process, or on ``--server``; both
     choose the device and fall back to the CPU the same way (:class:`~TextSegLib.engine.run.Segmenter`)."""
     if args.server:
+        if options.compile:
+            raise UsageError("--compile applies to a run in this process; a worker (--server) decides it itself.")
         from TextSegLib.service.client import RemoteWorker
         from TextSegLib.service.protocol import SegmentRequest, WorkerError
 
@@ -83,8 +85,7 @@ def _segmenter(args: argparse.Namespace, options: SegmentOptions):
         worker.health()
 
         def remote(volume, prompt: str, progress):
-            request = SegmentRequest(prompt, list(args.model), options.device, options.batch_size, options.threshold,
-                                     options.probability, options.modality, options.fp32)
+            request = SegmentRequest(prompt, list(args.model), options)
             job = worker.submit(volume, request)
             try:
                 result = job.wait(progress)

@@ -35,7 +35,7 @@ from TextSegLib.app.uploads import UPLOAD_KINDS, read_upload
 from TextSegLib.app.web_layout import build_layout
 from TextSegLib.core.errors import TextSegError, TextSegValueError
 from TextSegLib.core.messages import describe_fault, first_line
-from TextSegLib.core.options import DEVICES, check_batch_size, check_threshold
+from TextSegLib.core.options import DEVICES, SegmentOptions, check_batch_size, check_threshold
 from TextSegLib.core.results import SegmentationResult
 from TextSegLib.core.settings import DEFAULT_HOST, MODELS_DIR_VARIABLE, WEB_PORT, is_loopback
 from TextSegLib.io.volumes import Volume, VolumeError, case_name, read_volume
@@ -285,8 +285,9 @@ class TextSegWebApp:
                 raise TextSegValueError(f"The batch size {text!r} is not a whole number of at least 1; leave it "
                                         "empty to let TextSeg choose.")
             batch_size = check_batch_size(int(text))
-        return SegmentRequest(prompt, [self.state.model_id], self.state.device, batch_size, threshold, True,
-                              self.volume.modality).validate()
+        options = SegmentOptions(device=self.state.device, batch_size=batch_size, threshold=threshold,
+                                 probability=True, modality=self.volume.modality)
+        return SegmentRequest(prompt, [self.state.model_id], options).validate()
 
     def start_segment(self) -> None:
         """**Segment**: check the panel, then run the job in the background."""

@@ -45,14 +45,14 @@ import json
 import math
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from TextSegLib.core.errors import TextSegError, TextSegValueError
 from TextSegLib.core.messages import describe_fault, first_line, unknown_keys
-from TextSegLib.core.options import check_batch_size, check_device, check_modality, check_threshold
+from TextSegLib.core.options import SegmentOptions, check_modality
 from TextSegLib.core.results import ModelRecord, SegmentationResult
 from TextSegLib.io.volumes import Volume
 
@@ -97,35 +97,49 @@ class ProtocolError(TextSegValueError):
     """A request or answer that does not follow the protocol (the message names what is wrong)."""
 
 
-@dataclass
+#: The options a request carries on the wire, by their names in :class:`~TextSegLib.core.options.SegmentOptions`
+#: (``compile`` is the worker's own choice, not the client's).
+WIRE_OPTIONS = tuple(f.name for f in fields(SegmentOptions) if f.name != "compile")
+
+
+@dataclass(frozen=True)
 class SegmentRequest:
-    """What to segment, besides the voxels (see the module docstring for each field)."""
+    """What to segment, besides the voxels: the prompt, the models (catalogue ids, or files on the worker's
+    computer) and the run's options, checked by the same rules as every front end's. On the wire the options are
+    fields of the request beside ``prompt`` and ``models`` (see the module docstring)."""
 
     prompt: str
     models: list[str]
-    device: str = "auto"
-    batch_size: int | None = None
-    threshold: float | None = None
-    probability: bool = False
-    modality: str | None = None
-    fp32: bool = False
+    options: SegmentOptions = field(default_factory=SegmentOptions)
 
     def validate(self) -> SegmentRequest:
-        """Check the fields' types and ranges (:mod:`TextSegLib.core.options`' checks, as every front end);
-        raise :class:`ProtocolError` naming the first bad one."""
+        """This request with its options checked (:meth:`SegmentOptions.checked`); raise :class:`ProtocolError`
+        naming the first bad field."""
         if not isinstance(self.prompt, str):
             raise ProtocolError("The prompt must be text.")
         if not isinstance(self.models, list) or not self.models or \
                 not all(isinstance(m, str) and m for m in self.models):
             raise ProtocolError("No model chosen: pick one from the catalogue or import a checkpoint.")
-        _as_protocol_error(check_device, self.device)
-        _as_protocol_error(check_batch_size, self.batch_size)
-        if self.threshold is not None:
-            _as_protocol_error(check_threshold, self.threshold)
-        _as_protocol_error(check_modality, self.modality)
-        if not isinstance(self.probability, bool) or not isinstance(self.fp32, bool):
-            raise ProtocolError("probability and fp32 must be true or false.")
-        return self
+        if not isinstance(self.options, SegmentOptions) or self.options.compile:
+            raise ProtocolError("A request's options are a SegmentOptions without compile (the worker decides that).")
+        try:
+            return replace(self, options=self.options.checked())
+        except TextSegError as error:
+            raise ProtocolError(str(error)) from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as the wire carries it (after :meth:`validate`)."""
+        return {"prompt": self.prompt, "models": list(self.models),
+                **{name: getattr(self.options, name) for name in WIRE_OPTIONS}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SegmentRequest:
+        """Inverse of :meth:`to_json`, validated; unknown or missing fields are a :class:`ProtocolError`."""
+        problem = unknown_keys(data, ("prompt", "models", *WIRE_OPTIONS), "request has unknown fields")
+        if problem or "prompt" not in data or "models" not in data:
+            raise ProtocolError(problem or "request needs prompt and models.")
+        options = SegmentOptions(**{name: data[name] for name in WIRE_OPTIONS if name in data})
+        return cls(data["prompt"], data["models"], options).validate()
 
 
 def _as_protocol_error(check: Callable[[object], object], value: object, where: str = "") -> None:
@@ -171,7 +185,7 @@ def encode_request(volume: Volume, request: SegmentRequest) -> bytes:
     array = np.ascontiguousarray(volume.array)
     array = array.astype(array.dtype.newbyteorder("<"), copy=False)
     header = {
-        "request": asdict(request.validate()),
+        "request": request.validate().to_json(),
         "volume": {
             "shape": list(array.shape), "dtype": array.dtype.name, "spacing": [float(s) for s in volume.spacing],
             "origin": [float(o) for o in volume.origin],
@@ -199,14 +213,11 @@ def _numbers(value: object, count: int, what: str) -> tuple[float, ...]:
 def decode_request(body: bytes) -> tuple[Volume, SegmentRequest]:
     """Inverse of :func:`encode_request`; raises :class:`ProtocolError` naming what is malformed."""
     header, payload = _unframe(body)
-    fields = header.get("request")
+    wanted = header.get("request")
     meta = header.get("volume")
-    if not isinstance(fields, dict) or not isinstance(meta, dict):
+    if not isinstance(wanted, dict) or not isinstance(meta, dict):
         raise ProtocolError("The header needs a 'request' and a 'volume' object.")
-    problem = unknown_keys(fields, SegmentRequest.__dataclass_fields__, "request has unknown fields")
-    if problem or "prompt" not in fields or "models" not in fields:
-        raise ProtocolError(problem or "request needs prompt and models.")
-    request = SegmentRequest(**fields).validate()
+    request = SegmentRequest.from_json(wanted)
     shape = meta.get("shape")
     if not isinstance(shape, list) or len(shape) != 3 or not all(type(s) is int and s > 0 for s in shape):
         raise ProtocolError("volume.shape must be three positive whole numbers [K, J, I].")

@@ -138,14 +138,11 @@ class JobManager:
         return report
 
     def _segment(self, job: _Job) -> SegmentationResult | None:
-        from TextSegLib.core.options import SegmentOptions
         from TextSegLib.engine.catalogue import Catalogue
         from TextSegLib.engine.run import Segmenter
 
         request = job.request
-        options = SegmentOptions(device=request.device, batch_size=request.batch_size, threshold=request.threshold,
-                                 probability=request.probability, modality=request.modality, fp32=request.fp32)
-        segmenter = Segmenter(request.models, options, Catalogue(self.models_dir), self.allow_paths)
+        segmenter = Segmenter(request.models, request.options, Catalogue(self.models_dir), self.allow_paths)
         return segmenter.segment(job.volume, request.prompt, progress=self._progress(job), cancel=job.cancel)
 
     def _run(self, job: _Job) -> None:
