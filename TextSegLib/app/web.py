@@ -142,6 +142,14 @@ class TextSegWebApp:
         self._say(f"Unexpected {describe_fault(error)} (a fault in TextSeg; its traceback is in the log).{after}",
                   "error")
 
+    def _say_error(self, error: Exception) -> None:
+        """Say why something the user asked for failed: a :class:`TextSegError` in its one line, anything else as
+        a fault."""
+        if isinstance(error, TextSegError):
+            self._say(first_line(error), "error")
+        else:
+            self._say_fault(error)
+
     def _say(self, text: str, kind: str = "info") -> None:
         self.state.message = text
         self.state.message_type = kind
@@ -222,11 +230,8 @@ class TextSegWebApp:
         loop = asyncio.get_running_loop()
         try:
             volume = await loop.run_in_executor(None, read_upload, upload.name, upload.content or b"")
-        except TextSegError as error:
-            self._say(first_line(error), "error")
-            return
         except Exception as error:
-            self._say_fault(error)
+            self._say_error(error)
             return
         self._show_volume(volume, case_name(Path(upload.name)).removesuffix(".zip"))
 
@@ -295,11 +300,8 @@ class TextSegWebApp:
             return
         try:
             request = self._request()
-        except TextSegError as error:
-            self._say(first_line(error), "error")
-            return
         except Exception as error:
-            self._say_fault(error)
+            self._say_error(error)
             return
         self.cancel_requested = False
         self.state.update({"running": True, "cancelling": False, "progress": 0,

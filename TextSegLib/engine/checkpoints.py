@@ -255,6 +255,18 @@ def save_checkpoint(
 _IMAGE_MAGIC = (b"NRRD", b"ObjectType", b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")
 
 
+def _safetensors_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a :class:`Path` if it names a file that looks like a safetensors file (possibly cut short); else a
+    :class:`CheckpointError` that says what it is instead (missing, a folder, a pickle, an image, ...)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"Model file not found: {str(path)!r}.")
+    problem = _what_else(path)
+    if problem:
+        raise CheckpointError(problem)
+    return path
+
+
 def _what_else(path: Path) -> str | None:
     """Why ``path`` is not a safetensors file at all (a folder, a pickle, an image, ...), or None when it looks like
     one (possibly cut short)."""
@@ -284,12 +296,7 @@ def read_checkpoint_info(path: str | os.PathLike[str], with_sha256: bool = True)
     """Read a checkpoint's metadata from its header only (fast, no weights are read)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"Model file not found: {str(path)!r}.")
-    problem = _what_else(path)
-    if problem:
-        raise CheckpointError(problem)
+    path = _safetensors_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -420,12 +427,7 @@ def sign_checkpoint(path: str | os.PathLike[str], target: str | os.PathLike[str]
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"Model file not found: {str(path)!r}.")
-    problem = _what_else(path)
-    if problem:
-        raise CheckpointError(problem)
+    path = _safetensors_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             data = json.loads((handle.metadata() or {})[METADATA_KEY])
