@@ -13,9 +13,9 @@ import pytest
 from testkit import OPENKBP
 
 from TextSegLib.io.manifests import read_manifest
-from TextSegLib.io.volumes import read_volume
+from TextSegLib.io.volumes import VolumeError, read_volume
 from Training.datasets.__main__ import main
-from Training.datasets.openkbp import LABEL_VALUES, ORGANS, STRUCTURES, TARGETS
+from Training.datasets.openkbp import LABEL_VALUES, ORGANS, STRUCTURES, TARGETS, convert
 
 SAMPLE = OPENKBP / "train-pats"
 PATIENTS = ("pt_1", "pt_2", "pt_3")
@@ -206,3 +206,5 @@ def test_chosen_splits_and_limit(converted, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "has none of the folders train-pats, validation-pats, test-pats" in error and "open-kbp" in error
     assert len(error.strip().splitlines()) == 1
+    with pytest.raises(VolumeError, match=r"Unknown split\(s\) \['training'\]"):
+        convert(source, tmp_path / "unknown", ["training"])

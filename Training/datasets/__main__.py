@@ -46,6 +46,7 @@ def report(conversion: Conversion, manifests: dict[str, tuple[Path, int]]) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; 0 when the data set was converted, 1 (the reason on stderr) when it could not be."""
     parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[0])
     datasets = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     openkbp = datasets.add_parser("openkbp", help="OpenKBP head-and-neck CTs (git clone "
