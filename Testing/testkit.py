@@ -44,6 +44,9 @@ CASES = ("lung1", "lung2", "brain1", "brain2", "breast1")
 TOTALSEG = REPO.parent / "shared" / "data" / "totalsegmentator"  # two abdominal CTs and an MR, named structures
 
 
+OPENKBP = REPO.parent / "shared" / "data" / "openkbp-sample"  # three OpenKBP head-and-neck patients, raw CSVs
+
+
 def make_small_texlivernet(seed: int = 0, **overrides):
     """A small-preset TexLiverNet for MiniLM text with seeded random weights, calibrated on real slices.
 

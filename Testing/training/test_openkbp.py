@@ -1,0 +1,210 @@
+"""The OpenKBP converter on three real head-and-neck patients: geometry, orientation by anatomy, intensities,
+contours and per-split manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from testkit import OPENKBP
+
+from TextSegLib.io.manifests import read_manifest
+from TextSegLib.io.volumes import VolumeError, read_volume
+from Training.datasets.__main__ import main
+from Training.datasets.openkbp import LABEL_VALUES, ORGANS, STRUCTURES, TARGETS, convert
+
+SAMPLE = OPENKBP / "train-pats"
+PATIENTS = ("pt_1", "pt_2", "pt_3")
+#: The fake source tree: OpenKBP's split folders filled with the sample's patients (pt_4 without its CT).
+LAYOUT = {"train-pats": {"pt_1": "pt_1", "pt_2": "pt_2", "pt_4": "pt_1"}, "validation-pats": {"pt_5": "pt_1"},
+          "test-pats": {"pt_3": "pt_3"}}
+SPLIT_OF = {"pt_1": "train", "pt_2": "train", "pt_5": "val", "pt_3": "test"}
+FOLDER = {"pt_1": "train", "pt_2": "train", "pt_3": "test"}  # the three real patients' output folders and manifests
+
+
+def _fake_source(root: Path) -> Path:
+    for split, patients in LAYOUT.items():
+        for name, original in patients.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for file in (SAMPLE / original).iterdir():
+                if name != "pt_4" or file.name != "ct.csv":
+                    (folder / file.name).symlink_to(file)
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, Path, str]:
+    """The fake source tree converted once by the command: ``(source, output, stdout)``."""
+    if not all((SAMPLE / name / "ct.csv").is_file() for name in PATIENTS):
+        pytest.fail(f"the OpenKBP sample is missing: expected {SAMPLE}/pt_1 ... pt_3")
+    source = _fake_source(tmp_path_factory.mktemp("openkbp-source"))
+    output = tmp_path_factory.mktemp("openkbp")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["openkbp", "--source", str(source), "--output", str(output)]) == 0
+    return source, output, stdout.getvalue()
+
+
+def _indices(path: Path) -> np.ndarray:
+    with open(path, newline="") as handle:
+        return np.array([int(row[0]) for row in list(csv.reader(handle))[1:]], dtype=np.int64)
+
+
+def _voxels(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(k, j, i)`` of flat grid indices in the written files (i = b, j = a, k = 127 - c: the module's finding)."""
+    a, b, c = np.unravel_index(flat, (128, 128, 128))
+    return 127 - c, a, b
+
+
+def _masks(output: Path, patient: str) -> dict[str, tuple[np.ndarray, object]]:
+    """``structure -> (mask, volume)`` read back through the manifest that names the structure's label map."""
+    manifest = output / f"{FOLDER[patient]}.csv"
+    names = {value: name for name, value in LABEL_VALUES.items()}
+    masks = {}
+    for case in read_manifest(manifest):
+        if case.case.startswith(f"{patient}-"):
+            label = read_volume(case.label)
+            for target in case.case_targets:
+                masks[names[target.label_value]] = (label.array == target.label_value, label)
+    return masks
+
+
+def _centroid(mask: np.ndarray, volume) -> np.ndarray:
+    """The mask's centroid in LPS millimetres, through the file's geometry."""
+    k, j, i = np.nonzero(mask)
+    return (volume.ijk_to_lps() @ np.stack([i, j, k, np.ones_like(i)]).astype(float))[:3].mean(axis=1)
+
+
+@pytest.mark.parametrize("patient", PATIENTS)
+def test_geometry_is_the_grid_in_lps(converted, patient):
+    _, output, _ = converted
+    spacing_a, spacing_b, spacing_c = np.loadtxt(SAMPLE / patient / "voxel_dimensions.csv")
+    files = sorted((output / FOLDER[patient] / patient).glob("*.nrrd"))
+    assert {f.name for f in files} >= {"ct.nrrd", "organs.nrrd", "targets.nrrd"}
+    for path in files:
+        volume = read_volume(path)
+        assert volume.size_ijk == (128, 128, 128)
+        np.testing.assert_allclose(volume.spacing, (spacing_b, spacing_a, spacing_c))
+        np.testing.assert_array_equal(volume.direction, np.eye(3))
+        np.testing.assert_array_equal(volume.origin, (0, 0, 0))
+
+
+def test_orientation_follows_the_anatomy(converted):
+    """Left parotid on the patient's left (+x), brainstem above (+z) the cord and the mandible, the cord behind
+    (+y) the oesophagus and the mandible: in LPS millimetres from the written files' geometry."""
+    _, output, _ = converted
+    checked = {"left": 0, "superior": 0, "posterior": 0}
+    for patient in PATIENTS:
+        centre = {name: _centroid(mask, volume) for name, (mask, volume) in _masks(output, patient).items()}
+        assert centre["LeftParotid"][0] > centre["RightParotid"][0] + 40  # the glands lie about 10 cm apart
+        checked["left"] += 1
+        for below in ("SpinalCord", "Mandible", "Larynx"):
+            if below in centre:
+                assert centre["Brainstem"][2] > centre[below][2], (patient, below)
+                checked["superior"] += 1
+        for front in ("Esophagus", "Larynx", "Mandible"):
+            if front in centre:
+                assert centre["SpinalCord"][1] > centre[front][1], (patient, front)
+                checked["posterior"] += 1
+    assert checked == {"left": 3, "superior": 5, "posterior": 3}
+
+
+@pytest.mark.parametrize("patient", PATIENTS)
+def test_ct_is_in_hounsfield_units(converted, patient):
+    _, output, _ = converted
+    ct = read_volume(output / FOLDER[patient] / patient / "ct.nrrd").array
+    assert ct.dtype == np.int16
+    with open(SAMPLE / patient / "ct.csv", newline="") as handle:
+        rows = np.array([(int(r[0]), float(r[1])) for r in list(csv.reader(handle))[1:]])
+    listed = np.zeros(128**3, dtype=bool)
+    listed[rows[:, 0].astype(np.int64)] = True
+    np.testing.assert_array_equal(ct[_voxels(rows[:, 0].astype(np.int64))], rows[:, 1] - 1024)
+    outside = _voxels(np.flatnonzero(~listed))
+    assert (ct[outside] == -1024).all() and ct[0, 0, 0] == -1024  # air outside the body
+    masks = _masks(output, patient)
+    assert 0 < np.median(ct[masks["Brainstem"][0]]) < 80  # soft tissue
+    if "Mandible" in masks:
+        assert np.median(ct[masks["Mandible"][0]]) > 300  # bone
+
+
+@pytest.mark.parametrize("patient", PATIENTS)
+def test_every_contour_keeps_its_voxels(converted, patient):
+    """Each structure, read back through the manifest row that names it, is exactly its CSV's voxels, also where
+    structures overlap (organs and target volumes, and organs among themselves in pt_2)."""
+    _, output, _ = converted
+    masks = _masks(output, patient)
+    present = sorted(f.stem for f in (SAMPLE / patient).glob("*.csv") if f.stem in LABEL_VALUES)
+    assert sorted(masks) == present
+    for name, (mask, _) in masks.items():
+        expected = np.zeros_like(mask)
+        expected[_voxels(_indices(SAMPLE / patient / f"{name}.csv"))] = True
+        np.testing.assert_array_equal(mask, expected, err_msg=name)
+    organs = [masks[s.name][0] for s in ORGANS if s.name in masks]
+    targets = [masks[s.name][0] for s in TARGETS if s.name in masks]
+    assert any((organ & target).any() for organ in organs for target in targets)
+    overlapping = any((a & b).any() for n, a in enumerate(organs) for b in organs[n + 1:])
+    assert overlapping == (output / FOLDER[patient] / patient / "organs_2.nrrd").is_file()
+    assert overlapping == (patient == "pt_2")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_manifests_follow_openkbp_splits(converted):
+    _, output, stdout = converted
+    manifests = {name: _rows(output / f"{name}.csv")
+                 for name in ("train", "validation", "test", "trainval", "test_paraphrases")}
+    patients = {name: {row["case"].split("-")[0] for row in rows} for name, rows in manifests.items()}
+    assert patients == {"train": {"pt_1", "pt_2"}, "validation": {"pt_5"}, "test": {"pt_3"},
+                        "trainval": {"pt_1", "pt_2", "pt_5"}, "test_paraphrases": {"pt_3"}}
+    for name, rows in manifests.items():
+        assert {row["split"] for row in rows} == {SPLIT_OF[p] for p in patients[name]}
+        cases = read_manifest(output / f"{name}.csv")
+        assert {case.split for case in cases} == {SPLIT_OF[p] for p in patients[name]}
+        assert all(case.modality == "CT" and case.image.is_file() and case.label.is_file() for case in cases)
+    phrasings = {s.name: s.phrasings for s in STRUCTURES}
+    paraphrases = {text for s in STRUCTURES for text in s.paraphrases}
+    for name in ("train", "validation", "test", "trainval"):
+        assert not paraphrases & {row["text"] for row in manifests[name]}
+    assert {row["text"] for row in manifests["test_paraphrases"]} <= paraphrases
+    names = {value: name for name, value in LABEL_VALUES.items()}
+    for patient, split in (("pt_1", "train"), ("pt_5", "validation"), ("pt_3", "test")):
+        original = SAMPLE / LAYOUT[f"{split}-pats"][patient]
+        present = {f.stem for f in original.glob("*.csv") if f.stem in LABEL_VALUES}
+        texts: dict[str, list[str]] = {}
+        for row in manifests[split]:
+            if row["case"].startswith(f"{patient}-"):
+                texts.setdefault(names[int(row["label_value"])], []).append(row["text"])
+        assert set(texts) == present  # a structure the patient lacks has no row
+        assert all(sorted(texts[s]) == sorted(phrasings[s]) for s in present)
+    parotids = [row["text"] for row in manifests["trainval"] if names[int(row["label_value"])].endswith("Parotid")]
+    assert parotids and all(("left" in t) != ("right" in t) for t in parotids)
+    assert all("left" in row["text"] for row in manifests["trainval"] if row["label_value"] == "4")
+    assert "train: 2 patients converted, 1 skipped (no ct.csv): pt_4" in stdout
+    assert "validation: 1 patients converted, 0 skipped" in stdout and "test: 1 patients converted" in stdout
+    assert "  Esophagus    1 / 0 / 0" in stdout and "  Mandible     2 / 1 / 0" in stdout
+    assert f"manifest test: {output / 'test.csv'} (" in stdout
+
+
+def test_chosen_splits_and_limit(converted, tmp_path, capsys):
+    source, _, _ = converted
+    assert main(["openkbp", "--source", str(source), "--output", str(tmp_path), "--splits", "train", "test",
+                 "--limit", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["test.csv", "test_paraphrases.csv", "train.csv",
+                                                             "trainval.csv"]
+    assert {row["case"].split("-")[0] for row in _rows(tmp_path / "trainval.csv")} == {"pt_1"}
+    assert not (tmp_path / "train" / "pt_2").exists() and not (tmp_path / "validation").exists()
+    assert "validation" not in capsys.readouterr().out
+    assert main(["openkbp", "--source", str(source / "test-pats"), "--output", str(tmp_path / "wrong")]) == 1
+    error = capsys.readouterr().err
+    assert "has none of the folders train-pats, validation-pats, test-pats" in error and "open-kbp" in error
+    assert len(error.strip().splitlines()) == 1
+    with pytest.raises(VolumeError, match=r"Unknown split\(s\) \['training'\]"):
+        convert(source, tmp_path / "unknown", ["training"])
