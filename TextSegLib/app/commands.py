@@ -22,7 +22,6 @@ from TextSegLib.core.settings import (
 
 log = logging.getLogger("textseg")
 
-
 Checked = TypeVar("Checked")
 
 

@@ -24,7 +24,6 @@ __all__ = [
 
 log = logging.getLogger("textseg")
 
-
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 

@@ -71,8 +71,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 MINIMUM_FREE_GPU_BYTES = 2 << 30
-
-
 GPU_BYTES_PER_CHECKPOINT_BYTE = 4
 
 

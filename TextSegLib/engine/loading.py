@@ -44,8 +44,6 @@ class LoadedModel:
 
 
 _MODELS: dict[tuple[str, int, int, str], LoadedModel] = {}
-
-
 _MODELS_LOCK = threading.Lock()
 
 

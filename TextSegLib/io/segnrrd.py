@@ -51,19 +51,10 @@ __all__ = [
     "write_seg_nrrd",
 ]
 
-
 TAG_PROMPT = "TextSeg.Prompt"
-
-
 TAG_MODEL = "TextSeg.Model"
-
-
 TAG_CHECKPOINT = "TextSeg.CheckpointSHA256"
-
-
 TAG_VERSION = "TextSeg.Version"
-
-
 TAG_FOUND = "TextSeg.Found"
 
 

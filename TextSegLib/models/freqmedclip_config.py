@@ -7,14 +7,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-
-
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 TCA_MODES = ("cross_attention", "film")
 
 

@@ -70,11 +70,7 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-
-
 MAGIC = b"TSEG"
-
-
 READY_LINE = "TEXTSEG-WORKER-READY"
 
 

@@ -29,7 +29,6 @@ __all__ = [
 
 log = logging.getLogger("textseg")
 
-
 MINILM = "minilm"
 
 

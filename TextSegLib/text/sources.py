@@ -269,8 +269,6 @@ def _local_hugging_face_text_cfg(name: str) -> dict[str, Any]:
 
 
 _ENCODERS: dict[tuple[str, int | None, str], TextEncoder] = {}
-
-
 _ENCODERS_LOCK = threading.Lock()
 
 
