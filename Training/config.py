@@ -65,6 +65,7 @@ class DataSection:
     empty_fraction: float = 1.0  # share of lesion-free training slices kept when slices = "all"
     min_content: float = 0.0  # training slices with less visible content than this share are dropped
     sampling: str = "uniform"  # or "balanced": as many slices with the target as without, every epoch
+    samples_per_epoch: int | None = None  # slices drawn per epoch (default: all): short epochs on a large dataset
     orientation: str = "LPS"
     preprocessing: dict[str, Any] = field(default_factory=dict)  # default: the architecture's
 

@@ -163,7 +163,11 @@ class Trainer:
             if not isinstance(self.train_set, SliceDataset):
                 raise ValueError("data.sampling = \"balanced\" needs a manifest (data.manifest).")
             self.sampler = BalancedSampler([item.has_lesion for item in self.train_set.items],
-                                           self.context.world_size, self.context.rank, seed=train.seed)
+                                           self.context.world_size, self.context.rank, seed=train.seed,
+                                           samples=data.samples_per_epoch)
+        elif data.sampling == "uniform" and data.samples_per_epoch:  # one group: a uniform draw of that many
+            self.sampler = BalancedSampler([True] * len(self.train_set), self.context.world_size,
+                                           self.context.rank, seed=train.seed, samples=data.samples_per_epoch)
         elif data.sampling == "uniform":
             self.sampler = DistributedSampler(self.train_set, num_replicas=self.context.world_size,
                                               rank=self.context.rank, shuffle=True, seed=train.seed)

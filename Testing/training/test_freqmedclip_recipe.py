@@ -196,6 +196,10 @@ def test_balanced_sampling_draws_as_many_target_slices_as_empty_ones(data_dir):
     again.set_epoch(4)
     assert list(again) != drawn[0]
     assert all(i in range(len(flags)) for i in BalancedSampler([True] * 5))  # one group only
+    short = BalancedSampler(flags, seed=7, samples=10)  # a short epoch: ten draws, five of each group
+    assert len(short) == 10 and sum(flags[i] for i in short) == 5 and len(set(short)) == 10
+    with pytest.raises(ValueError, match="at least one sample"):
+        BalancedSampler(flags, samples=0)
     batch = next(iter(DataLoader(dataset, batch_size=4, sampler=BalancedSampler(flags, seed=1))))
     assert batch["image"].shape == (4, 3, 224, 224)
 

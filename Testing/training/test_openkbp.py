@@ -193,12 +193,40 @@ def test_manifests_follow_openkbp_splits(converted):
     assert f"manifest test: {output / 'test.csv'} (" in stdout
 
 
+def test_the_recipe_manifest_names_each_organ_once_and_never_a_test_patient(converted):
+    """``recipe.csv`` (what Training/configs/headneck.toml trains on): organs only, one phrasing per patient and
+    organ, rotating over the training patients, "the NOUN" for validation, and no test patient at all."""
+    _, output, _ = converted
+    rows = _rows(output / "recipe.csv")
+    names = {value: name for name, value in LABEL_VALUES.items()}
+    organs = {organ.name: organ for organ in ORGANS}
+    assert {row["case"].split("-")[0] for row in rows} == {"pt_1", "pt_2", "pt_5"}
+    assert {row["split"] for row in rows} == {"train", "val"}
+    assert all(names[int(row["label_value"])] in organs for row in rows)  # no planning target volume
+    pairs = [(row["case"].split("-")[0], names[int(row["label_value"])]) for row in rows]
+    assert len(pairs) == len(set(pairs))  # each organ named once per patient
+    trainval = {(row["case"].split("-")[0], names[int(row["label_value"])]) for row in _rows(output / "trainval.csv")
+                if names[int(row["label_value"])] in organs}
+    assert set(pairs) == trainval  # every organ a patient has, no more
+    for row in rows:
+        structure = organs[names[int(row["label_value"])]]
+        assert row["text"] in structure.phrasings
+        if row["split"] == "val":
+            assert row["text"] == structure.phrasings[0]
+    first, second = ({names[int(r["label_value"])]: r["text"] for r in rows if r["case"].startswith(f"{p}-")}
+                     for p in ("pt_1", "pt_2"))
+    shared = set(first) & set(second)
+    assert shared and all(first[s] != second[s] for s in shared)  # the phrasing turns from patient to patient
+    cases = read_manifest(output / "recipe.csv")
+    assert {case.split for case in cases} == {"train", "val"}
+
+
 def test_chosen_splits_and_limit(converted, tmp_path, capsys):
     source, _, _ = converted
     assert main(["openkbp", "--source", str(source), "--output", str(tmp_path), "--splits", "train", "test",
                  "--limit", "1"]) == 0
-    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["test.csv", "test_paraphrases.csv", "train.csv",
-                                                             "trainval.csv"]
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["recipe.csv", "test.csv", "test_paraphrases.csv",
+                                                             "train.csv", "trainval.csv"]
     assert {row["case"].split("-")[0] for row in _rows(tmp_path / "trainval.csv")} == {"pt_1"}
     assert not (tmp_path / "train" / "pt_2").exists() and not (tmp_path / "validation").exists()
     assert "validation" not in capsys.readouterr().out

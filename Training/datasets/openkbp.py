@@ -81,6 +81,8 @@ AIR_HU = -1024
 #: Split name -> OpenKBP's folder; the manifests' ``split`` column says ``val`` for validation.
 SPLITS = {"train": "train-pats", "validation": "validation-pats", "test": "test-pats"}
 SPLIT_COLUMN = {"train": "train", "validation": "val", "test": "test"}
+#: Validation patients in ``recipe.csv``: each is validated on every slice of seven organs after every epoch.
+RECIPE_VALIDATION_PATIENTS = 8
 FIELDS = ("case", "image", "label", "text", "split", "modality", "label_value")
 
 
@@ -280,6 +282,28 @@ def _rows(patients: Iterable[Patient], folder: Path, paraphrases: bool = False) 
     return rows
 
 
+def _recipe_rows(patients: Sequence[Patient], folder: Path, validation_patients: int) -> list[dict[str, str]]:
+    """The organs only, each named once per patient: training patients rotate through the trained phrasings (so
+    every phrasing is seen on a quarter of the patients and an epoch is not four copies of each slice), validation
+    patients (the first ``validation_patients``) use "the NOUN"."""
+    by_name = {structure.name: structure for structure in ORGANS}
+    validation = [patient for patient in patients if patient.split == "validation"][:validation_patients]
+    training = [patient for patient in patients if patient.split == "train"]
+    rows = []
+    for number, patient in enumerate(training + validation):
+        for contour in patient.contours:
+            structure = by_name.get(contour.structure)
+            if structure is None:
+                continue
+            turn = 0 if patient.split == "validation" else (number + ORGANS.index(structure)) % len(
+                structure.phrasings)
+            rows.append({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
+                         "image": _relative(patient.image, folder), "label": _relative(contour.label, folder),
+                         "text": structure.phrasings[turn], "split": SPLIT_COLUMN[patient.split], "modality": "CT",
+                         "label_value": str(LABEL_VALUES[contour.structure])})
+    return rows
+
+
 def _write(path: Path, rows: list[dict[str, str]]) -> tuple[Path, int]:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -294,6 +318,9 @@ def write_manifests(output: Path, patients: Sequence[Patient]) -> dict[str, tupl
     * ``train.csv``, ``validation.csv``, ``test.csv``: one per split present, each holding only its split's patients;
     * ``trainval.csv``: the train and validation rows together, the manifest to train on (its ``split`` column
       keeps OpenKBP's validation patients for validation);
+    * ``recipe.csv``: what ``Training/configs/headneck.toml`` trains on: the organs of the training patients, one
+      rotating phrasing each, and of the first :data:`RECIPE_VALIDATION_PATIENTS` validation patients for the
+      per-epoch choice;
     * ``test_paraphrases.csv``: the test patients' structures named by their held-out paraphrases only (never in a
       training manifest), for a prompt-effect evaluation (``textseg evaluate --manifest``).
     """
@@ -306,6 +333,8 @@ def write_manifests(output: Path, patients: Sequence[Patient]) -> dict[str, tupl
     development = [patient for patient in patients if patient.split in ("train", "validation")]
     if development:
         written["trainval"] = _write(output / "trainval.csv", _rows(development, output))
+    if any(patient.split == "train" for patient in patients):
+        written["recipe"] = _write(output / "recipe.csv", _recipe_rows(patients, output, RECIPE_VALIDATION_PATIENTS))
     held_out = [patient for patient in patients if patient.split == "test"]
     if held_out:
         written["test_paraphrases"] = _write(output / "test_paraphrases.csv", _rows(held_out, output, True))
