@@ -394,3 +394,31 @@ def test_boundary_dice_scores_contours_not_interiors():
     spacing = (1.0, 1.0)
     assert metrics.dice(prediction, reference) > 0.97
     assert metrics.boundary_dice(prediction, reference, spacing, width=1.0) < 0.85
+
+
+def test_by_prompt_summarises_each_prompt_of_a_manifest(labels):
+    """Rows of two prompts over the real lesion masks: one prompt's predictions are the eroded references, the
+    other's are empty for one case; the per-prompt lines hold their own cases' figures and appear in every table."""
+    import json
+
+    from TextSegLib.evaluation import tables
+
+    rows = []
+    for case, (reference, spacing) in labels.items():
+        eroded = perturb(reference, "eroded")
+        rows.append({"case": case, **metrics.evaluate_case(eroded, reference, spacing), "text": "the lesion"})
+        missed = np.zeros_like(reference) if case == CASES[0] else reference
+        rows.append({"case": case, **metrics.evaluate_case(missed, reference, spacing), "text": "the mass"})
+    lines = {line["prompt"]: line for line in tables.by_prompt(rows)}
+    assert set(lines) == {"the lesion", "the mass"}
+    lesion = [row["dice"] for row in rows if row["text"] == "the lesion"]
+    assert lines["the lesion"]["cases"] == len(CASES) and lines["the lesion"]["found"] == len(CASES)
+    assert lines["the lesion"]["dice_mean"] == pytest.approx(np.mean(lesion))
+    assert lines["the lesion"]["dice_sd"] == pytest.approx(np.std(lesion))
+    assert lines["the mass"]["found"] == len(CASES) - 1
+    assert lines["the mass"]["dice_median"] == 1.0 and lines["the mass"]["dice_mean"] < 1.0
+    summary = tables.summarise(rows)
+    assert "By prompt:" in tables.to_text(rows, summary)
+    assert "| the mass | " in tables.to_markdown(rows, summary)
+    assert {line["prompt"] for line in json.loads(tables.to_json(rows, summary))["prompts"]} == set(lines)
+    assert tables.by_prompt([row for row in rows if row["text"] == "the mass"]) == []  # one prompt: no table

@@ -221,12 +221,36 @@ def test_the_recipe_manifest_names_each_organ_once_and_never_a_test_patient(conv
     assert {case.split for case in cases} == {"train", "val"}
 
 
+def test_the_evaluation_manifests_ask_for_each_test_organ_three_ways(converted):
+    """The test patient's organs asked by their own name, by a neighbour's (parotids swapped) and by a held-out
+    paraphrase: one row per organ in each, the label always the organ's own."""
+    _, output, _ = converted
+    names = {value: name for name, value in LABEL_VALUES.items()}
+    organs = {organ.name: organ for organ in ORGANS}
+    asked = {}
+    for ask in ("right", "swapped", "paraphrase"):
+        rows = _rows(output / f"test_organs_{ask}.csv")
+        assert {row["case"].split("-")[0] for row in rows} == {"pt_3"} and {row["split"] for row in rows} == {"test"}
+        asked[ask] = {names[int(row["label_value"])]: row["text"] for row in rows}
+        assert len(asked[ask]) == len(rows)
+    contoured = {f.stem for f in (SAMPLE / "pt_3").glob("*.csv")} & set(organs)
+    assert set(asked["right"]) == set(asked["swapped"]) == set(asked["paraphrase"]) == contoured
+    for organ, text in asked["right"].items():
+        assert text == organs[organ].phrasings[0]
+        assert asked["paraphrase"][organ] in organs[organ].paraphrases
+        assert asked["swapped"][organ] != text and asked["swapped"][organ] in {o.phrasings[0] for o in ORGANS}
+    if {"LeftParotid", "RightParotid"} <= contoured:
+        assert asked["swapped"]["LeftParotid"] == "the right parotid gland"
+        assert asked["swapped"]["RightParotid"] == "the left parotid gland"
+
+
 def test_chosen_splits_and_limit(converted, tmp_path, capsys):
     source, _, _ = converted
     assert main(["openkbp", "--source", str(source), "--output", str(tmp_path), "--splits", "train", "test",
                  "--limit", "1"]) == 0
-    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["recipe.csv", "test.csv", "test_paraphrases.csv",
-                                                             "train.csv", "trainval.csv"]
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == [
+        "recipe.csv", "test.csv", "test_organs_paraphrase.csv", "test_organs_right.csv", "test_organs_swapped.csv",
+        "test_paraphrases.csv", "train.csv", "trainval.csv"]
     assert {row["case"].split("-")[0] for row in _rows(tmp_path / "trainval.csv")} == {"pt_1"}
     assert not (tmp_path / "train" / "pt_2").exists() and not (tmp_path / "validation").exists()
     assert "validation" not in capsys.readouterr().out

@@ -2,7 +2,8 @@
 
 Two sources of pairs: files or folders of predictions and references (``textseg evaluate PRED REF``), or a dataset
 manifest segmented by a model (``textseg evaluate --manifest M --model X``), each case with its own text on its
-own grid. Aggregates are the means over cases of every metric and Dice Global summed over all cases.
+own grid. Aggregates are the means over cases of every metric and Dice Global summed over all cases; a manifest
+that asks for several things (several prompts) also gets one line per prompt (:func:`by_prompt`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from TextSegLib.io.volumes import case_name
 
 __all__ = [
     "COLUMNS",
+    "by_prompt",
     "evaluate_manifest",
     "evaluate_pairs",
     "match_folders",
@@ -161,6 +163,30 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def by_prompt(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per distinct prompt of manifest rows (empty when fewer than two prompts were asked): the number of
+    cases, Dice mean, standard deviation and median, the median HD95 (an empty prediction has an infinite HD95, so
+    the mean would say nothing) and how many predictions were not empty ("found")."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "text" in row:
+            groups.setdefault(row["text"], []).append(row)
+    if len(groups) < 2:
+        return []
+    lines = []
+    for text, members in groups.items():
+        dice = np.array([row["dice"] for row in members], dtype=float)
+        lines.append({"prompt": text, "cases": len(members), "dice_mean": float(dice.mean()),
+                      "dice_sd": float(dice.std()), "dice_median": float(np.median(dice)),
+                      "hd95_median": float(np.median([row["hd95"] for row in members])),
+                      "found": sum(row["prediction_voxels"] > 0 for row in members)})
+    return lines
+
+
+_PROMPT_COLUMNS = ("prompt", "cases", "dice_mean", "dice_sd", "dice_median", "hd95_median", "found")
+_PROMPT_LABELS = ("prompt", "cases", "Dice mean", "Dice SD", "Dice median", "HD95 median (mm)", "found")
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.4f}"
@@ -172,6 +198,12 @@ def to_text(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     for row in [*rows, summary]:
         lines.append("  ".join(f"{_cell(row[c]):>10}" for c in COLUMNS))
     lines.append(f"Dice Global over {len(rows)} case(s): {_cell(summary['dice_global'])}")
+    prompts = by_prompt(rows)
+    if prompts:
+        width = max(len(line["prompt"]) for line in prompts)
+        lines += ["", "By prompt:", f"{'prompt':<{width}}  " + "  ".join(f"{c:>16}" for c in _PROMPT_LABELS[1:])]
+        lines += [f"{line['prompt']:<{width}}  " + "  ".join(f"{_cell(line[c]):>16}" for c in _PROMPT_COLUMNS[1:])
+                  for line in prompts]
     return "\n".join(lines)
 
 
@@ -182,6 +214,10 @@ def to_markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines.append("| **mean** | " + " | ".join(_cell(summary[c]) for c in COLUMNS[1:]) + " |")
     lines.append("")
     lines.append(f"Dice Global over {len(rows)} case(s): {_cell(summary['dice_global'])}")
+    prompts = by_prompt(rows)
+    if prompts:
+        lines += ["", "| " + " | ".join(_PROMPT_LABELS) + " |", "|" + "---|" * len(_PROMPT_LABELS)]
+        lines += ["| " + " | ".join(_cell(line[c]) for c in _PROMPT_COLUMNS) + " |" for line in prompts]
     return "\n".join(lines) + "\n"
 
 
@@ -201,4 +237,8 @@ def to_json(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     def clean(row):
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
-    return json.dumps({"cases": [clean(r) for r in rows], "summary": clean(summary)}, indent=2)
+    document = {"cases": [clean(r) for r in rows], "summary": clean(summary)}
+    prompts = by_prompt(rows)
+    if prompts:
+        document["prompts"] = [clean(line) for line in prompts]
+    return json.dumps(document, indent=2)

@@ -304,6 +304,32 @@ def _recipe_rows(patients: Sequence[Patient], folder: Path, validation_patients:
     return rows
 
 
+#: The prompt-effect manifest asks for another organ than the one labelled: left and right parotid swapped, and
+#: each other organ asked as a neighbour (the brainstem and the spinal cord meet; so do the larynx and esophagus).
+SWAPPED = {"LeftParotid": "RightParotid", "RightParotid": "LeftParotid", "Brainstem": "SpinalCord",
+           "SpinalCord": "Brainstem", "Esophagus": "Larynx", "Larynx": "Esophagus", "Mandible": "Larynx"}
+
+
+def _test_rows(patients: Sequence[Patient], folder: Path, ask: str) -> list[dict[str, str]]:
+    """The test patients' organs, each asked once: by its own name ("the NOUN", ``ask="right"``), by the name of
+    :data:`SWAPPED`'s organ (``"swapped"``), or by one of its held-out paraphrases, alternating between patients
+    (``"paraphrase"``)."""
+    by_name = {structure.name: structure for structure in ORGANS}
+    rows = []
+    for number, patient in enumerate(p for p in patients if p.split == "test"):
+        for contour in patient.contours:
+            structure = by_name.get(contour.structure)
+            if structure is None:
+                continue
+            text = {"right": structure.phrasings[0], "swapped": by_name[SWAPPED[structure.name]].phrasings[0],
+                    "paraphrase": structure.paraphrases[number % len(structure.paraphrases)]}[ask]
+            rows.append({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
+                         "image": _relative(patient.image, folder), "label": _relative(contour.label, folder),
+                         "text": text, "split": "test", "modality": "CT",
+                         "label_value": str(LABEL_VALUES[contour.structure])})
+    return rows
+
+
 def _write(path: Path, rows: list[dict[str, str]]) -> tuple[Path, int]:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -322,7 +348,10 @@ def write_manifests(output: Path, patients: Sequence[Patient]) -> dict[str, tupl
       rotating phrasing each, and of the first :data:`RECIPE_VALIDATION_PATIENTS` validation patients for the
       per-epoch choice;
     * ``test_paraphrases.csv``: the test patients' structures named by their held-out paraphrases only (never in a
-      training manifest), for a prompt-effect evaluation (``textseg evaluate --manifest``).
+      training manifest);
+    * ``test_organs_right.csv``, ``test_organs_swapped.csv``, ``test_organs_paraphrase.csv``: the test patients'
+      organs asked once each by their own name, by another organ's (:data:`SWAPPED`) and by a held-out paraphrase,
+      for the evaluation and the prompt-effect table (``textseg evaluate --manifest``).
     """
     output.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -338,4 +367,7 @@ def write_manifests(output: Path, patients: Sequence[Patient]) -> dict[str, tupl
     held_out = [patient for patient in patients if patient.split == "test"]
     if held_out:
         written["test_paraphrases"] = _write(output / "test_paraphrases.csv", _rows(held_out, output, True))
+        for ask in ("right", "swapped", "paraphrase"):
+            written[f"test_organs_{ask}"] = _write(output / f"test_organs_{ask}.csv",
+                                                   _test_rows(held_out, output, ask))
     return written
