@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from testkit import REPO
@@ -80,8 +79,8 @@ def test_the_oldest_entries_go_beyond_the_limit(tmp_path):
 
 def test_a_fresh_process_takes_the_size_chosen_before_for_the_same_model_threads_and_slices(lung2, small_checkpoint):
     """The first run times its batch size and remembers it; a model loaded afresh (as in a new process) computes at
-    that size from its first slice, with the same probabilities. Another slice size or thread count is timed again
-    (from one slice per batch), under its own key."""
+    that size from its first slice. Another slice size or thread count is timed again (from one slice per batch),
+    under its own key. (That a batch size changes no probability is test_inference's.)"""
     volume = Volume.from_sitk(lung2.to_sitk()[128:384, 128:384, 14:46])
     cropped = Volume.from_sitk(lung2.to_sitk()[128:328, 128:328, 14:46])
     model = load_model(small_checkpoint, "cpu")
@@ -106,19 +105,14 @@ def test_a_fresh_process_takes_the_size_chosen_before_for_the_same_model_threads
     cache = BatchSizeCache()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(InferenceEngine, "_probabilities", recording)
-        tuned = InferenceEngine(model, amp=False).segment(volume, PROMPT, probability=True)
+        InferenceEngine(model, amp=False).segment(volume, PROMPT)
         chosen = InferenceEngine(model, amp=False).chosen_batch_size(model)
         assert chosen in BatchTuner.CANDIDATES
         entries = json.loads(cache.path.read_text(encoding="utf-8"))
         assert entries == {f"{model.id} weights={model.info.weights_sha256[:16]} cpu None compile=False "
                            f"threads={torch.get_num_threads()} slice=256x256": chosen}
 
-        model.cpu_batch.clear()  # the same model in a new process
-        sizes.clear()
-        remembered = InferenceEngine(model, amp=False).segment(volume, PROMPT, probability=True)
-        assert sizes == [chosen] * (32 // chosen) + ([32 % chosen] if 32 % chosen else [])
-        np.testing.assert_allclose(remembered.probability, tuned.probability, atol=1e-5, rtol=0)
-
+        assert first_batches(volume) == [chosen, chosen]  # the same model in a new process
         assert first_batches(cropped) == [1, 1]  # other slices
         threads = torch.get_num_threads()
         torch.set_num_threads(threads + 1)
