@@ -17,8 +17,9 @@ from testkit import DATA, TINY_TEXT_CFG, open_clip_folder, save_small_checkpoint
 
 @pytest.fixture(autouse=True)
 def _isolated_user_models(tmp_path_factory, monkeypatch):
-    """Never read or write the real user's models folder."""
+    """Never read or write the real user's models folder or cache (the CPU batch sizes chosen)."""
     monkeypatch.setenv("TEXTSEG_MODELS_DIR", str(tmp_path_factory.mktemp("user-models")))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
 
 
 @pytest.fixture(scope="session")

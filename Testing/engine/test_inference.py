@@ -10,7 +10,7 @@ import torch
 
 from TextSegLib.core.errors import TextSegError
 from TextSegLib.core.results import MIN_FOUND_ML
-from TextSegLib.engine.acceleration import BatchTuner
+from TextSegLib.engine.batching import BatchTuner
 from TextSegLib.engine.devices import memory_error, resolve_device
 from TextSegLib.engine.inference import CancelToken, InferenceEngine
 from TextSegLib.engine.loading import load_model

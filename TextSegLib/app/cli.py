@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from TextSegLib import __version__
 from TextSegLib.app.commands import NOTES, cmd_demo, cmd_evaluate, cmd_import, cmd_models, cmd_serve, cmd_sign, cmd_web
 from TextSegLib.app.segmenting import cmd_segment
+from TextSegLib.core import threads
 from TextSegLib.core.errors import TextSegError
 from TextSegLib.core.messages import describe_fault, first_line
 from TextSegLib.core.options import MODALITIES
@@ -40,6 +41,7 @@ from TextSegLib.core.settings import (
     DEFAULT_MAX_REQUEST_MB,
     MODELS_DIR_VARIABLE,
     SERVE_PORT,
+    THREADS_VARIABLE,
     TOKEN_VARIABLE,
     WEB_PORT,
 )
@@ -196,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--overwrite", action="store_true", help="replace SIGNED_COPY if it exists (default: refuse "
                       "to start)")
     sign.set_defaults(func=cmd_sign)
+
+    for computing in (segment, serve, evaluate, demo):
+        computing.add_argument("--threads", type=int, help=f"CPU threads to compute with (default: "
+                               f"${THREADS_VARIABLE}, $OMP_NUM_THREADS, else the CPUs this process may use, cgroup "
+                               "limits included)")
     return parser
 
 
@@ -211,6 +218,8 @@ def _on_signal(number: int, frame) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        if "threads" in args:  # before anything imports torch
+            threads.configure(args.threads)
         return args.func(args)
     except (KeyboardInterrupt, _Terminated) as stop:
         if args.debug:

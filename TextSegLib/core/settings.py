@@ -9,6 +9,10 @@ functions here, never ``os.environ`` directly, so one variable has one meaning e
 ``TEXTSEG_MODELS_DIR``    the folder of imported models; default ``$XDG_DATA_HOME/textseg/models``
                           (``~/.local/share/textseg/models``)
 ``TEXTSEG_DEBUG_PAUSE``   a testing aid of ``textseg segment``: ``reading``, ``segmenting`` or ``writing``
+``TEXTSEG_THREADS``       threads a run computes with when ``--threads`` is not given
+                          (:mod:`TextSegLib.core.threads`)
+``XDG_CACHE_HOME``        the folder of TextSeg's cache (``textseg``: the CPU batch sizes chosen); default
+                          ``~/.cache``
 =======================  ================================================================================
 """
 
@@ -24,17 +28,20 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_MB",
     "MODELS_DIR_VARIABLE",
     "SERVE_PORT",
+    "THREADS_VARIABLE",
     "TOKEN_VARIABLE",
     "WEB_PORT",
     "debug_pause",
     "environment_token",
     "is_loopback",
+    "user_cache_dir",
     "user_models_dir",
 ]
 
 TOKEN_VARIABLE = "TEXTSEG_TOKEN"
 MODELS_DIR_VARIABLE = "TEXTSEG_MODELS_DIR"
 DEBUG_PAUSE_VARIABLE = "TEXTSEG_DEBUG_PAUSE"
+THREADS_VARIABLE = "TEXTSEG_THREADS"
 
 #: Where ``textseg serve`` and ``textseg web`` listen unless told otherwise: this computer only.
 DEFAULT_HOST = "127.0.0.1"
@@ -58,6 +65,12 @@ def user_models_dir() -> Path:
         return Path(os.environ[MODELS_DIR_VARIABLE]).expanduser()
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return base / "textseg" / "models"
+
+
+def user_cache_dir() -> Path:
+    """Folder of what TextSeg remembers between runs and may lose at any time: ``$XDG_CACHE_HOME/textseg``
+    (``~/.cache/textseg``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "textseg"
 
 
 def debug_pause() -> str:

@@ -1,5 +1,6 @@
-"""What makes the slice engine fast without changing its results: the CPU batch tuner, BatchNorm folding,
-``torch.compile`` with an eager fall-back, and the double-buffered CUDA pipeline that overlaps copies with compute."""
+"""What makes the slice engine fast without changing its results: BatchNorm folding, ``torch.compile`` with an eager
+fall-back, and the double-buffered CUDA pipeline that overlaps copies with compute (the CPU batch size is
+:mod:`.batching`'s)."""
 
 from __future__ import annotations
 
@@ -14,50 +15,10 @@ from TextSegLib.core.messages import first_line
 from TextSegLib.text.features import TextFeatures
 
 __all__ = [
-    "BatchTuner",
+    "fold_batchnorm",
 ]
 
 log = logging.getLogger("textseg")
-
-
-class BatchTuner:
-    """Chooses the CPU batch size by timing real batches at the start of a run.
-
-    Each candidate size (1, 2, 4, 8, in that order) computes two batches; the second is timed, because the first at
-    a new shape also pays oneDNN's set-up for it. The first candidate that is slower per slice than the best so far
-    ends the search (larger batches only add to the feature maps that no longer fit the cache), as does the last
-    candidate. The slices are part of the volume, so nothing is computed twice; a volume too short to finish the
-    search leaves it where it stopped, and the next run (the model keeps its tuner) goes on from there.
-    """
-
-    CANDIDATES = (1, 2, 4, 8)
-
-    def __init__(self) -> None:
-        self._index = 0
-        self._timed = False
-        self._best: tuple[float, int] | None = None  # (seconds per slice, size)
-        self.finished = False
-
-    @property
-    def size(self) -> int:
-        """The batch size to run next (the chosen one once :attr:`finished`)."""
-        return self._best[1] if self.finished and self._best else self.CANDIDATES[self._index]
-
-    def record(self, slices: int, seconds: float) -> bool:
-        """Report that a batch of ``slices`` took ``seconds``; True when this report completed the choice."""
-        if self.finished or slices != self.CANDIDATES[self._index]:
-            return False  # done already, or a volume's last, shorter batch, which says nothing about the size
-        if not self._timed:
-            self._timed = True
-            return False
-        per_slice = seconds / slices
-        slower = self._best is not None and per_slice >= self._best[0]
-        if not slower:
-            self._best = (per_slice, slices)
-        self._index += 1
-        self._timed = False
-        self.finished = slower or self._index == len(self.CANDIDATES)
-        return self.finished
 
 
 def fold_batchnorm(network: nn.Module) -> nn.Module:

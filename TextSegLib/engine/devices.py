@@ -12,6 +12,7 @@ import torch
 
 from TextSegLib.core.errors import TextSegError
 from TextSegLib.core.options import check_device
+from TextSegLib.core.threads import configured_threads
 
 __all__ = [
     "DeviceError",
@@ -20,6 +21,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "memory_error",
     "resolve_device",
+    "use_configured_threads",
 ]
 
 log = logging.getLogger("textseg")
@@ -95,3 +97,18 @@ def choose_device(device: str, model_paths: Sequence[str | Path]) -> tuple[str, 
         log.warning("%s", message)
         return "cpu", [message]
     return str(target), []
+
+
+def use_configured_threads() -> int:
+    """Size torch's thread pools as :func:`TextSegLib.core.threads.configure` decided, when it was called in this
+    process (the ``textseg`` commands call it): that many intra-op threads, one inter-op thread (where torch still
+    allows the change: before any inter-op work and only once). Returns torch's intra-op thread count."""
+    threads = configured_threads()
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if threads is not None and torch.get_num_interop_threads() != 1:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # inter-op work has started or the count was set already: it stays as it is
+            log.debug("torch's inter-op thread count stays %d", torch.get_num_interop_threads())
+    return torch.get_num_threads()

@@ -37,7 +37,8 @@ from torch import nn
 
 from TextSegLib.core.options import check_batch_size, check_modality, check_threshold, validate_prompt
 from TextSegLib.core.results import CancelToken, SegmentationResult
-from TextSegLib.engine.acceleration import BatchTuner, _CompiledOrEager, _CudaStreams, _StagedPipeline, fold_batchnorm
+from TextSegLib.engine.acceleration import _CompiledOrEager, _CudaStreams, _StagedPipeline, fold_batchnorm
+from TextSegLib.engine.batching import BatchSizeCache, BatchTuner
 from TextSegLib.engine.devices import cpu_has_native_bf16, memory_error
 from TextSegLib.engine.loading import LoadedModel
 from TextSegLib.engine.preprocessing import IntensityMapping
@@ -103,7 +104,8 @@ class InferenceEngine:
         models: one or more loaded models (all on the same device).
         batch_size: slices per forward pass; None chooses one. On the CPU it is timed on the first slices of the
             first volume (see :class:`BatchTuner`; the best size ranges from 1 to 8 with the network's width, as
-            the cache holds more or fewer slices' feature maps) and kept on the loaded model for later runs. On
+            the cache holds more or fewer slices' feature maps) and kept on the loaded model for later runs, and
+            in :class:`BatchSizeCache` for later processes (per model, precision, thread count and slice size). On
             CUDA it comes from the free memory and the measured peak memory of a two-slice forward pass, at most
             ``MAX_AUTO_BATCH``.
         amp: reduced precision where the hardware has it: autocast to bf16 on CUDA (fp16 where bf16 is missing),
@@ -204,6 +206,22 @@ class InferenceEngine:
         if self.device.type == "cuda" or self.batch_size is not None:
             return None
         return model.cpu_batch.setdefault(self._cpu_batch_key, BatchTuner())
+
+    def _remembered_key(self, model: LoadedModel, height: int, width: int) -> str:
+        """The key of ``model``'s CPU batch size in :class:`BatchSizeCache` for slices of ``height`` x ``width``."""
+        dtype, compiled = self._cpu_batch_key
+        return (f"{model.id} weights={model.info.weights_sha256[:16]} cpu {dtype.removeprefix('torch.')} "
+                f"compile={compiled} threads={torch.get_num_threads()} slice={height}x{width}")
+
+    def _recall_batch_size(self, model: LoadedModel, height: int, width: int) -> None:
+        """Before the model's first CPU run in this process: take the batch size an earlier process chose for these
+        slices, if one did."""
+        if self.device.type == "cuda" or self.batch_size is not None or self._cpu_batch_key in model.cpu_batch:
+            return
+        remembered = BatchSizeCache().get(self._remembered_key(model, height, width))
+        if remembered is not None:
+            model.cpu_batch[self._cpu_batch_key] = BatchTuner.remembered(remembered)
+            log.info("CPU batch size for %s: %d slices (remembered)", model.id, remembered)
 
     def chosen_batch_size(self, model: LoadedModel) -> int | None:
         """The batch size this engine runs ``model`` with once it is known: the given one, the timed one on the CPU
@@ -322,6 +340,7 @@ class InferenceEngine:
         mapping = model.preprocessing.intensity_for(modality).mapping(canonical)
         text = model.text_encoder.encode_cached(prompt)
         output = np.empty((depth, height, width), dtype=np.float32)
+        self._recall_batch_size(model, height, width)
         batch_size = self._initial_batch_size(model, depth, text)
         tuner = self._tuner(model)
         pipeline = self._pipeline(canonical, output)
@@ -340,6 +359,7 @@ class InferenceEngine:
                     output[start:stop] = probabilities.numpy()
                     if tuner is not None and tuner.record(stop - start, time.perf_counter() - began):
                         log.info("CPU batch size for %s: %d slices", model.id, tuner.size)
+                        BatchSizeCache().put(self._remembered_key(model, height, width), tuner.size)
                 else:
                     pipeline.run(start, stop, batch_size, lambda batch: self._probabilities(
                         model, batch, mapping, text, (height, width)))

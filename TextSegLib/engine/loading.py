@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from TextSegLib.engine.acceleration import BatchTuner
+from TextSegLib.engine.batching import BatchTuner
 from TextSegLib.engine.catalogue import Catalogue
 from TextSegLib.engine.checkpoints import CheckpointError, CheckpointInfo, load_checkpoint
 from TextSegLib.engine.devices import resolve_device

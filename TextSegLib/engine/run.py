@@ -8,8 +8,9 @@ A :class:`Segmenter` takes the models (catalogue ids or checkpoint files) and th
 1. checks the options (:meth:`~TextSegLib.core.options.SegmentOptions.checked`);
 2. resolves the models in the catalogue (a file path is refused where paths are not allowed: a worker serving
    other computers names models by catalogue id only);
-3. chooses the device once (:func:`~TextSegLib.engine.devices.choose_device`): a GPU that is missing or has too
-   little free memory means the CPU, with a note for the user;
+3. sizes torch's thread pools as the front end decided (:mod:`TextSegLib.core.threads`) and chooses the device
+   once (:func:`~TextSegLib.engine.devices.choose_device`): a GPU that is missing or has too little free memory
+   means the CPU, with a note for the user;
 4. loads the models (cached for the life of the process) and builds the
    :class:`~TextSegLib.engine.inference.InferenceEngine` when first needed;
 5. segments; when the GPU runs out of memory (after the engine's own halving of the batch), it frees the cached
@@ -32,7 +33,7 @@ from TextSegLib.core.options import SegmentOptions
 from TextSegLib.core.results import CancelToken, SegmentationResult
 from TextSegLib.engine.catalogue import Catalogue
 from TextSegLib.engine.checkpoints import CheckpointError
-from TextSegLib.engine.devices import choose_device
+from TextSegLib.engine.devices import choose_device, use_configured_threads
 from TextSegLib.engine.inference import InferenceEngine
 from TextSegLib.engine.loading import LoadedModel, load_model
 from TextSegLib.io.volumes import Volume
@@ -66,6 +67,7 @@ class Segmenter:
     def __init__(self, models: Sequence[str | os.PathLike[str]], options: SegmentOptions | None = None,
                  catalogue: Catalogue | None = None, allow_paths: bool = True) -> None:
         self.options = (options or SegmentOptions()).checked()
+        use_configured_threads()
         if not models:
             raise CheckpointError("No model chosen: pick one from the catalogue or give a checkpoint file.")
         self.catalogue = catalogue or Catalogue()

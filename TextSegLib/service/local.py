@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from TextSegLib.core.settings import DEFAULT_HOST, TOKEN_VARIABLE
+from TextSegLib.core.threads import PASSIVE_WAITING
 from TextSegLib.service.client import POLL_TIMEOUT, ImportedModel, RemoteWorker
 from TextSegLib.service.protocol import READY_LINE, WorkerError, WorkerUnreachableError
 
@@ -111,9 +112,12 @@ class LocalWorker(RemoteWorker):
         self.url = process.url
 
     def _environment(self) -> dict[str, str]:
-        """The environment of the worker's processes: this process's, the extra variables, the token, and this
-        TextSegLib first on ``PYTHONPATH``."""
-        environment = {**os.environ, **self.environment, TOKEN_VARIABLE: self.token, "PYTHONUNBUFFERED": "1"}
+        """The environment of the worker's processes: this process's, the extra variables, the token, this
+        TextSegLib first on ``PYTHONPATH``, and OpenMP threads that sleep when they wait
+        (:data:`~TextSegLib.core.threads.PASSIVE_WAITING`, unless set), so the worker leaves the CPU to 3D Slicer
+        and to other runs between its batches."""
+        environment = {**PASSIVE_WAITING, **os.environ, **self.environment, TOKEN_VARIABLE: self.token,
+                       "PYTHONUNBUFFERED": "1"}
         repository = str(Path(__file__).resolve().parents[2])
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [repository, environment.get("PYTHONPATH")]))
         return environment
