@@ -72,11 +72,11 @@ def slicer_application(settings: Path, testing: bool = False) -> Iterator[Harnes
         raise FileNotFoundError(f"Slicer's Python files are missing: expected {SLICER_PYTHON} (set "
                                 "TEXTSEG_SLICER_PYTHON to the folder)")
     qapplication = _qapplication(settings)
+    import slicer
+
     from qtslicer import ctk, qt
     from qtslicer.application import Application, qSlicerScriptedLoadableModule, qSlicerScriptedLoadableModuleWidget
     from qtslicer.widgets import ctkMessageBox, qMRMLNodeComboBox, qMRMLWidget
-
-    import slicer
 
     saved_modules = {name: sys.modules.get(name) for name in
                      ["qt", "ctk", "TextSeg", *(f"slicer.{name}" for name in _SLICER_SUBMODULES)]}

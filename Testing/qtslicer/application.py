@@ -14,7 +14,7 @@ import importlib
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import slicer
 import vtk
@@ -28,7 +28,7 @@ class ModuleManager(PythonQtObject, QtCore.QObject):
     """The module manager: finds loaded modules and announces a module's unloading."""
 
     moduleAboutToBeUnloaded = QtCore.Signal(str)
-    pythonQtSignals = {"moduleAboutToBeUnloaded(QString)": "moduleAboutToBeUnloaded"}
+    pythonQtSignals: ClassVar[dict[str, str]] = {"moduleAboutToBeUnloaded(QString)": "moduleAboutToBeUnloaded"}
 
     def __init__(self) -> None:
         super().__init__()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from PySide6 import QtCore, QtGui, QtUiTools, QtWidgets
 
@@ -56,7 +56,7 @@ class PythonQtObject:
     """The PythonQt behaviour, mixed in before a PySide6 QObject class."""
 
     # Signals declared in Python (PySide6 gives them PyObject arguments): the C++ signature -> the signal's name.
-    pythonQtSignals: dict[str, str] = {}
+    pythonQtSignals: ClassVar[dict[str, str]] = {}
 
     def __getattribute__(self, name: str) -> Any:
         if name[0] != "_":
@@ -103,9 +103,9 @@ class PythonQtObject:
         meta = self.metaObject()
         for index in range(meta.methodCount()):
             method = meta.method(index)
-            if method.methodType() == QtCore.QMetaMethod.MethodType.Signal:
-                if bytes(method.methodSignature().data()).decode() == wanted:
-                    return getattr(self, name)
+            if (method.methodType() == QtCore.QMetaMethod.MethodType.Signal
+                    and bytes(method.methodSignature().data()).decode() == wanted):
+                return getattr(self, name)
         raise AttributeError(f"{type(self).__name__} has no signal {wanted}")
 
     def connect(self, signature: str, slot: Callable[..., Any]) -> bool:

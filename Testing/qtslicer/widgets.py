@@ -6,8 +6,8 @@ They are stand-ins, written from what Slicer's code asks of them (not from CTK's
 - ``ctkComboBox``: a QComboBox whose ``defaultText`` shows while nothing is chosen;
 - ``ctkSliderWidget``: the spin-box half of CTK's slider (``value``, ``minimum``, ``maximum``, ``singleStep``,
   ``decimals``, ``valueChanged(double)``);
-- ``ctkMessageBox``: a QMessageBox that, shown modally, records its text and closes itself at once (a test has no
-  one to press OK); the nested event loop runs as it does in Slicer;
+- ``ctkMessageBox``: a QMessageBox that, asked to show modally, records its text and answers OK without showing
+  (a test has no one to press it);
 - ``qMRMLWidget``: a widget with ``setMRMLScene`` and ``mrmlSceneChanged(vtkMRMLScene*)``;
 - ``qMRMLNodeComboBox``: lists the scene's nodes of ``nodeTypes`` (kept up to date through the scene's
   NodeAdded/NodeRemoved events), ``currentNode()``/``setCurrentNode()``/``currentNodeChanged(vtkMRMLNode*)``, a
@@ -16,7 +16,7 @@ They are stand-ins, written from what Slicer's code asks of them (not from CTK's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import vtk
 from PySide6 import QtCore, QtWidgets
@@ -66,18 +66,17 @@ class ctkSliderWidget(PythonQtObject, QtWidgets.QDoubleSpinBox):
 
 @register
 class ctkMessageBox(PythonQtObject, QtWidgets.QMessageBox):
-    shown: list[str] = []  # the text of every box shown, oldest first
+    shown: ClassVar[list[str]] = []  # the text of every box shown, oldest first
 
     def exec_(self) -> int:
         ctkMessageBox.shown.append(QtWidgets.QMessageBox.text(self))
-        QtCore.QTimer.singleShot(0, self.accept)
-        return QtWidgets.QMessageBox.exec(self)
+        return QtWidgets.QMessageBox.StandardButton.Ok
 
 
 @register
 class qMRMLWidget(PythonQtObject, QtWidgets.QWidget):
     mrmlSceneChanged = QtCore.Signal(object)
-    pythonQtSignals = {"mrmlSceneChanged(vtkMRMLScene*)": "mrmlSceneChanged"}
+    pythonQtSignals: ClassVar[dict[str, str]] = {"mrmlSceneChanged(vtkMRMLScene*)": "mrmlSceneChanged"}
 
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
@@ -95,7 +94,7 @@ class qMRMLWidget(PythonQtObject, QtWidgets.QWidget):
 @register
 class qMRMLNodeComboBox(PythonQtObject, QtWidgets.QComboBox):
     currentNodeChanged = QtCore.Signal(object)
-    pythonQtSignals = {"currentNodeChanged(vtkMRMLNode*)": "currentNodeChanged"}
+    pythonQtSignals: ClassVar[dict[str, str]] = {"currentNodeChanged(vtkMRMLNode*)": "currentNodeChanged"}
 
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
