@@ -20,6 +20,7 @@ for runs that must finish, to keep each test to seconds.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from qtslicer import slicer_application
 from qtslicer.widgets import ctkMessageBox
 
 from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
+from TextSegLib.service.local import LocalWorker, stop_local_workers
 
 REPO = Path(__file__).resolve().parents[2]
 CASE = demo_case("lung2")
@@ -50,7 +52,7 @@ def harness(tmp_path_factory) -> Iterator:
         try:
             yield application
         finally:
-            application.textseg.TextSegLogic.stopLocalWorker()
+            stop_local_workers()
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def panel(harness, escaped):
     slicer.mrmlScene.Clear(0)
     widget = harness.openModule()
     widget.parent.show()
-    wait_until(lambda: widget._catalogue is None, 300, "the model list to be read")
+    wait_until(lambda: idle(widget), 300, "the model list to be read")
     ctkMessageBox.shown.clear()
     yield widget
     if widget._run is not None:
@@ -92,6 +94,11 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         loop.exec()
     check.stop()
     assert condition(), f"waited {timeout} s for {what}"
+
+
+def idle(widget) -> bool:
+    """The panel waits for nothing: its polling timer has stopped (no model list being read, no run)."""
+    return not widget._runTimer.isActive()
 
 
 def load(path: Path) -> slicer.vtkMRMLScalarVolumeNode:
@@ -230,28 +237,40 @@ def test_empty_and_punctuation_prompts_are_refused_and_a_non_ascii_prompt_runs(p
     assert harness.textseg.TextSegLogic.recentPrompts()[0] == NON_ASCII_PROMPT
 
 
-@pytest.mark.parametrize("address", ["gpu-server:8765", "http://127.0.0.1:9"])
-def test_a_bad_server_address_disables_apply_and_its_warning_goes_with_it(panel, address):
-    """A server address without a scheme, and one where nothing listens: the chooser shows no model, Apply is
-    disabled, the status line says why (no popup). Emptying the field brings the worker's models back, and the
-    warning goes."""
+BAD_ADDRESSES = ["gpu-server:8765", "http://127.0.0.1:9"]
+
+
+def enter_server(widget, address: str) -> None:
+    widget.ui.advancedCollapsibleButton.collapsed = False
+    type_into(widget.ui.serverLineEdit, address)
+    wait_until(lambda: idle(widget), 300, "the model list")
+
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES)
+def test_a_bad_server_address_shows_no_model_and_disables_apply(panel, escaped, address):
+    """A server address without a scheme, and one where nothing listens: the chooser shows no model and Apply is
+    disabled (it was enabled with the model the scene kept); the status line says why, without a popup."""
     ui = panel.ui
     volume = load(CASE["image"])
     prepare(panel, volume)
     assert ui.applyButton.enabled
-    ui.advancedCollapsibleButton.collapsed = False
-    type_into(ui.serverLineEdit, address)
-    wait_until(lambda: panel._catalogue is None, 60, "the server's model list")
-    assert ui.modelComboBox.count == 0 and ui.modelComboBox.defaultText
+    enter_server(panel, address)
+    assert ui.modelComboBox.count == 0 and ui.modelComboBox.currentText == ""
     assert not ui.applyButton.enabled and "a model" in ui.applyButton.toolTip
     assert ui.statusLabel.text.startswith("The model catalogue could not be read:")
     assert ("must start with http://" if "://" not in address else "Cannot reach") in ui.statusLabel.text
-    assert ctkMessageBox.shown == []
+    assert ctkMessageBox.shown == [] and not escaped
 
-    type_into(ui.serverLineEdit, "")
-    wait_until(lambda: panel._catalogue is None, 300, "the worker's model list")
-    assert ui.modelComboBox.currentText.endswith(f"({DEMO_MODEL})") and ui.applyButton.enabled
-    assert ui.statusLabel.text == ""
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES)
+def test_the_catalogue_warning_goes_when_the_models_come_back(panel, address):
+    """After a bad server address, emptying the field brings the worker's models back, and the orange "could not be
+    read" line goes with the problem."""
+    enter_server(panel, address)
+    assert panel.ui.statusLabel.text.startswith("The model catalogue could not be read:")
+    enter_server(panel, "")
+    assert panel.ui.modelComboBox.currentText.endswith(f"({DEMO_MODEL})")
+    assert panel.ui.statusLabel.text == ""
 
 
 def test_closing_the_scene_keeps_the_model(panel, tmp_path):
@@ -260,7 +279,7 @@ def test_closing_the_scene_keeps_the_model(panel, tmp_path):
     volume = load(slab(tmp_path))
     prepare(panel, volume)
     slicer.mrmlScene.Clear(0)
-    wait_until(lambda: panel._catalogue is None, 300, "the model list")
+    wait_until(lambda: idle(panel), 300, "the model list")
     assert panel._parameterNode.modelId == DEMO_MODEL
     assert panel.ui.modelComboBox.currentText.endswith(f"({DEMO_MODEL})")
     volume = load(slab(tmp_path))
@@ -278,7 +297,7 @@ def test_closing_the_scene_mid_run_cancels_it(panel):
     click(panel.ui.applyButton)
     wait_for_progress(panel)
     slicer.mrmlScene.Clear(0)
-    wait_until(lambda: panel._run is None and panel._catalogue is None, 30, "the run to end")
+    wait_until(lambda: idle(panel), 30, "the run to end")
     assert panel.ui.statusLabel.text == "Cancelled; nothing was added."
     assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
     assert panel._parameterNode.modelId == DEMO_MODEL
@@ -307,17 +326,15 @@ def test_the_panel_answers_within_100_ms_while_a_slow_worker_starts(panel, tmp_p
     assert panel._run.worker.python == str(wrapper)
     wait_until(lambda: panel._run is None, 300, "the run to finish")
     watchdog.stop()
-    gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
     assert segment_names(panel.ui.outputSegmentationSelector.currentNode()) == [PROMPT], panel.ui.statusLabel.text
     assert max(gaps) < HANDLER_BUDGET_S, f"the event loop stalled for {max(gaps) * 1000:.0f} ms"
 
 
-def test_a_server_that_goes_away_gives_one_popup_and_the_status_line(panel, harness, tmp_path):
+def test_a_server_that_goes_away_gives_one_popup_and_the_status_line(panel, escaped, tmp_path):
     """A TextSeg server (a real ``textseg serve``, reached by address and token) lists its models; it stops before
     Apply: one popup and the status line say it cannot be reached, nothing escapes the slot, the scene is unchanged
     and Apply is Apply again."""
-    from TextSegLib.service.local import LocalWorker
-
     server = LocalWorker()
     server.start()
     ui = panel.ui
@@ -325,8 +342,7 @@ def test_a_server_that_goes_away_gives_one_popup_and_the_status_line(panel, harn
     prepare(panel, volume)
     ui.advancedCollapsibleButton.collapsed = False
     type_into(ui.serverTokenLineEdit, server.token)
-    type_into(ui.serverLineEdit, server.url)
-    wait_until(lambda: panel._catalogue is None, 300, "the server's model list")
+    enter_server(panel, server.url)
     assert ui.applyButton.enabled, ui.statusLabel.text
     server.stop()
     before = node_ids()
@@ -335,9 +351,9 @@ def test_a_server_that_goes_away_gives_one_popup_and_the_status_line(panel, harn
     (popup,) = ctkMessageBox.shown
     assert popup.startswith("Segmentation failed; the scene was not changed.") and "Cannot reach" in popup
     assert ui.statusLabel.text.startswith(f"Failed: Cannot reach the TextSeg server at {server.url}")
-    assert node_ids() == before and ui.applyButton.text == "Apply"
-    type_into(ui.serverLineEdit, "")
+    assert node_ids() == before and ui.applyButton.text == "Apply" and not escaped
     type_into(ui.serverTokenLineEdit, "")
+    enter_server(panel, "")
 
 
 def test_slicers_own_tests_of_the_module_pass_here(harness, escaped, monkeypatch):
@@ -357,7 +373,7 @@ def test_closing_slicer_cancels_the_run_and_ends_the_worker(harness, escaped):
     this computer exits. (Last in this file: the module is gone afterwards.)"""
     slicer.mrmlScene.Clear(0)
     widget = harness.openModule()
-    wait_until(lambda: widget._catalogue is None, 300, "the model list")
+    wait_until(lambda: idle(widget), 300, "the model list")
     volume = load(CASE["image"])
     prepare(widget, volume, batch_size=1)
     before = node_ids()
