@@ -474,14 +474,18 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             return
         server = self._parameterNode.serverUrl.strip() if self._parameterNode else ""
-        with slicer.util.tryWithErrorDisplay(_("The model could not be imported."), waitCursor=True):
-            if not server:
-                self.logic.ensureDependencies(askConfirmation=True)
-            imported = self.logic.importModel(path, server, self._serverToken())
-            self.refreshModels()
-            self._parameterNode.modelId = imported.choice.id
-            self._setStatus(_("Imported {model} into {folder}.").format(model=imported.choice.id,
-                                                                        folder=imported.path.parent))
+        try:
+            with slicer.util.WaitCursor():
+                if not server:
+                    self.logic.ensureDependencies(askConfirmation=True)
+                imported = self.logic.importModel(path, server, self._serverToken())
+        except Exception as error:
+            self._reportFailure(_("The model could not be imported."), error)
+            return
+        self.refreshModels()
+        self._parameterNode.modelId = imported.choice.id
+        self._setStatus(_("Imported {model} into {folder}.").format(model=imported.choice.id,
+                                                                    folder=imported.path.parent))
 
     def onApplyButton(self) -> None:
         """Apply: install the dependencies if needed, else start segmenting. Cancel: stop the run."""
@@ -490,10 +494,14 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._finishRun()
             return
         if not self._dependenciesReady:
-            with slicer.util.tryWithErrorDisplay(_("TextSeg's dependencies could not be installed."), waitCursor=True):
-                self.logic.ensureDependencies(askConfirmation=True)
-                self.refreshModels()
-                self._setStatus(_("Dependencies installed. Choose a model, type a prompt and press Apply."))
+            try:
+                with slicer.util.WaitCursor():
+                    self.logic.ensureDependencies(askConfirmation=True)
+            except Exception as error:
+                self._reportFailure(_("TextSeg's dependencies could not be installed."), error)
+                return
+            self.refreshModels()
+            self._setStatus(_("Dependencies installed. Choose a model, type a prompt and press Apply."))
             return
         parameters = self._parameterNode
         try:

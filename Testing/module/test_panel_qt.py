@@ -173,7 +173,10 @@ def wait_for_progress(widget) -> None:
 def test_apply_segments_the_volume_and_a_rerun_replaces_its_own_segment(panel, tmp_path):
     """Volume, model and prompt chosen and typed; Apply; the timer polls the worker to the end; the segment is in
     the scene, named after the prompt, in a segmentation the panel made and now selects. Apply again with another
-    threshold: the same segment is replaced, a segment the user drew is left alone."""
+    threshold: the same segment is replaced, a segment the user drew is left alone.
+
+    Slicer's: connectGui (every widget to the parameter node), MRML, the volume storage node. Stand-ins: the qt layer,
+    qMRMLNodeComboBox, ctkComboBox, ctkSliderWidget, the module selector and IO manager."""
     volume = load(slab(tmp_path))
     ui = panel.ui
     prepare(panel, volume)
@@ -196,7 +199,9 @@ def test_apply_segments_the_volume_and_a_rerun_replaces_its_own_segment(panel, t
 
 
 def test_cancel_mid_run_leaves_the_scene_unchanged(panel):
-    """Apply on lung2 one slice at a time; Cancel once slices are done: at once, nothing added."""
+    """Apply on lung2 one slice at a time; Cancel once slices are done: at once, nothing added.
+
+    Slicer's: connectGui, MRML. Stand-ins: the qt layer, qMRMLNodeComboBox, ctkCollapsibleButton."""
     volume = load(CASE["image"])
     prepare(panel, volume, batch_size=1)
     before = node_ids()
@@ -213,7 +218,10 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(panel):
 def test_empty_and_punctuation_prompts_are_refused_and_a_non_ascii_prompt_runs(panel, harness, tmp_path):
     """No prompt: Apply is disabled and Return does nothing. Only punctuation: one popup and the status line say
     so, nothing escapes the slot, the scene is unchanged. A prompt in three scripts segments and names the segment
-    after itself, and is kept among the recent prompts (application settings)."""
+    after itself, and is kept among the recent prompts (application settings).
+
+    Slicer's: connectGui, ``slicer.util.errorDisplay`` and ``messageBox`` (the popup), MRML. Stand-ins: the qt layer
+    (QSettings is Qt's own, in a temporary folder), ctkMessageBox (records instead of showing)."""
     volume = load(slab(tmp_path))
     ui = panel.ui
     prepare(panel, volume, prompt="")
@@ -249,7 +257,10 @@ def enter_server(widget, address: str) -> None:
 @pytest.mark.parametrize("address", BAD_ADDRESSES)
 def test_a_bad_server_address_shows_no_model_and_disables_apply(panel, escaped, address):
     """A server address without a scheme, and one where nothing listens: the chooser shows no model and Apply is
-    disabled (it was enabled with the model the scene kept); the status line says why, without a popup."""
+    disabled (it was enabled with the model the scene kept); the status line says why, without a popup.
+
+    Slicer's: connectGui (the server field), ``slicer.util.errorDisplay``. Stand-ins: the qt layer, ctkComboBox,
+    ctkMessageBox."""
     ui = panel.ui
     volume = load(CASE["image"])
     prepare(panel, volume)
@@ -265,7 +276,9 @@ def test_a_bad_server_address_shows_no_model_and_disables_apply(panel, escaped, 
 @pytest.mark.parametrize("address", BAD_ADDRESSES)
 def test_the_catalogue_warning_goes_when_the_models_come_back(panel, address):
     """After a bad server address, emptying the field brings the worker's models back, and the orange "could not be
-    read" line goes with the problem."""
+    read" line goes with the problem.
+
+    Slicer's: connectGui (the server field). Stand-ins: the qt layer, ctkComboBox."""
     enter_server(panel, address)
     assert panel.ui.statusLabel.text.startswith("The model catalogue could not be read:")
     enter_server(panel, "")
@@ -275,7 +288,10 @@ def test_the_catalogue_warning_goes_when_the_models_come_back(panel, address):
 
 def test_closing_the_scene_keeps_the_model(panel, tmp_path):
     """After File > Close Scene the fresh parameter node gets the worker's first model again: loading a volume and
-    typing a prompt is enough for Apply."""
+    typing a prompt is enough for Apply.
+
+    Slicer's: the scene's close events (MRML), ``ScriptedLoadableModuleLogic.getParameterNode``, connectGui. Stand-ins:
+    the qt layer, qMRMLNodeComboBox (follows the scene's node events), the module selector (``isEntered``)."""
     volume = load(slab(tmp_path))
     prepare(panel, volume)
     slicer.mrmlScene.Clear(0)
@@ -291,7 +307,9 @@ def test_closing_the_scene_keeps_the_model(panel, tmp_path):
 
 def test_closing_the_scene_mid_run_cancels_it(panel):
     """File > Close Scene while the worker segments: the run is cancelled, nothing is added to the new scene, and
-    the panel is ready again with the model chosen."""
+    the panel is ready again with the model chosen.
+
+    Slicer's: the scene's close events (MRML), connectGui. Stand-ins: the qt layer, qMRMLNodeComboBox."""
     volume = load(CASE["image"])
     prepare(panel, volume, batch_size=1)
     click(panel.ui.applyButton)
@@ -306,7 +324,11 @@ def test_closing_the_scene_mid_run_cancels_it(panel):
 def test_the_panel_answers_within_100_ms_while_a_slow_worker_starts(panel, tmp_path, monkeypatch):
     """A worker whose Python takes 1.5 s to start (``PythonSlicer`` on PATH, as in Slicer, sleeping first): Apply
     shows "Starting the TextSeg worker..." at once, and no event handler on the main thread takes more than 100 ms
-    until the segment is stored: a 10 ms QTimer measures the event loop's longest gap."""
+    until the segment is stored: a 10 ms QTimer measures the event loop's longest gap.
+
+    Slicer's: connectGui, MRML. Stand-ins: the qt layer (Qt's own event loop and QTimer), the ``PythonSlicer``
+    wrapper. PySide6's event loop releases the GIL while it waits, PythonQt's does not: in Slicer the background
+    thread runs when it is not waiting on a socket or the worker, at the latest on each of the panel's timer ticks."""
     wrapper = tmp_path / "bin" / "PythonSlicer"
     wrapper.parent.mkdir()
     wrapper.write_text(f"#!/bin/sh\nsleep {SLOW_START_S}\nexec {sys.executable} \"$@\"\n")
@@ -334,7 +356,9 @@ def test_the_panel_answers_within_100_ms_while_a_slow_worker_starts(panel, tmp_p
 def test_a_server_that_goes_away_gives_one_popup_and_the_status_line(panel, escaped, tmp_path):
     """A TextSeg server (a real ``textseg serve``, reached by address and token) lists its models; it stops before
     Apply: one popup and the status line say it cannot be reached, nothing escapes the slot, the scene is unchanged
-    and Apply is Apply again."""
+    and Apply is Apply again.
+
+    Slicer's: connectGui, ``slicer.util.errorDisplay``, MRML. Stand-ins: the qt layer, ctkMessageBox."""
     server = LocalWorker()
     server.start()
     ui = panel.ui
@@ -358,7 +382,11 @@ def test_a_server_that_goes_away_gives_one_popup_and_the_status_line(panel, esca
 
 def test_slicers_own_tests_of_the_module_pass_here(harness, escaped, monkeypatch):
     """``TextSegTest`` (TextSeg.py) and ``TextSegLogicTest`` (TextSeg/Testing/Python), as ctest runs them in Slicer's
-    testing mode: written for the real application, run here so that they have run somewhere."""
+    testing mode: written for the real application, run here so that they have run somewhere.
+
+    Slicer's: ``ScriptedLoadableModule.runTest`` and ``ScriptedLoadableModuleTest``, connectGui, MRML, the
+    segmentations logic, ``slicer.util`` (``loadVolume``, ``arrayFromSegmentBinaryLabelmap``, ``selectModule``).
+    Stand-ins: the qt layer, the CTK/qMRML widgets, the module selector, the IO manager."""
     monkeypatch.setattr(harness.app, "testing", True)
     slicer.selfTests["TextSeg"](msec=0)
     monkeypatch.syspath_prepend(str(REPO / "TextSeg" / "Testing" / "Python"))
@@ -370,7 +398,10 @@ def test_slicers_own_tests_of_the_module_pass_here(harness, escaped, monkeypatch
 
 def test_closing_slicer_cancels_the_run_and_ends_the_worker(harness, escaped):
     """Slicer closing unloads the module: ``cleanup()`` cancels the run, stops the timer and the worker process on
-    this computer exits. (Last in this file: the module is gone afterwards.)"""
+    this computer exits. (Last in this file: the module is gone afterwards.)
+
+    Slicer's: ``ScriptedLoadableModuleWidget``'s unloading hook (``moduleAboutToBeUnloaded``). Stand-ins: the module
+    manager that emits it, the qt layer."""
     slicer.mrmlScene.Clear(0)
     widget = harness.openModule()
     wait_until(lambda: idle(widget), 300, "the model list")
