@@ -201,7 +201,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runOutputs = (None, None)
         self._runTimer = None
         self._catalogue = None
-        self._catalogueWarning = ""
+        self._catalogueStatus = ""  # what the model list last put on the status line (it clears it when it can)
         self._models = {}
         self._dependenciesReady = False
 
@@ -335,6 +335,9 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._catalogue = TextSegTask(self.logic.modelChoices, server, self._serverToken())
         if combo.count == 0:
             combo.defaultText = _("Reading the model list...")
+        if not server and not self.logic.worker().running:
+            self._catalogueStatus = _("Starting the TextSeg worker...")
+            self._setStatus(self._catalogueStatus)
         self._runTimer.start()
 
     def _showModels(self, task: TextSegTask) -> None:
@@ -343,13 +346,13 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelComboBox
         if task.error is None:
             choices = task.result
-            if self._catalogueWarning and self.ui.statusLabel.text == self._catalogueWarning:
+            if self._catalogueStatus and self.ui.statusLabel.text == self._catalogueStatus:
                 self._setStatus("")
-            self._catalogueWarning = ""
+            self._catalogueStatus = ""
         else:
             logging.warning("TextSeg could not read its model catalogue: %s", task.error)
-            self._catalogueWarning = _("The model catalogue could not be read: {error}").format(error=task.error)
-            self._setStatus(self._catalogueWarning, warning=True)
+            self._catalogueStatus = _("The model catalogue could not be read: {error}").format(error=task.error)
+            self._setStatus(self._catalogueStatus, warning=True)
             choices = []
         self._models = {choice.id: choice for choice in choices}
         wasBlocked = combo.blockSignals(True)
