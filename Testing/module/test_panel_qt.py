@@ -20,9 +20,13 @@ for runs that must finish, to keep each test to seconds.
 
 from __future__ import annotations
 
+import http.server
 import os
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,7 +37,7 @@ from qtslicer import slicer_application
 from qtslicer.widgets import ctkMessageBox
 
 from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
-from TextSegLib.service.local import LocalWorker, stop_local_workers
+from TextSegLib.service.local import stop_local_workers
 
 REPO = Path(__file__).resolve().parents[2]
 CASE = demo_case("lung2")
@@ -357,19 +361,58 @@ def test_closing_the_scene_mid_run_cancels_it(panel):
     assert panel._parameterNode.modelId == DEMO_MODEL
 
 
+class Forwarder(http.server.ThreadingHTTPServer):
+    """An HTTP server on 127.0.0.1 that passes every request to ``target`` and its answer back: the panel's own
+    worker process, reached as a server at another address, which can then go away while the worker stays."""
+
+    def __init__(self, target: str) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.forward()
+
+            def do_POST(self) -> None:
+                self.forward()
+
+            def forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                headers = {name: self.headers[name] for name in ("Authorization", "Content-Type") if self.headers[name]}
+                request = urllib.request.Request(target + self.path, data=self.rfile.read(length) if length else None,
+                                                 method=self.command, headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=300) as answer:
+                        status, body = answer.status, answer.read()
+                except urllib.error.HTTPError as error:
+                    status, body = error.code, error.read()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *arguments: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
 def test_a_server_that_goes_away_gives_one_popup_and_the_status_line(panel, escaped, tmp_path):
-    """A TextSeg server (a real ``textseg serve``, reached by address and token) lists its models; it stops before
-    Apply: one popup and the status line say it cannot be reached, nothing escapes the slot, the scene is unchanged
-    and Apply is Apply again.
+    """A TextSeg server (the real worker behind a forwarding address, reached with its token) lists its models; the
+    address stops answering before Apply: one popup and the status line say it cannot be reached, nothing escapes
+    the slot, the scene is unchanged and Apply is Apply again.
 
     Slicer's: connectGui, ``slicer.util.errorDisplay``, MRML. Stand-ins: the qt layer, ctkMessageBox."""
-    server = LocalWorker()
-    server.start()
+    worker = panel.logic.worker()
+    server = Forwarder(worker.url)
     ui = panel.ui
     volume = load(slab(tmp_path))
     prepare(panel, volume)
     ui.advancedCollapsibleButton.collapsed = False
-    type_into(ui.serverTokenLineEdit, server.token)
+    type_into(ui.serverTokenLineEdit, worker.token)
     enter_server(panel, server.url)
     assert ui.applyButton.enabled, ui.statusLabel.text
     server.stop()

@@ -28,6 +28,7 @@ from PySide6 import QtCore, QtGui, QtUiTools, QtWidgets
 _SIGNATURE = re.compile(r"\s*(\w+)\s*\((.*)\)\s*$")
 _PROPERTIES: dict[type, dict[str, QtCore.QMetaProperty]] = {}
 _CLASSES: dict[str, type] = {}
+_READING: set[tuple[int, str]] = set()  # (object, property) being read (main thread only)
 
 
 def _properties(cls: type) -> dict[str, QtCore.QMetaProperty]:
@@ -69,8 +70,15 @@ class PythonQtObject:
                     found = vars(owner)[name]
                     return found.__get__(self, cls) if hasattr(found, "__get__") else found
             prop = _properties(cls).get(name)
-            if prop is not None:
-                return prop.read(self)
+            key = (id(self), name)
+            if prop is not None and key not in _READING:
+                # Reading ``sizeHint`` calls the virtual sizeHint(), for which PySide6 looks up a Python override by
+                # this very name: that nested lookup gets the method, not the property again.
+                _READING.add(key)
+                try:
+                    return prop.read(self)
+                finally:
+                    _READING.discard(key)
             if name == "name":
                 return QtCore.QObject.objectName(self)
         return super().__getattribute__(name)
