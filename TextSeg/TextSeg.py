@@ -519,7 +519,6 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:
             self._reportFailure(_("TextSeg could not start."), error)
             return
-        starting = run.worker.describe()
         run.startInBackground()
         self._run = run
         self._runOutputs = (parameters.outputSegmentation, parameters.probabilityVolume)
@@ -530,7 +529,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run.startsWorker:
             self._setStatus(_("Starting the TextSeg worker..."))
         else:
-            self._setStatus(_("Sending the volume to {where}...").format(where=starting))
+            self._setStatus(_("Sending the volume to {where}...").format(where=run.where))
         self._updateApplyButton()
 
     def _reportFailure(self, message: str, error: Exception) -> None:
@@ -605,9 +604,10 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class TextSegTask:
     """One call run on a background thread, for the main thread to poll (``done``, then ``result`` or ``error``).
 
-    Only calls that wait on a socket or a process belong here: Slicer's main thread holds Python's GIL while it
-    idles in the Qt event loop, so such a thread runs whenever it is not waiting, at the latest when the panel's timer
-    runs Python. The call must not touch Qt widgets or MRML nodes (only the main thread may).
+    Calls that mostly wait on a socket or a process belong here: Slicer's main thread holds Python's GIL while it
+    idles in the Qt event loop, so such a thread runs Python only when the main thread lets go of the GIL, at the
+    latest when the panel's timer runs Python (``Testing/module/test_slicer_logic.py`` times a run this way). The
+    call must not touch Qt widgets or MRML nodes (only the main thread may).
     """
 
     def __init__(self, function: Callable[..., Any], *arguments: Any) -> None:
@@ -626,10 +626,6 @@ class TextSegTask:
     def done(self) -> bool:
         """True once the call has returned or raised."""
         return not self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until the call has ended (console, batch scripts and tests)."""
-        self._thread.join(timeout)
 
 
 class TextSegRun:

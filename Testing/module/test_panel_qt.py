@@ -11,10 +11,10 @@ Stand-ins (``Testing/qtslicer``): PythonQt's ``qt`` module (PySide6 with PythonQ
 signature-string connections, on Qt's offscreen platform), the CTK/qMRML widgets the .ui file declares, and the
 application around a scripted module (``slicer.app``, the module manager and selector, the main window, the IO
 manager's volume reader). Error popups go through slicer.util's ``errorDisplay`` to a ``ctkMessageBox`` that records
-its text and closes itself. ``slicer.app.testingEnabled()`` is False (a user's Slicer, which shows popups) except
+its text and answers OK without showing. ``slicer.app.testingEnabled()`` is False (a user's Slicer, which shows popups) except
 where Slicer's own tests run.
 
-The cases are lung2 (a real chest CT, 512 x 512 x 58) for runs that must be stopped midway, and three of its slices
+The cases are lung2 (a real chest CT, 512 x 512 x 61) for runs that must be stopped midway, and three of its slices
 for runs that must finish, to keep each test to seconds.
 """
 
