@@ -578,7 +578,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runOutputs = (None, None)
         if error is None:
             try:
-                outcome = self.logic.finishProcessing(run, segmentationNode, probabilityVolume)
+                outcome = self.logic.finishProcessing(run, segmentationNode, probabilityVolume, showResult=False)
             except Exception as failure:
                 error = failure
         if error is not None:
@@ -594,6 +594,20 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._recentPrompts.setStringList(self.logic.recentPrompts())
         description, warned = self.logic.describeResult(run, segmentationNode, segmentId)
         self._setStatus(description, warning=warned)
+        # Drawn in a later event: building the 3D surface takes as long again as storing the segment.
+        qt.QTimer.singleShot(0, lambda: self._showResult(run, segmentationNode, segmentId))
+
+    def _showResult(self, run: TextSegRun, segmentationNode: vtkMRMLSegmentationNode, segmentId: str) -> None:
+        """Show the stored segment in the slice views and in 3D; a warning that brings goes to the status line."""
+        scene = slicer.mrmlScene
+        if not (scene.IsNodePresent(segmentationNode) and scene.IsNodePresent(run.inputVolume)
+                and segmentationNode.GetSegmentation().GetSegment(segmentId) is not None):
+            return
+        warnings = self.logic.showResult(run.inputVolume, segmentationNode, segmentId)
+        if warnings:
+            run.notes.extend(warnings)
+            description, warned = self.logic.describeResult(run, segmentationNode, segmentId)
+            self._setStatus(description, warning=warned)
 
 
 #

@@ -51,54 +51,11 @@ class Harness:
         self.app.moduleManager().unloadModule("TextSeg")
 
 
-class EventTimes:
-    """The longest time the main thread spent handling one event (a key press, a click, a timer's timeout, a queued
-    signal), with what it was, while :meth:`measure` is on: measured around ``QApplication.notify``, through which Qt
-    hands every event to its receiver."""
-
-    def __init__(self) -> None:
-        self.longest = 0.0
-        self.what = ""
-        self.on = False
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[EventTimes]:
-        self.longest, self.what, self.on = 0.0, "", True
-        try:
-            yield self
-        finally:
-            self.on = False
-
-
 def _qapplication(settings: Path) -> Any:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    import time
-
     from PySide6 import QtCore, QtWidgets
 
-    class Application(QtWidgets.QApplication):
-        def __init__(self, arguments: list[str]) -> None:
-            super().__init__(arguments)
-            self.eventTimes = EventTimes()
-            self._depth = 0
-
-        def notify(self, receiver: QtCore.QObject, event: QtCore.QEvent) -> bool:
-            times = self.eventTimes
-            if not times.on or self._depth:
-                return super().notify(receiver, event)
-            self._depth += 1
-            started = time.perf_counter()
-            try:
-                return super().notify(receiver, event)
-            finally:
-                self._depth -= 1
-                took = time.perf_counter() - started
-                if took > times.longest:
-                    times.longest = took
-                    times.what = (f"{event.type().name} to {type(receiver).__name__} "
-                                  f"{QtCore.QObject.objectName(receiver)!r}")
-
-    application = QtWidgets.QApplication.instance() or Application(["Slicer"])
+    application = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["Slicer"])
     QtCore.QCoreApplication.setOrganizationName("TextSegTests")
     QtCore.QCoreApplication.setApplicationName("Slicer")
     QtCore.QSettings.setDefaultFormat(QtCore.QSettings.Format.IniFormat)
