@@ -22,8 +22,11 @@ lint: install
 	$(BIN)/ruff check .
 
 # Testing/test_web.py drives Debian's Chromium; the views render on Mesa (EGL, or OSMesa where EGL is missing).
+# Testing/module/test_panel_qt.py runs PySide6 on Qt's offscreen platform, which loads libGL, fontconfig, GLib,
+# xkbcommon, D-Bus and X11's client library.
 # Installed with apt-get (as root, or through sudo) only when one is missing; elsewhere, install them by hand.
-SYSTEM_PACKAGES := chromium libegl1 libgl1-mesa-dri libosmesa6
+SYSTEM_PACKAGES := chromium libegl1 libgl1-mesa-dri libosmesa6 libgl1 libfontconfig1 libglib2.0-0 libxkbcommon0 \
+	libdbus-1-3 libx11-6
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 system-packages:

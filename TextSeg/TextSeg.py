@@ -7,7 +7,8 @@ Slicer parts:
 - ``TextSegParameterNode``: the user's choices, saved with the scene;
 - ``TextSegWidget``: the panel (``Resources/UI/TextSeg.ui``); Apply sends the volume to the segmentation worker,
   turns into Cancel, and a timer on the main thread polls the worker (Qt widgets and MRML nodes are only touched
-  there);
+  there). What waits on the worker (starting it, its health check, the upload, the model list) runs on a
+  background thread (``TextSegTask``) that the same timer polls, so the panel never freezes;
 - ``TextSegLogic``: dependency installation, the worker's model catalogue (listing and importing), ``process()``
   for the Python console and batch scripts, and the two halves of a background run (``startProcessing`` /
   ``finishProcessing``);
@@ -30,10 +31,11 @@ import importlib.metadata
 import logging
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import qt
 import slicer
@@ -51,7 +53,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 if TYPE_CHECKING:
-    from TextSegLib.service.client import ImportedModel, Job, RemoteWorker
+    from TextSegLib.service.client import ImportedModel, RemoteWorker
     from TextSegLib.service.protocol import ModelChoice
 
 MODULE_DIR = Path(__file__).resolve().parent
@@ -198,6 +200,8 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._runOutputs = (None, None)
         self._runTimer = None
+        self._catalogue = None
+        self._catalogueStatus = ""  # what the model list last put on the status line (it clears it when it can)
         self._models = {}
         self._dependenciesReady = False
 
@@ -211,6 +215,9 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.layout.addWidget(label)
             self.layout.addStretch(1)
             return
+        # What Apply needs, imported while the module opens (a few hundred ms on a cold start) rather than when Apply
+        # must answer at once.
+        importlib.import_module("TextSegLib.app.mrml")
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/TextSeg.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -219,7 +226,7 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._runTimer = qt.QTimer()
         self._runTimer.setInterval(POLL_INTERVAL_MS)
-        self._runTimer.connect("timeout()", self._pollRun)
+        self._runTimer.connect("timeout()", self._onTimer)
         self._promptMenu = qt.QMenu(self.ui.promptMenuButton)
         self._promptMenu.connect("aboutToShow()", self._fillPromptMenu)
         self.ui.promptMenuButton.setMenu(self._promptMenu)
@@ -246,12 +253,17 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
+        """Called when the application closes and the module widget is destroyed: a running segmentation is
+        cancelled and the worker process on this computer is stopped (a server is left running)."""
         if self._run is not None:
             self._run.cancel()
+            self._run = None
+        self._catalogue = None
         if self._runTimer is not None:
             self._runTimer.stop()
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.stopLocalWorker()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
@@ -274,9 +286,11 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller: vtk.vtkObject, event: int) -> None:
-        """Called just after the scene is closed."""
+        """Called just after the scene is closed: a fresh parameter node, and the model list again (the new node
+        has no model chosen yet)."""
         if self.parent.isEntered:
             self.initializeParameterNode()
+            self.refreshModels()
 
     def initializeParameterNode(self) -> None:
         """Use the scene's parameter node and pick the first volume if none is chosen."""
@@ -306,28 +320,49 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
 
     def refreshModels(self) -> None:
-        """Fill the model chooser from the catalogue of the worker that will segment."""
+        """Ask the worker that will segment for its models, on a background thread (starting the worker on this
+        computer can take seconds, a server may not answer); ``_showModels`` fills the chooser when it answers."""
         parameters = self._parameterNode
         server = parameters.serverUrl.strip() if parameters else ""
         self._dependenciesReady = bool(server) or not self.logic.missingDependencies()
         combo = self.ui.modelComboBox
         if not self._dependenciesReady:
+            self._catalogue = None
             combo.defaultText = _("Press Apply to install TextSeg's dependencies")
             self._setStatus(_("TextSeg needs PyTorch and a few Python packages: press Apply to install them."))
             self._updateGui()
             return
-        try:
-            choices = self.logic.modelChoices(server, self._serverToken())
-        except Exception as error:
-            logging.warning("TextSeg could not read its model catalogue: %s", error)
-            self._setStatus(_("The model catalogue could not be read: {error}").format(error=error), warning=True)
+        self._catalogue = TextSegTask(self.logic.modelChoices, server, self._serverToken())
+        if combo.count == 0:
+            combo.defaultText = _("Reading the model list...")
+        if not server and not self.logic.worker().running:
+            self._catalogueStatus = _("Starting the TextSeg worker...")
+            self._setStatus(self._catalogueStatus)
+        self._runTimer.start()
+
+    def _showModels(self, task: TextSegTask) -> None:
+        """Fill the model chooser with the catalogue ``task`` read (or say why it could not be read)."""
+        parameters = self._parameterNode
+        combo = self.ui.modelComboBox
+        if task.error is None:
+            choices = task.result
+            if self._catalogueStatus and self.ui.statusLabel.text == self._catalogueStatus:
+                self._setStatus("")
+            self._catalogueStatus = ""
+        else:
+            logging.warning("TextSeg could not read its model catalogue: %s", task.error)
+            self._catalogueStatus = _("The model catalogue could not be read: {error}").format(error=task.error)
+            self._setStatus(self._catalogueStatus, warning=True)
             choices = []
         self._models = {choice.id: choice for choice in choices}
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         for choice in choices:
             combo.addItem(choice.title if choice.title == choice.id else f"{choice.title} ({choice.id})", choice.id)
-        combo.defaultText = _("No model installed: use Import...") if not choices else ""
+        if task.error is not None:
+            combo.defaultText = _("No models: the catalogue could not be read")
+        else:
+            combo.defaultText = _("No model installed: use Import...") if not choices else ""
         if parameters and parameters.modelId not in self._models and choices:
             parameters.modelId = choices[0].id
         combo.blockSignals(wasBlocked)
@@ -380,7 +415,9 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = []
         if not parameters or not parameters.inputVolume:
             missing.append(_("an input volume"))
-        if not parameters or not parameters.modelId:
+        if not parameters or parameters.modelId not in self._models:
+            # The chooser shows no model (the catalogue is not read yet, or could not be read): the ID the scene
+            # keeps may name a model this worker lacks.
             missing.append(_("a model"))
         if not parameters or not parameters.prompt.strip():
             missing.append(_("a prompt"))
@@ -440,14 +477,18 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             return
         server = self._parameterNode.serverUrl.strip() if self._parameterNode else ""
-        with slicer.util.tryWithErrorDisplay(_("The model could not be imported."), waitCursor=True):
-            if not server:
-                self.logic.ensureDependencies(askConfirmation=True)
-            imported = self.logic.importModel(path, server, self._serverToken())
-            self.refreshModels()
-            self._parameterNode.modelId = imported.choice.id
-            self._setStatus(_("Imported {model} into {folder}.").format(model=imported.choice.id,
-                                                                        folder=imported.path.parent))
+        try:
+            with slicer.util.WaitCursor():
+                if not server:
+                    self.logic.ensureDependencies(askConfirmation=True)
+                imported = self.logic.importModel(path, server, self._serverToken())
+        except Exception as error:
+            self._reportFailure(_("The model could not be imported."), error)
+            return
+        self.refreshModels()
+        self._parameterNode.modelId = imported.choice.id
+        self._setStatus(_("Imported {model} into {folder}.").format(model=imported.choice.id,
+                                                                    folder=imported.path.parent))
 
     def onApplyButton(self) -> None:
         """Apply: install the dependencies if needed, else start segmenting. Cancel: stop the run."""
@@ -456,37 +497,74 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._finishRun()
             return
         if not self._dependenciesReady:
-            with slicer.util.tryWithErrorDisplay(_("TextSeg's dependencies could not be installed."), waitCursor=True):
-                self.logic.ensureDependencies(askConfirmation=True)
-                self.refreshModels()
-                self._setStatus(_("Dependencies installed. Choose a model, type a prompt and press Apply."))
+            try:
+                with slicer.util.WaitCursor():
+                    self.logic.ensureDependencies(askConfirmation=True)
+            except Exception as error:
+                self._reportFailure(_("TextSeg's dependencies could not be installed."), error)
+                return
+            self.refreshModels()
+            self._setStatus(_("Dependencies installed. Choose a model, type a prompt and press Apply."))
             return
         parameters = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("TextSeg could not start."), waitCursor=True):
-            run = self.logic.startProcessing(
+        try:
+            # The inputs are checked and the voxels copied here, on the main thread (MRML); the worker is started
+            # and the volume sent on a background thread, which the timer polls.
+            run = self.logic.prepareProcessing(
                 parameters.inputVolume, parameters.prompt, parameters.modelId,
                 segmentName=parameters.segmentName, device=parameters.device, batchSize=parameters.batchSize,
                 threshold=parameters.threshold, probability=parameters.probabilityVolume is not None,
                 server=parameters.serverUrl, token=self._serverToken(),
             )
-            self._run = run
-            self._runOutputs = (parameters.outputSegmentation, parameters.probabilityVolume)
-            self._runTimer.start()
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.show()
-            self._setStatus(_("Segmenting on {where}...").format(where=run.where))
-            self._updateApplyButton()
+        except Exception as error:
+            self._reportFailure(_("TextSeg could not start."), error)
+            return
+        run.startInBackground()
+        self._run = run
+        self._runOutputs = (parameters.outputSegmentation, parameters.probabilityVolume)
+        self._runTimer.start()
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.maximum = 0  # busy until the worker says how many slices there are
+        self.ui.progressBar.show()
+        if run.startsWorker:
+            self._setStatus(_("Starting the TextSeg worker..."))
+        else:
+            self._setStatus(_("Sending the volume to {where}...").format(where=run.where))
+        self._updateApplyButton()
+
+    def _reportFailure(self, message: str, error: Exception) -> None:
+        """One popup and the status line; the error is logged, not raised out of the Qt slot."""
+        logging.info("TextSeg: %s", error, exc_info=error)
+        slicer.util.errorDisplay(message + "\n\n" + str(error))
+        self._setStatus(_("Failed: {error}").format(error=error), warning=True)
+
+    def _onTimer(self) -> None:
+        """Timer on the main thread: take the model list when it has been read; show the run's progress and store
+        its result when it has finished. Stops itself when there is nothing left to wait for."""
+        catalogue = self._catalogue
+        if catalogue is not None and catalogue.done:
+            self._catalogue = None
+            self._showModels(catalogue)
+        if self._run is not None:
+            self._pollRun()
+        if self._run is None and self._catalogue is None:
+            self._runTimer.stop()
 
     def _pollRun(self) -> None:
-        """Timer on the main thread: show the worker's progress; store the result when it has finished."""
+        """Show the worker's progress; store the result when the run has finished."""
+        run = self._run
+        wasStarted = run.started
         try:
-            finished = self._run.poll()
+            finished = run.poll()
         except Exception as error:
             self._finishRun(error)
             return
-        done, total = self._run.progress
-        self.ui.progressBar.maximum = max(total, 1)
-        self.ui.progressBar.value = done
+        if run.started and not wasStarted and not finished:
+            self._setStatus(_("Segmenting on {where}...").format(where=run.where))
+        done, total = run.progress
+        if total:
+            self.ui.progressBar.maximum = total
+            self.ui.progressBar.value = done
         if finished:
             self._finishRun()
 
@@ -500,15 +578,11 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runOutputs = (None, None)
         if error is None:
             try:
-                with slicer.util.tryWithErrorDisplay(_("Segmentation failed; the scene was not changed."),
-                                                     waitCursor=True):
-                    outcome = self.logic.finishProcessing(run, segmentationNode, probabilityVolume)
+                outcome = self.logic.finishProcessing(run, segmentationNode, probabilityVolume, showResult=False)
             except Exception as failure:
                 error = failure
-        else:
-            slicer.util.errorDisplay(_("Segmentation failed; the scene was not changed.") + "\n\n" + str(error))
         if error is not None:
-            self._setStatus(_("Failed: {error}").format(error=error), warning=True)
+            self._reportFailure(_("Segmentation failed; the scene was not changed."), error)
             return
         if outcome is None:
             self._setStatus(_("Cancelled; nothing was added."))
@@ -520,6 +594,20 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._recentPrompts.setStringList(self.logic.recentPrompts())
         description, warned = self.logic.describeResult(run, segmentationNode, segmentId)
         self._setStatus(description, warning=warned)
+        # Drawn in a later event: building the 3D surface takes as long again as storing the segment.
+        qt.QTimer.singleShot(0, lambda: self._showResult(run, segmentationNode, segmentId))
+
+    def _showResult(self, run: TextSegRun, segmentationNode: vtkMRMLSegmentationNode, segmentId: str) -> None:
+        """Show the stored segment in the slice views and in 3D; a warning that brings goes to the status line."""
+        scene = slicer.mrmlScene
+        if not (scene.IsNodePresent(segmentationNode) and scene.IsNodePresent(run.inputVolume)
+                and segmentationNode.GetSegmentation().GetSegment(segmentId) is not None):
+            return
+        warnings = self.logic.showResult(run.inputVolume, segmentationNode, segmentId)
+        if warnings:
+            run.notes.extend(warnings)
+            description, warned = self.logic.describeResult(run, segmentationNode, segmentId)
+            self._setStatus(description, warning=warned)
 
 
 #
@@ -527,24 +615,61 @@ class TextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class TextSegRun:
-    """One segmentation sent to the worker, and what the scene needs to store its result.
+class TextSegTask:
+    """One call run on a background thread, for the main thread to poll (``done``, then ``result`` or ``error``).
 
-    Everything here is polled from the main thread: :meth:`poll` asks the worker for the job's state (a quick
-    request), :meth:`cancel` returns at once. MRML nodes are read before the run starts and written after it ends,
-    by :meth:`TextSegLogic.finishProcessing`.
+    Calls that mostly wait on a socket or a process belong here: Slicer's main thread holds Python's GIL while it
+    idles in the Qt event loop, so such a thread runs Python only when the main thread lets go of the GIL, at the
+    latest when the panel's timer runs Python (``Testing/module/test_slicer_logic.py`` times a run this way). The
+    call must not touch Qt widgets or MRML nodes (only the main thread may).
+    """
+
+    def __init__(self, function: Callable[..., Any], *arguments: Any) -> None:
+        self.result = None
+        self.error = None
+        self._thread = threading.Thread(target=self._run, args=(function, arguments), name="TextSeg", daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Callable[..., Any], arguments: tuple) -> None:
+        try:
+            self.result = function(*arguments)
+        except Exception as error:
+            self.error = error
+
+    @property
+    def done(self) -> bool:
+        """True once the call has returned or raised."""
+        return not self._thread.is_alive()
+
+
+class TextSegRun:
+    """One segmentation for the worker, and what the scene needs to store its result.
+
+    Console and batch use: :meth:`submit` sends the volume, :meth:`poll` asks the worker how far the job is (a
+    quick request), :meth:`wait` polls until it ends. The panel: :meth:`startInBackground` does all the waiting on a
+    background thread (sending the volume, asking for the job's state every ``POLL_INTERVAL_MS``, fetching the
+    result), and :meth:`poll` only reads what that thread found. :meth:`cancel` returns at once. MRML nodes are
+    read before the run starts and written after it ends, by :meth:`TextSegLogic.finishProcessing`.
     """
 
     def __init__(self, inputVolume: vtkMRMLScalarVolumeNode, prompt: str, segmentName: str, worker: RemoteWorker,
-                 job: Job) -> None:
+                 volume: Any = None, request: Any = None) -> None:
         self.inputVolume = inputVolume
         self.prompt = prompt
         self.segmentName = segmentName
         self.worker = worker
-        self.job = job
+        self.job = None
         self.progress = (0, 0)
         self.result = None
         self.notes = []  # warnings from showing the result (the result's own are in ``result.notes``)
+        # A worker on this computer that is not running yet (a server's client has no ``running``).
+        self.startsWorker = not getattr(worker, "running", True)
+        self._volume = volume
+        self._request = request
+        self._background = None
+        self._fetched = None
+        self._cancelRequested = False
+        self._wake = threading.Event()
 
     @property
     def where(self) -> str:
@@ -552,19 +677,68 @@ class TextSegRun:
         return self.worker.describe()
 
     @property
+    def started(self) -> bool:
+        """True once the worker has the volume (the job exists)."""
+        return self.job is not None
+
+    @property
     def cancelled(self) -> bool:
         """True once cancel was asked for."""
-        return self.job.cancelled
+        return self._cancelRequested or (self.job is not None and self.job.cancelled)
+
+    def submit(self) -> None:
+        """Send the volume and the request to the worker (starting a worker on this computer if needed); waits."""
+        job = self.worker.submit(self._volume, self._request)
+        self._volume = self._request = None
+        self.job = job
+
+    def startInBackground(self) -> None:
+        """Send the volume, follow the job and fetch its result on a background thread; :meth:`poll` reports."""
+        self._background = TextSegTask(self._followInBackground)
+
+    def _followInBackground(self) -> None:
+        """The background thread: network requests only (never Qt or MRML)."""
+        self.submit()
+        while True:
+            if self._cancelRequested:
+                self.job.cancel()
+            status = self.job.status()
+            self.progress = (status.done, status.total)
+            if status.finished:
+                if status.state == "done" and not self._cancelRequested:
+                    self._fetched = self.job.result()
+                return
+            self._wake.wait(POLL_INTERVAL_MS / 1000.0)
 
     def cancel(self) -> None:
-        """Stop the run; the worker is told and nothing will be stored."""
-        self.job.cancel()
+        """Stop the run; the worker is told (from the background thread, if the run has one) and nothing will be
+        stored."""
+        self._cancelRequested = True
+        self._wake.set()
+        if self._background is None and self.job is not None:
+            self.job.cancel()
 
     def poll(self) -> bool:
-        """Ask the worker how far the run is; True once it has ended (raises when the worker failed)."""
+        """True once the run has ended; raises when the worker failed or could not be given the volume. Without a
+        background thread this asks the worker how far the job is (a quick request)."""
+        background = self._background
+        if background is not None:
+            if not background.done:
+                return False
+            if background.error is not None and not self._cancelRequested:
+                raise background.error
+            return True
         status = self.job.status()
         self.progress = (status.done, status.total)
         return status.finished
+
+    def fetchResult(self) -> Any:
+        """The finished job's result (None when it was cancelled); raises the worker's error when it failed."""
+        if self.cancelled:
+            return None
+        if self._fetched is not None:
+            return self._fetched
+        return self.job.result()
 
     def wait(self, interval: float = POLL_INTERVAL_MS / 1000.0) -> None:
         """Block until the run has ended (console and batch use)."""
@@ -699,6 +873,13 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         return shared_worker(server.strip() or None, token.strip() or None, python)
 
     @staticmethod
+    def stopLocalWorker() -> None:
+        """Stop the worker process on this computer, if one runs (it would also end with Slicer)."""
+        from TextSegLib.service.local import stop_local_workers
+
+        stop_local_workers()
+
+    @staticmethod
     def modelChoices(server: str = "", token: str = "") -> list[ModelChoice]:
         """Models the user can pick, as the worker that segments lists them: the worker process on this computer
         (started on first use) lists the shipped and imported models, a server its own."""
@@ -742,13 +923,26 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
                         batchSize: int | None = None, threshold: float | None = None,
                         probability: bool = False, modality: str | None = None, server: str = "",
                         token: str = "") -> TextSegRun:
-        """Check the inputs and send the volume to the worker (main thread); poll what it returns.
+        """Check the inputs and send the volume to the worker, waiting for it (main thread); poll what it returns.
 
         Arguments as for :meth:`process`; ``probability`` asks for the probability map, ``server``/``token`` name a
         TextSeg server (empty: a worker process on this computer, started on first use). The volume's voxels are
         copied now, so the run does not read MRML nodes. Raises ValueError on bad input (a ``TypeError`` for a
         prompt that is not text); the prompt and the options are checked before the volume is sent.
         """
+        run = self.prepareProcessing(inputVolume, prompt, modelId, segmentName, device, batchSize, threshold,
+                                     probability, modality, server, token)
+        run.submit()
+        return run
+
+    def prepareProcessing(self, inputVolume: vtkMRMLScalarVolumeNode | None, prompt: str,
+                          modelId: str | Sequence[str], segmentName: str = "", device: str = "auto",
+                          batchSize: int | None = None, threshold: float | None = None,
+                          probability: bool = False, modality: str | None = None, server: str = "",
+                          token: str = "") -> TextSegRun:
+        """The checks and the copy of :meth:`startProcessing` (main thread, quick): a run not yet sent, which
+        :meth:`TextSegRun.submit` or :meth:`TextSegRun.startInBackground` sends. Raises as ``startProcessing``
+        does, and ``WorkerError`` for a server address that is not one."""
         from TextSegLib.app.mrml import volume_from_node
         from TextSegLib.core.options import SegmentOptions, validate_prompt
         from TextSegLib.service.protocol import SegmentRequest
@@ -766,8 +960,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         request = SegmentRequest(prompt, [str(m) for m in modelIds], options).validate()
         volume = volume_from_node(inputVolume, modality)
         worker = self.worker(server, token)
-        job = worker.submit(volume, request)
-        return TextSegRun(inputVolume, prompt, " ".join(segmentName.split()), worker, job)
+        return TextSegRun(inputVolume, prompt, " ".join(segmentName.split()), worker, volume, request)
 
     def finishProcessing(self, run: TextSegRun, segmentationNode: vtkMRMLSegmentationNode | None = None,
                          probabilityVolume: vtkMRMLScalarVolumeNode | None = None,
@@ -781,7 +974,7 @@ class TextSegLogic(ScriptedLoadableModuleLogic):
         """
         from TextSegLib.app.mrml import store_in_new_or_existing_node, update_volume_node
 
-        result = run.result = run.job.result()
+        result = run.result = run.fetchResult()
         if result is None:
             return None
         inputVolume = run.inputVolume
@@ -892,9 +1085,15 @@ class TextSegTest(ScriptedLoadableModuleTest):
         self.test_ApplyStateFollowsTheInputs()
 
     def _widget(self) -> TextSegWidget:
-        """The panel, opened as a user opens it."""
+        """The panel, opened as a user opens it, once it has read the model list (on a background thread)."""
         slicer.util.selectModule("TextSeg")
-        return slicer.util.getModuleWidget("TextSeg")
+        widget = slicer.util.getModuleWidget("TextSeg")
+        deadline = time.monotonic() + 300
+        while widget._catalogue is not None and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        self.assertIsNone(widget._catalogue, "the model list was not read within 300 s")
+        return widget
 
     def test_ParametersReachTheirWidgets(self) -> None:
         """Values set in the parameter node show in the panel, and edits in the panel reach the node."""
@@ -927,7 +1126,7 @@ class TextSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_ApplyStateFollowsTheInputs(self) -> None:
-        """Apply needs a volume, a model and a prompt (once the dependencies are there)."""
+        """Apply needs a volume, a model the chooser shows and a prompt (once the dependencies are there)."""
         self.delayDisplay("Apply button")
         widget = self._widget()
         parameters = widget.logic.getParameterNode()
@@ -939,5 +1138,5 @@ class TextSegTest(ScriptedLoadableModuleTest):
         self.assertFalse(widget.ui.applyButton.enabled)
         parameters.inputVolume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "volume")
         parameters.prompt = "the liver"
-        self.assertEqual(widget.ui.applyButton.enabled, bool(parameters.modelId))
+        self.assertEqual(widget.ui.applyButton.enabled, parameters.modelId in widget._models)
         self.delayDisplay("Test passed")

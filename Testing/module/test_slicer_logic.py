@@ -364,14 +364,16 @@ def _hold_the_gil_for(seconds: float) -> None:
 
 
 def test_the_panels_run_path_is_not_starved_by_a_main_thread_holding_the_gil(textseg, scene, tmp_path):
-    """The panel's path (start, poll every 100 ms from a main thread that holds the GIL in between, store) on
-    lung2 against ``textseg segment`` on the same file in a fresh process: at most 1.5 times as long."""
+    """The panel's path (the volume sent, the job followed and the result fetched on a background thread, polled
+    every 100 ms from a main thread that holds the GIL in between, as Slicer's does; stored) on lung2 against
+    ``textseg segment`` on the same file in a fresh process: at most 1.5 times as long."""
     logic = textseg.TextSegLogic()
     logic.worker().stop()  # both start cold: a fresh worker against a fresh process
     volume = load_volume(scene, CASE["image"], "lung2")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     started = time.perf_counter()
-    run = logic.startProcessing(volume, PROMPT, DEMO_MODEL, device="CPU")
+    run = logic.prepareProcessing(volume, PROMPT, DEMO_MODEL, device="CPU")
+    run.startInBackground()
     while True:
         _hold_the_gil_for(0.1)
         if run.poll():

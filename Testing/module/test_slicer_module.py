@@ -46,7 +46,7 @@ NAMING = {
     "ProgressBar": {"QProgressBar"},
 }
 # Light modules TextSeg.py may import when Slicer loads it (torch and TextSegLib come later, lazily).
-LIGHT_IMPORTS = {"__future__", "importlib", "logging", "math", "shutil", "sys", "time", "collections",
+LIGHT_IMPORTS = {"__future__", "importlib", "logging", "math", "shutil", "sys", "threading", "time", "collections",
                  "pathlib", "typing", "qt", "slicer", "vtk"}
 # pyproject.toml dependencies the module does not pip-install: torch and torchvision come from the PyTorch
 # extension, numpy and SimpleITK are part of Slicer.

@@ -21,6 +21,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from TextSegLib.service.protocol import READY_LINE, WorkerError, WorkerUnreachab
 __all__ = [
     "LocalWorker",
     "shared_worker",
+    "stop_local_workers",
 ]
 
 
@@ -72,6 +74,9 @@ class LocalWorker(RemoteWorker):
         self.url = ""
         self.token = secrets.token_urlsafe(24)
         self._process: _Process | None = None
+        # Two threads may need the worker at once (3D Slicer's panel lists the models and starts a run on background
+        # threads): one starts it, the other waits for it.
+        self._starting = threading.Lock()
 
     def describe(self) -> str:
         return "the TextSeg worker process"
@@ -85,9 +90,14 @@ class LocalWorker(RemoteWorker):
         return self._process.popen.pid if self.running else None
 
     def start(self) -> None:
-        """Start the worker (if it is not running) and wait until it listens."""
+        """Start the worker (if it is not running) and wait until it listens; safe to call from several threads."""
         if self.running:
             return
+        with self._starting:
+            if not self.running:
+                self._start()
+
+    def _start(self) -> None:
         self._process = None
         log = Path(tempfile.mkstemp(prefix="textseg-worker-", suffix=".log")[1])
         environment = self._environment()
@@ -221,3 +231,8 @@ def shared_worker(server: str | None = None, token: str | None = None, python: s
     return worker
 
 
+def stop_local_workers() -> None:
+    """Stop every worker process :func:`shared_worker` started on this computer (servers are left alone)."""
+    for worker in _SHARED.values():
+        if isinstance(worker, LocalWorker):
+            worker.stop()
