@@ -47,6 +47,11 @@ TOTALSEG = REPO.parent / "shared" / "data" / "totalsegmentator"  # two abdominal
 OPENKBP = REPO.parent / "shared" / "data" / "openkbp-sample"  # three OpenKBP head-and-neck patients, raw CSVs
 
 
+MONUSEG = REPO.parent / "shared" / "data" / "monuseg"  # MoNuSeg in LViT's layout: RGB H&E tiles, masks, sentences
+MONUSEG_TILES = (("Train_Folder", "TCGA-21-5784-01Z-00-DX1.png"), ("Test_Folder", "TCGA-2Z-A9J9-01A-01-TS1.png"))
+"""The two tiles the fast tests use: a PNG training tile and a test tile stored as TIFF (its table says .png)."""
+
+
 def make_small_texlivernet(seed: int = 0, **overrides):
     """A small-preset TexLiverNet for MiniLM text with seeded random weights, calibrated on real slices.
 
@@ -332,3 +337,22 @@ def assert_same_mask(mask: np.ndarray, reference: np.ndarray, probability: np.nd
     differs = np.asarray(mask) != np.asarray(reference)
     assert differs.sum() <= most, f"{differs.sum()} voxels differ"
     assert np.all(np.abs(probability[differs] - threshold) < 0.05), "voxels away from the threshold differ"
+
+
+def monuseg_folder(root: Path) -> Path:
+    """An LViT split folder under ``root`` holding the two real :data:`MONUSEG_TILES` (images as stored, PNG or
+    TIFF; masks; each tile's sentence from its own table, the table naming both ``.png`` as MoNuSeg's does)."""
+    import shutil
+
+    from TextSegLib.io.images import lvit_folder
+
+    (root / "img").mkdir(parents=True)
+    (root / "labelcol").mkdir()
+    rows = []
+    for split, name in MONUSEG_TILES:
+        item = next(i for i in lvit_folder(MONUSEG / split) if i.name == name)
+        shutil.copy(item.image, root / "img" / item.image.name)
+        shutil.copy(item.mask, root / "labelcol" / item.mask.name)
+        rows.append(f"{name},{item.text}")
+    (root / "text.csv").write_text("Image,Description\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return root

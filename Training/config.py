@@ -55,6 +55,11 @@ class DataSection:
     lvit_masks: str = ""
     lvit_texts: str = ""
     lvit_mask_name: str = "{name}"  # mask file name from the image's: "{name}", "mask_{name}", "{stem}_mask.png"
+    # LViT's own validation split (MoNuSeg's Val_Folder): with lvit_val_images, validation reads these and the
+    # whole of lvit_images trains (val_fraction is not used); without, val_fraction of the patients is held out.
+    lvit_val_images: str = ""
+    lvit_val_masks: str = ""
+    lvit_val_texts: str = ""
     val_fraction: float = 0.2
     test_fraction: float = 0.0  # patients held out of training and validation (listed in the checkpoint)
     stratify: str = ""  # "modality": every modality gives its share of each split

@@ -7,7 +7,6 @@ training time exactly what it will see in ``textseg segment``.
 
 from __future__ import annotations
 
-import csv
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from TextSegLib.engine.preprocessing import IntensityMapping, IntensitySpec, Preprocessing
+from TextSegLib.io.images import lvit_items, read_image_2d, read_mask_2d
 from TextSegLib.io.manifests import ManifestCase, ManifestError
 from TextSegLib.io.volumes import CanonicalTransform, guess_modality, read_volume
 from TextSegLib.text.features import TextEncoder, TextFeatures
@@ -172,58 +172,21 @@ class SliceDataset(Dataset):
                 "slice": item.slice}
 
 
-def _read_text_table(path: Path) -> list[dict[str, str]]:
-    if path.suffix.lower() in (".xlsx", ".xls"):
-        try:
-            import openpyxl
-        except ImportError as error:
-            raise ManifestError("Reading LViT's .xlsx text tables needs openpyxl: pip install openpyxl") from error
-        sheet = openpyxl.load_workbook(path, read_only=True).active
-        rows = list(sheet.iter_rows(values_only=True))
-        header = [str(h).strip().lower() for h in rows[0]]
-        return [{h: "" if v is None else str(v) for h, v in zip(header, row, strict=False)} for row in rows[1:]]
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [{k.strip().lower(): (v or "") for k, v in row.items() if k} for row in csv.DictReader(handle)]
-
-
-def _read_2d(path: Path) -> np.ndarray:
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        array = array[..., :3].mean(axis=-1)
-    return array.reshape(array.shape[-2:])
-
-
 class Lvit2DDataset(Dataset):
     """LViT's 2D layout: an image folder, a mask folder and a text table (CSV or XLSX with columns ``Image`` and
-    ``Description``, optionally ``Patient``). The preprocessing must have exactly one intensity entry, which every
-    image gets (the layout names no modality, so none is picked on a guess).
+    ``Description``, optionally ``Patient``; see :mod:`TextSegLib.io.images`). The preprocessing must have exactly
+    one intensity entry, which every image gets (the layout names no modality, so none is picked on a guess).
 
-    Images are read with SimpleITK (PNG, JPEG, BMP, TIFF, NRRD...); colour images become grey by channel mean.
-    Masks are found by ``mask_name`` (``"{name}"``: same file name, ``"mask_{name}"`` as in QaTa-COV19,
-    ``"{stem}_mask.png"``...). Items as :class:`SliceDataset`; ``case`` is the patient column or the image name.
+    Images are read with SimpleITK (PNG, JPEG, BMP, TIFF) channels first and prepared as inference prepares them
+    (:meth:`Preprocessing.prepare`): an RGB image reaches an RGB network (MMRDL, like LViT, takes 3 channels) as
+    its three colours, a one-channel network as their mean. Masks are found by ``mask_name`` (``"{name}"``: same
+    file name, ``"mask_{name}"`` as in QaTa-COV19, ``"{stem}_mask.png"``...), else by base name. Items as
+    :class:`SliceDataset`; ``case`` is the patient column or the image name.
     """
 
     def __init__(self, images: Path, masks: Path, table: Path, preprocessing: Preprocessing,
                  mask_name: str = "{name}", names: Sequence[str] | None = None) -> None:
         self.preprocessing = preprocessing
-        rows = _read_text_table(table)
-        self.rows = []
-        for row in rows:
-            name = row.get("image", "").strip()
-            text = " ".join(row.get("description", row.get("text", "")).split())
-            if not name or (names is not None and name not in names):
-                continue
-            if not text:
-                raise ManifestError(f"{table.name}: image {name!r} has no description")
-            image_path = images / name
-            mask_path = masks / mask_name.format(name=name, stem=Path(name).stem)
-            for path in (image_path, mask_path):
-                if not path.is_file():
-                    raise ManifestError(f"{table.name}: {path} does not exist")
-            self.rows.append((image_path, mask_path, text, row.get("patient", "").strip() or name))
         if len(preprocessing.intensity) != 1:
             raise ValueError(
                 "LViT's 2D layout says nothing of modality, so the preprocessing must have exactly one intensity entry "
@@ -231,15 +194,17 @@ class Lvit2DDataset(Dataset):
                 "{ size = [224, 224], intensity = { PNG = { kind = \"window\", low = 0.0, high = 255.0 } } } for "
                 "8-bit images.")
         self.spec = next(iter(preprocessing.intensity.values()))
+        self.rows = [(item.image, item.mask, item.text, item.patient)
+                     for item in lvit_items(images, masks, table, mask_name, names)]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
         image_path, mask_path, text, patient = self.rows[index]
-        array = _read_2d(image_path)
+        array = read_image_2d(image_path)
         x = self.preprocessing.prepare(torch.from_numpy(array)[None], self.spec.mapping(array))[0]
-        target = resize_mask(torch.from_numpy(_read_2d(mask_path) != 0)[None], self.preprocessing.size)
+        target = resize_mask(torch.from_numpy(read_mask_2d(mask_path))[None], self.preprocessing.size)
         return {"image": x.contiguous(), "target": target, "text": text, "case": patient, "slice": 0}
 
 

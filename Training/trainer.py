@@ -142,13 +142,26 @@ class Trainer:
             full = Lvit2DDataset(self.config.resolve(data.lvit_images), self.config.resolve(data.lvit_masks),
                                  self.config.resolve(data.lvit_texts), self.preprocessing, data.lvit_mask_name)
             patients = sorted({row[3] for row in full.rows})
-            generator = torch.Generator().manual_seed(data.split_seed)
-            order = [patients[i] for i in torch.randperm(len(patients), generator=generator).tolist()]
-            val_patients = set(order[: round(data.val_fraction * len(order))])
-            self.train_set = Subset(full, [i for i, r in enumerate(full.rows) if r[3] not in val_patients])
-            self.val_set = Subset(full, [i for i, r in enumerate(full.rows) if r[3] in val_patients]) \
-                if val_patients else None
-            self.train_cases, self.val_cases = sorted(set(patients) - val_patients), sorted(val_patients)
+            if data.lvit_val_images:
+                held = Lvit2DDataset(self.config.resolve(data.lvit_val_images),
+                                     self.config.resolve(data.lvit_val_masks or data.lvit_masks),
+                                     self.config.resolve(data.lvit_val_texts), self.preprocessing, data.lvit_mask_name)
+                val_patients = sorted({row[3] for row in held.rows})
+                shared = set(patients) & set(val_patients)
+                if shared:
+                    raise ValueError(f"data.lvit_val_images shares patients with data.lvit_images "
+                                     f"({sorted(shared)[0]}...); validation must hold other patients.")
+                self.train_set = Subset(full, list(range(len(full))))
+                self.val_set = Subset(held, list(range(len(held))))
+                self.train_cases, self.val_cases = patients, val_patients
+            else:
+                generator = torch.Generator().manual_seed(data.split_seed)
+                order = [patients[i] for i in torch.randperm(len(patients), generator=generator).tolist()]
+                held_out = set(order[: round(data.val_fraction * len(order))])
+                self.train_set = Subset(full, [i for i, r in enumerate(full.rows) if r[3] not in held_out])
+                self.val_set = Subset(full, [i for i, r in enumerate(full.rows) if r[3] in held_out]) \
+                    if held_out else None
+                self.train_cases, self.val_cases = sorted(set(patients) - held_out), sorted(held_out)
             self.test_cases = []
         else:
             raise ValueError("The config names no data: set data.manifest or data.lvit_images.")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from testkit import write_dicom_series
+from testkit import MONUSEG_TILES, monuseg_folder, write_dicom_series
 
 from TextSegLib.engine.preprocessing import Preprocessing
 from TextSegLib.io.manifests import ManifestError, read_manifest
@@ -155,3 +155,21 @@ def test_training_on_the_lvit_layout_splits_by_patient(lvit_folder, tmp_path):
     assert len(trainer.train_cases) == len(trainer.val_cases) == 1
     progress = trainer.fit()
     assert progress["steps"] == 1 and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_lvit_layout_gives_rgb_networks_the_colours(tmp_path):
+    """Real H&E tiles reach a 3-channel network in colour (they were greyed by channel mean and the grey repeated),
+    and a 1-channel network as the mean of the colours; the test tile is a TIFF its table names .png."""
+    folder = monuseg_folder(tmp_path / "two")
+    spec = {"size": [224, 224], "intensity": {"RGB": {"kind": "window", "low": 0.0, "high": 255.0}}}
+    colour = Lvit2DDataset(folder / "img", folder / "labelcol", folder / "text.csv",
+                           Preprocessing.from_metadata(spec, channels=3))
+    grey = Lvit2DDataset(folder / "img", folder / "labelcol", folder / "text.csv", Preprocessing.from_metadata(spec))
+    assert [row[0].suffix for row in colour.rows] == [".png", ".tif"] and len(MONUSEG_TILES) == 2
+    for index in range(2):
+        item = colour[index]
+        image = item["image"]
+        assert image.shape == (3, 224, 224)
+        assert (image[0] - image[2]).abs().mean() > 0.05  # red and blue differ in H&E
+        torch.testing.assert_close(grey[index]["image"], image.mean(dim=0, keepdim=True), atol=1e-5, rtol=0)
+        assert 0.05 < float(item["target"].mean()) < 0.5

@@ -105,13 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(func=cmd_models)
 
-    segment = sub.add_parser("segment", help="segment volumes from text prompts, one segment per prompt")
-    segment.add_argument("inputs", nargs="+", help="volume files (NRRD, NIfTI, MHA) or DICOM series folders")
+    segment = sub.add_parser("segment", help="segment volumes or 2D pictures from text prompts, one segment per "
+                             "prompt")
+    segment.add_argument("inputs", nargs="+", help="volume files (NRRD, NIfTI, MHA) or DICOM series folders, or 2D "
+                         "pictures (PNG, TIFF, JPEG, BMP; grey or RGB), each written as a mask PNG per prompt")
     segment.add_argument("-p", "--prompt", action="append", required=True,
                          help="what to segment; repeat for several segments")
     segment.add_argument("-m", "--model", action="append", required=True,
                          help="catalogue id or checkpoint file; repeat to average an ensemble")
-    segment.add_argument("-o", "--output", help="a .seg.nrrd file (one input) or a folder (default: current folder)")
+    segment.add_argument("-o", "--output", help="a .seg.nrrd file (one input), a .png file (one picture, one "
+                         "prompt) or a folder (default: current folder)")
     segment.add_argument("--name", action="append", help="segment name per prompt (default: the prompt)")
     segment.add_argument("--probability", action="store_true", help="also write each probability volume")
     segment.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -152,14 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     web.set_defaults(func=cmd_web)
 
     evaluate = sub.add_parser("evaluate", help="compare predictions with references (files, folders, or a "
-                              "dataset manifest segmented by a model)")
+                              "dataset manifest or LViT-layout folder segmented by a model)")
     evaluate.add_argument("prediction", nargs="?", help=".seg.nrrd or label image, or a folder of them")
     evaluate.add_argument("reference", nargs="?", help=".seg.nrrd or label image, or a folder matched by case name")
     evaluate.add_argument("--segment", help="segment name in a prediction .seg.nrrd (default: the first)")
     evaluate.add_argument("--reference-segment", help="segment name in a reference .seg.nrrd (default: the first)")
     evaluate.add_argument("--manifest", help="a dataset manifest (CSV/JSONL): segment its cases with --model")
-    evaluate.add_argument("-m", "--model", action="append", help="with --manifest: catalogue id or checkpoint "
-                          "(repeat for an ensemble)")
+    evaluate.add_argument("--lvit", help="an LViT-layout folder (img/, labelcol/, a text table; e.g. MoNuSeg's "
+                          "Test_Folder): segment each picture with its own sentence with --model")
+    evaluate.add_argument("-m", "--model", action="append", help="with --manifest or --lvit: catalogue id or "
+                          "checkpoint (repeat for an ensemble)")
     evaluate.add_argument("--split", choices=["train", "val"], help="with --manifest: only this split (as "
                           "training made it: --val-fraction, --split-seed)")
     evaluate.add_argument("--val-fraction", type=float, default=0.2)

@@ -176,13 +176,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tables = [(Path(option), render) for option, render in (
         (args.json, evaluation.to_json), (args.csv, evaluation.to_csv), (args.markdown, evaluation.to_markdown))
         if option]
-    read = [Path(p) for p in (args.manifest, args.prediction, args.reference) if p and Path(p).exists()]
+    read = [Path(p) for p in (args.manifest, args.prediction, args.reference, args.lvit) if p and Path(p).exists()]
     if args.manifest and Path(args.manifest).is_file():
         from TextSegLib.io.manifests import read_manifest
 
         read += [p for case in read_manifest(args.manifest) for p in (case.image, case.label) if p is not None]
     check_outputs([path for path, _ in tables], [f for p in read for f in _files(p)], args.overwrite)
-    if args.manifest:
+    if args.lvit:
+        if args.manifest or args.prediction or args.reference:
+            raise UsageError("Give --lvit (with --model) alone, without --manifest or a prediction and a reference.")
+        if not args.model:
+            raise UsageError("--lvit needs --model: the model whose segmentations are evaluated.")
+        from TextSegLib.engine.catalogue import Catalogue
+        from TextSegLib.engine.run import Segmenter
+        from TextSegLib.io.images import lvit_folder
+
+        items = lvit_folder(args.lvit)
+        segmenter = Segmenter(args.model, options, Catalogue(args.models_dir))
+        rows = evaluation.evaluate_lvit(segmenter, items, progress=lambda name: print(f"Segmenting {name}",
+                                                                                        file=sys.stderr))
+        for note in segmenter.notes:
+            NOTES.note(note)
+    elif args.manifest:
         if args.prediction or args.reference:
             raise UsageError("Give either --manifest (with --model) or a prediction and a reference, not both.")
         if not args.model:
@@ -202,7 +217,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             NOTES.note(note)
     else:
         if not (args.prediction and args.reference):
-            raise UsageError("Give a prediction and a reference (files or folders), or --manifest with --model.")
+            raise UsageError("Give a prediction and a reference (files or folders), or --manifest or --lvit with "
+                             "--model.")
         prediction, reference = Path(args.prediction), Path(args.reference)
         if prediction.is_dir() != reference.is_dir():
             raise UsageError("Give two files or two folders to compare.")

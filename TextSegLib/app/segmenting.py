@@ -21,6 +21,7 @@ from TextSegLib.core.settings import (
     debug_pause,
     environment_token,
 )
+from TextSegLib.io.images import is_image_2d
 from TextSegLib.io.volumes import case_name
 
 log = logging.getLogger("textseg")
@@ -124,6 +125,65 @@ def _probability_path(target: Path, number: int, name: str) -> Path:
     return target.with_name(f"{case_name(target)}.{number}-{_slug(name)}.probability.nrrd")
 
 
+def _mask_paths(inputs: Sequence[Path], output: Path | None, names: list[str]) -> list[list[Path]]:
+    """Per 2D picture, one mask PNG per prompt: ``<name>.mask.png`` for one prompt, ``<name>.<n>-<prompt>.mask.png``
+    for several; ``--output x.png`` names the one mask of one picture and one prompt."""
+    if output is not None and output.suffix.lower() == ".png":
+        if len(inputs) != 1 or len(names) != 1:
+            raise UsageError(f"--output {str(output)!r} names one mask: give one picture and one prompt, or a folder.")
+        return [[output]]
+    folder = output or Path.cwd()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output {str(folder)!r} is a file; for pictures give a .png file or a folder.")
+    if output is not None and output.suffix and not output.exists():
+        raise UsageError(f"--output {str(output)!r}: for pictures give a .png file (one picture, one prompt) or a "
+                         "folder.")
+    paths = [[folder / (f"{path.stem}.mask.png" if len(names) == 1 else
+                        f"{path.stem}.{number}-{_slug(name)}.mask.png") for number, name in enumerate(names, start=1)]
+             for path in inputs]
+    flat = [p for per_input in paths for p in per_input]
+    duplicates = {p for p in flat if flat.count(p) > 1}
+    if duplicates:
+        raise UsageError(f"Several inputs would write {sorted(map(str, duplicates))[0]}; give distinct file names.")
+    return paths
+
+
+def _segment_pictures(args: argparse.Namespace, inputs: list[Path], prompts: list[str], names: list[str],
+                      options: SegmentOptions) -> int:
+    """``textseg segment`` of 2D pictures: each read as grey or RGB, one mask PNG per prompt on its own grid."""
+    from TextSegLib.io.images import read_image_2d, write_mask_2d
+
+    if args.server:
+        raise UsageError("--server segments volumes; segment 2D pictures in this process (leave --server out).")
+    if args.probability:
+        raise UsageError("--probability is written for volumes only; leave it out for 2D pictures.")
+    outputs = _mask_paths(inputs, Path(args.output) if args.output else None, names)
+    models_given = [Path(m) for m in args.model if Path(m).exists()]
+    every_output = [p for per_input in outputs for p in per_input]
+    check_outputs(every_output, [*inputs, *models_given], args.overwrite)
+    existing = {path for path in every_output if path.exists()}
+    images = [read_image_2d(path) for path in inputs]
+    from TextSegLib.engine.catalogue import Catalogue
+    from TextSegLib.engine.run import Segmenter
+
+    segmenter = Segmenter(args.model, options, Catalogue(args.models_dir))
+    print(f"Model {segmenter.describe()}", flush=True)
+    args.outputs_started = True
+    with OutputTransaction() as transaction:
+        for source, image, targets in zip(inputs, images, outputs, strict=True):
+            for prompt, name, target in zip(prompts, names, targets, strict=True):
+                result = segmenter.segment_image(image, prompt)
+                for note in result.notes:
+                    NOTES.note(note)
+                channels = "RGB" if image.shape[0] == 3 else "grey"
+                print(f"{source.stem}: {name!r}: {result.voxel_count} pixels of {image.shape[1]} x {image.shape[2]} "
+                      f"({channels}) in {result.seconds:.1f} s", flush=True)
+                transaction.add(target, lambda temporary, m=result.mask[0]: write_mask_2d(temporary, m))
+    for path in transaction.committed:
+        print(f"Wrote {path}" + (" (replaced the earlier file)" if path in existing else ""))
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from TextSegLib.core.options import validate_prompt
     from TextSegLib.io.segnrrd import segment_for_result, write_seg_nrrd
@@ -133,6 +193,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     prompts = [validate_prompt(p) for p in args.prompt]
     names = _segment_names(prompts, args.name)
     inputs = [Path(p) for p in args.inputs]
+    pictures = [is_image_2d(path) for path in inputs]
+    if all(pictures):
+        return _segment_pictures(args, inputs, prompts, names, options)
+    if any(pictures):
+        raise UsageError("Give either volumes or 2D pictures (PNG, TIFF, JPEG, BMP) in one run, not both.")
     for path in inputs:
         check_volume_file(path)
     outputs = _output_paths(inputs, Path(args.output) if args.output else None)

@@ -313,6 +313,50 @@ class InferenceEngine:
             voxel_ml=float(np.prod(volume.spacing)) / 1000.0,
         )
 
+    @_memory_errors_for_users
+    def segment_image(self, image: np.ndarray, prompt: str, *, threshold: float | None = None,
+                      probability: bool = False, modality: str | None = None) -> SegmentationResult:
+        """Segment a 2D picture for ``prompt``: ``(C, H, W)`` with ``C = 1`` (grey) or 3 (RGB), as
+        :func:`TextSegLib.io.images.read_image_2d` reads it.
+
+        Each model normalises it with its preprocessing's entry for ``modality`` (default: its first, the one a
+        model trained on LViT's 2D layout has) and takes it as a batch of one: an RGB model sees the three colours.
+        The result is a one-slice result on the picture's grid: ``mask`` ``(1, H, W)``, no voxel size.
+        """
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[0] not in (1, 3) \
+                or 0 in image.shape:
+            shape = getattr(image, "shape", None)
+            raise VolumeError(f"A 2D image is a (C, H, W) array with C = 1 or 3, got shape {shape}; read pictures "
+                              "with TextSegLib.io.images.read_image_2d.")
+        if not np.issubdtype(image.dtype, np.number) or not np.all(np.isfinite(image)):
+            raise VolumeError("The 2D image holds values that are not finite numbers; give a PNG, TIFF or JPEG "
+                              "picture.")
+        prompt = validate_prompt(prompt)
+        if threshold is not None:
+            threshold = check_threshold(threshold)
+        modality = check_modality(modality)
+        started = time.perf_counter()
+        height, width = image.shape[1:]
+        batch = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        accumulated = np.zeros((1, height, width), dtype=np.float32)
+        for model in self.models:
+            mapping = model.preprocessing.intensity_for(modality).mapping(image)
+            text = model.text_encoder.encode_cached(prompt)
+            accumulated += self._probabilities(model, batch, mapping, text, (height, width)).cpu().numpy()
+        accumulated /= len(self.models)
+        threshold = float(self.models[0].info.threshold if threshold is None else threshold)
+        return SegmentationResult(
+            mask=(accumulated > threshold).astype(np.uint8),
+            probability=accumulated if probability else None,
+            prompt=prompt,
+            models=[m.info for m in self.models],
+            threshold=threshold,
+            seconds=time.perf_counter() - started,
+            modality=modality or next(iter(self.models[0].preprocessing.intensity)),
+            device=str(self.device),
+            max_probability=float(accumulated.max()),
+        )
+
     @staticmethod
     def _depth(volume: Volume, model: LoadedModel) -> int:
         transform = CanonicalTransform.create(volume.direction, model.info.orientation)
@@ -387,8 +431,8 @@ class InferenceEngine:
 
     def _probabilities(self, model: LoadedModel, slices: torch.Tensor, mapping, text,
                        size: tuple[int, int]) -> torch.Tensor:
-        """Raw slices ``(B, H0, W0)`` (on any device) -> probabilities ``(B, H0, W0)`` float32 on the model's device
-        (on the CPU for CPU models)."""
+        """Raw slices ``(B, H0, W0)`` or pictures ``(B, C, H0, W0)`` (on any device) -> probabilities
+        ``(B, H0, W0)`` float32 on the model's device (on the CPU for CPU models)."""
         network = self._network(model)
         batch = slices.to(self.device, non_blocking=True)
         with torch.inference_mode(), self._precision():

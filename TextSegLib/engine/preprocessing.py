@@ -130,15 +130,25 @@ class Preprocessing:
             )
 
     def prepare(self, slices: torch.Tensor, mapping: IntensityMapping) -> torch.Tensor:
-        """Normalise and resize a batch of slices on their device.
+        """Normalise and resize a batch of slices or 2D images on their device.
 
-        Shapes: ``(B, H0, W0)`` raw intensities -> ``(B, channels, H, W)`` float32 network input (bilinear,
-        antialiased when shrinking; the single channel is repeated when the model wants more).
+        Shapes: ``(B, H0, W0)`` raw intensities, or ``(B, C0, H0, W0)`` channels first (``C0 = 3`` for an RGB
+        picture) -> ``(B, channels, H, W)`` float32 network input (bilinear, antialiased when shrinking). A single
+        channel is repeated when the model wants more; colour reaches a one-channel model as the mean of its
+        channels; any other mismatch raises ``ValueError``.
         """
-        x = mapping.apply(slices.float()).unsqueeze(1)
+        x = slices.float()
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        x = mapping.apply(x)
+        given = x.shape[1]
+        if given != self.channels and given != 1:
+            if self.channels != 1:
+                raise ValueError(f"this model takes {self.channels}-channel images, not {given} channels")
+            x = x.mean(dim=1, keepdim=True)
         if tuple(x.shape[-2:]) != self.size:
             shrinking = x.shape[-2] > self.size[0] or x.shape[-1] > self.size[1]
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=shrinking)
-        if self.channels > 1:
+        if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
         return x

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from TextSegLib.core.options import SegmentOptions
@@ -125,4 +126,13 @@ class Segmenter:
             cancel=cancel, modality=options.modality))
         if result is not None:
             result.notes[:0] = self.notes
+        return result
+
+    def segment_image(self, image: np.ndarray, prompt: str) -> SegmentationResult:
+        """Segment a 2D picture ``(C, H, W)`` (grey or RGB; see
+        :meth:`~TextSegLib.engine.inference.InferenceEngine.segment_image`) with the options given."""
+        options = self.options
+        result = self._on_device(lambda engine: engine.segment_image(
+            image, prompt, threshold=options.threshold, probability=options.probability, modality=options.modality))
+        result.notes[:0] = self.notes
         return result

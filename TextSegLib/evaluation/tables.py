@@ -1,9 +1,11 @@
 """Evaluation tables: predictions against references, per case and aggregated, as text, CSV, JSON or Markdown.
 
-Two sources of pairs: files or folders of predictions and references (``textseg evaluate PRED REF``), or a dataset
-manifest segmented by a model (``textseg evaluate --manifest M --model X``), each case with its own text on its
-own grid. Aggregates are the means over cases of every metric and Dice Global summed over all cases; a manifest
-that asks for several things (several prompts) also gets one line per prompt (:func:`by_prompt`).
+Three sources of pairs: files or folders of predictions and references (``textseg evaluate PRED REF``), a dataset
+manifest segmented by a model (``textseg evaluate --manifest M --model X``), or an LViT-layout folder of 2D images
+segmented by a model (``textseg evaluate --lvit DIR --model X``), each case or image with its own text on its own
+grid. Aggregates are the means over cases (images) of every metric, the mean LViT's and MMRDL's papers report, and
+Dice Global summed over all cases; a manifest that asks for several things (several prompts) also gets one line per
+prompt (:func:`by_prompt`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from TextSegLib.io.volumes import case_name
 __all__ = [
     "COLUMNS",
     "by_prompt",
+    "evaluate_lvit",
     "evaluate_manifest",
     "evaluate_pairs",
     "match_folders",
@@ -148,6 +151,27 @@ def evaluate_manifest(engine, cases, progress: Callable[[str], None] | None = No
             row = _compare(name, result.mask != 0, spacing, reference, spacing)
             row["text"] = target.text
             rows.append(row)
+    return rows
+
+
+def evaluate_lvit(engine, items, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Segment every image of an LViT-layout folder (:func:`TextSegLib.io.images.lvit_folder`) with its own
+    sentence and compare with its mask at the image's own size (pixels of side 1). One row per image, named by
+    the image's base name; ``engine`` needs ``segment_image`` (a :class:`~TextSegLib.engine.run.Segmenter`)."""
+    from TextSegLib.io.images import read_image_2d, read_mask_2d
+
+    rows = []
+    for item in items:
+        name = Path(item.name).stem
+        if progress is not None:
+            progress(name)
+        image = read_image_2d(item.image)
+        reference = read_mask_2d(item.mask)
+        result = engine.segment_image(image, item.text)
+        pixel = (1.0, 1.0, 1.0)
+        row = _compare(name, result.mask != 0, pixel, reference[None], pixel)
+        row["text"] = item.text
+        rows.append(row)
     return rows
 
 
