@@ -246,8 +246,8 @@ SEGMENT_CASES = {
     # outputs
     "output is the input": (lambda w: ["segment", i(w, "slab.nrrd"), "-o", i(w, "slab.nrrd")],
                             "would overwrite its input"),
-    "output is a label input": (lambda w: ["segment", i(w, "slab_label.seg.nrrd"), "-o", i(w, "slab_label.seg.nrrd")],
-                                "would overwrite its input"),
+    "output is a segmentation input": (lambda w: ["segment", i(w, "slab_label.seg.nrrd"), "-o",
+                                                  i(w, "slab_label.seg.nrrd")], "is a segmentation (.seg.nrrd)"),
     "same case twice": (lambda w: ["segment", i(w, "slab.nrrd"), i(w, "sub/slab.nrrd")], "Several inputs would write"),
     "several inputs into a file": (lambda w: ["segment", i(w, "slab.nrrd"), i(w, "brain.nrrd"), "-o",
                                               i(w, "garbage.nrrd")], "with several inputs give a folder"),
