@@ -271,9 +271,12 @@ def _unread(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"})
 
 
-async def _read_body(request: Request, max_request_bytes: int, read_timeout: float) -> bytes | JSONResponse:
+async def _read_body(request: Request, max_request_bytes: int, read_timeout: float,
+                     keep: bool = True) -> bytes | JSONResponse:
     """The request's body, or the JSON error to answer: 413 past the size limit, 408 when it takes more than
-    ``read_timeout`` seconds plus one per megabyte it declares (a client sending a byte a second)."""
+    ``read_timeout`` seconds plus one per megabyte it declares (a client sending a byte a second). ``keep=False``
+    reads it to its end without keeping it (a refused request: its client then reads the answer, rather than
+    failing to send)."""
     declared = request.headers.get("content-length")
     size_hint = int(declared) if declared is not None and declared.isdigit() else 0
     if size_hint > max_request_bytes:
@@ -294,7 +297,8 @@ async def _read_body(request: Request, max_request_bytes: int, read_timeout: flo
         size += len(chunk)
         if size > max_request_bytes:
             return _unread(413, too_large(size, max_request_bytes))
-        chunks.append(chunk)
+        if keep:
+            chunks.append(chunk)
 
 
 def create_app(token: str | None, max_request_bytes: int, jobs: JobManager,
@@ -341,10 +345,12 @@ def create_app(token: str | None, max_request_bytes: int, jobs: JobManager,
     @app.post(f"{prefix}/jobs")
     async def submit(request: Request):
         try:
-            jobs.check_room()  # before the body is read: a full queue costs no upload
+            try:
+                jobs.check_room()  # before the body is read: a full queue keeps none of it
+            except QueueFullError as full:
+                drained = await _read_body(request, max_request_bytes, read_timeout, keep=False)
+                return drained if isinstance(drained, JSONResponse) else busy(full)
             body = await _read_body(request, max_request_bytes, read_timeout)
-        except QueueFullError as full:
-            return busy(full)
         except ClientDisconnect:
             log.warning("A client disconnected while sending a job; nothing was queued.")
             return Response(status_code=400)  # nobody reads it
