@@ -6,7 +6,8 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
 
 ``GET /v1/health``
     ``{"protocol": 1, "textseg": "<version>", "busy": <jobs queued or running>, "max_request_bytes": <limit>,
-    "models_loaded": [ids],
+    "max_queued": <jobs that may wait>, "jobs": {"queued": n, "running": n, "done": n, "failed": n,
+    "cancelled": n}, "models_loaded": [ids],
     "prompts_encoded": <prompts encoded so far>, "prompts_reused": <encodings taken from the cache>}``.
 ``GET /v1/models``
     The worker's catalogue: ``[{"id", "title", "architecture", "description", "example_prompts", "threshold",
@@ -17,11 +18,12 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
     ``batch_size`` (null = automatic), ``threshold`` (null = the model's), ``probability`` (bool), ``modality``
     ("CT", "MR" or null), ``fp32`` (bool). ``volume``: ``shape`` ``[K, J, I]``, ``dtype`` (NumPy name, little
     endian), ``spacing``, ``origin`` (LPS, mm), ``direction`` (3 x 3, row-major), ``modality``, ``source``.
-    Answer ``202 {"job": "<id>"}``; a body over the worker's limit is refused with 413 before it is read.
+    Answer ``202 {"job": "<id>"}``; a body over the worker's limit is refused with 413 before it is read, one that
+    does not arrive in time with 408, and a job beyond the worker's queue with 503 and ``Retry-After`` (seconds).
 ``GET /v1/jobs/<id>``
     ``{"state": "queued"|"running"|"done"|"failed"|"cancelled", "done": slices, "total": slices,
     "error": "<message>"|null, "input_error": bool}`` (``input_error``: the input was refused, not the worker
-    broken). Answers with status 400, 409, 413 and 422 also mean refused input.
+    broken). Answers with status 400, 408, 409, 413 and 422 also mean refused input.
 ``POST /v1/jobs/<id>/cancel``
     Stops the job before its next batch of slices.
 ``GET /v1/jobs/<id>/result``
@@ -95,7 +97,7 @@ class WorkerUnreachableError(WorkerError):
     """No answer from the worker: it is not running, not listening there, or the network is down."""
 
 
-INPUT_STATUSES = (400, 409, 413, 422)
+INPUT_STATUSES = (400, 408, 409, 413, 422)
 
 
 class ProtocolError(TextSegValueError):

@@ -9,7 +9,8 @@ Safety: the service listens on 127.0.0.1 unless told otherwise; listening on any
 are refused before they are read. From another computer, models are named by catalogue id only (never a file path
 on the server). For TLS, put the service behind a reverse proxy that terminates HTTPS (see the README).
 
-Bounds: at most ``max_queued`` jobs wait (more are refused with 503 and ``Retry-After`` before their body is read);
+Bounds: at most ``max_queued`` jobs wait (more are refused with 503 and ``Retry-After``; their body is read to its
+end but not kept, so that the client reads the answer rather than failing to send);
 a job holds its volume only until it has run; a finished job's result is freed when it is fetched, after
 ``result_ttl`` seconds, or when more than :data:`FINISHED_JOBS_KEPT` finished jobs pile up (a sweep checks every
 few seconds, and whenever a job finishes). A request's headers must arrive within ``read_timeout`` seconds (else
