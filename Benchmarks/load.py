@@ -33,16 +33,16 @@ import numpy as np
 
 from TextSegLib.core.options import SegmentOptions
 from TextSegLib.core.results import SegmentationResult
-from TextSegLib.engine.catalogue import Catalogue
 from TextSegLib.engine.run import Segmenter
 from TextSegLib.evaluation.demo import DEMO_MODEL, demo_case
 from TextSegLib.io.volumes import Volume, read_volume
 from TextSegLib.service.client import RemoteWorker
-from TextSegLib.service.protocol import READY_LINE, SegmentRequest, WorkerError
+from TextSegLib.service.protocol import READY_LINE, SegmentRequest, WorkerError, decode_result
 
 PROMPTS = ("the liver", "the spleen", "the left kidney")
 CPU = SegmentOptions(device="cpu")
 MB = 2**20
+POLL = 120.0
 
 
 class Memory:
@@ -90,7 +90,7 @@ class Checker:
     """Results segmented in this process, per (slab, prompt), and the comparison of every job's result."""
 
     def __init__(self, slabs: list[Volume], model: str) -> None:
-        segmenter = Segmenter([model], SegmentOptions(device="cpu", probability=True), Catalogue())
+        segmenter = Segmenter([model], SegmentOptions(device="cpu", probability=True))
         self.expected = {(n, prompt): segmenter.segment(slab, prompt)
                          for n, slab in enumerate(slabs) for prompt in PROMPTS}
         self.lost = self.different = self.checked = 0
@@ -107,7 +107,9 @@ class Checker:
 
 
 def run_job(url: str, slab: Volume, prompt: str, model: str) -> tuple[SegmentationResult | None, int]:
-    """Submit (again after Retry-After while the queue is full) and wait; the result and the 503s met."""
+    """Submit (again after 1 s while the queue is full) and wait; the result (None for a failed job) and the 503s
+    met. Polls with a long timeout: on a shared machine the server can take more than the client's usual 5 s to
+    answer while a job loads its model."""
     client = RemoteWorker(url, "load")
     refused = 0
     request = SegmentRequest(prompt, [model], SegmentOptions(device="cpu", probability=True))
@@ -120,7 +122,11 @@ def run_job(url: str, slab: Volume, prompt: str, model: str) -> tuple[Segmentati
                 raise
             refused += 1
             time.sleep(1.0)
-    return job.wait(), refused
+    while client.json("GET", f"/jobs/{job.id}", timeout=POLL)["state"] in ("queued", "running"):
+        time.sleep(0.1)
+    if client.json("GET", f"/jobs/{job.id}", timeout=POLL)["state"] != "done":
+        return None, refused
+    return decode_result(client.request("GET", f"/jobs/{job.id}/result", timeout=POLL)), refused
 
 
 def main() -> None:
@@ -203,7 +209,8 @@ def main() -> None:
 
         client = RemoteWorker(url, "load")
         unfetched = [client.submit(slabs[0], SegmentRequest(PROMPTS[1], [args.model], CPU)) for _ in range(5)]
-        while not all(job.status().finished for job in unfetched):
+        while any(client.json("GET", f"/jobs/{job.id}", timeout=POLL)["state"] in ("queued", "running")
+                  for job in unfetched):
             time.sleep(0.1)
         held = client.health()["jobs"]["done"]
         time.sleep(4)

@@ -514,6 +514,19 @@ def test_malformed_requests_get_a_json_400_and_no_traceback(bounded, body, messa
     assert not any("Traceback" in line for line in log.lines), log.lines
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nothing", 404), ("PUT", "/v1/jobs", 405),
+                                                       ("GET", "/v2/health", 404)])
+def test_paths_and_methods_outside_the_protocol_get_its_json_error(bounded, method, path, status):
+    url, _ = bounded
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request(method, path, headers={"Authorization": "Bearer secret"})
+    answer = connection.getresponse()
+    assert answer.status == status
+    assert json.loads(answer.read()) == {"error": f"{http.client.responses[status]}: {method} {path} is not part of "
+                                                  "the TextSeg worker protocol (version 1)."}
+
+
 def test_a_full_queue_is_refused_with_503_and_retry_after(bounded, data_dir, slab, small_checkpoint):
     url, _ = bounded
     client = RemoteWorker(url, "secret")

@@ -38,6 +38,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -311,6 +312,12 @@ def create_app(token: str | None, max_request_bytes: int, jobs: JobManager,
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def not_in_protocol(request: Request, problem: StarletteHTTPException) -> JSONResponse:
+        """An unknown path or method: the protocol's JSON error, not the framework's ``{"detail": ...}``."""
+        return error(problem.status_code, f"{problem.detail}: {request.method} {request.url.path[:100]} is not part "
+                                          f"of the TextSeg worker protocol (version {PROTOCOL_VERSION}).")
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
