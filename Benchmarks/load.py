@@ -208,14 +208,15 @@ def main() -> None:
               flush=True)
 
         client = RemoteWorker(url, "load")
-        unfetched = [client.submit(slabs[0], SegmentRequest(PROMPTS[1], [args.model], CPU)) for _ in range(5)]
-        while any(client.json("GET", f"/jobs/{job.id}", timeout=POLL)["state"] in ("queued", "running")
-                  for job in unfetched):
+        for _ in range(5):
+            client.submit(slabs[0], SegmentRequest(PROMPTS[1], [args.model], CPU))
+        while client.json("GET", "/health", timeout=POLL)["busy"]:
             time.sleep(0.1)
-        held = client.health()["jobs"]["done"]
+        held = client.json("GET", "/health", timeout=POLL)["jobs"]["done"]
         time.sleep(4)
-        print(f"unfetched: 5 results nobody fetches: {held} held when done, {client.health()['jobs']['done']} held "
-              f"4 s later (--result-ttl 2); memory {memory.now() / MB:.0f} MB", flush=True)
+        later = client.json("GET", "/health", timeout=POLL)["jobs"]["done"]
+        print(f"unfetched: 5 results nobody fetches: {held} held when the last finished, {later} held 4 s later "
+              f"(--result-ttl 2); memory {memory.now() / MB:.0f} MB", flush=True)
     finally:
         memory.stop()
         process.stdin.close()

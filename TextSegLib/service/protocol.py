@@ -166,6 +166,7 @@ def too_large(size: int, limit: int) -> str:
 
 def _frame(header: dict[str, Any], *payloads: bytes | memoryview) -> bytes:
     text = json.dumps({"protocol": PROTOCOL_VERSION, **header}, ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)  # the payload starts 8-byte aligned: a worker uses the voxels in place
     return b"".join((MAGIC, struct.pack("<I", len(text)), text, *payloads))
 
 
@@ -182,7 +183,7 @@ def _nesting(text: bytes) -> int:
     return deepest
 
 
-def _unframe(body: bytes) -> tuple[dict[str, Any], memoryview]:
+def _unframe(body: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
     if len(body) < 8 or body[:4] != MAGIC:
         raise ProtocolError("The body is not a TextSeg frame (it must start with TSEG).")
     (length,) = struct.unpack("<I", body[4:8])
@@ -236,7 +237,7 @@ def _numbers(value: object, count: int, what: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def decode_request(body: bytes, max_bytes: int | None = None) -> tuple[Volume, SegmentRequest]:
+def decode_request(body: bytes | memoryview, max_bytes: int | None = None) -> tuple[Volume, SegmentRequest]:
     """Inverse of :func:`encode_request`; raises :class:`ProtocolError` naming what is malformed. The shape is
     checked in Python integers before anything is allocated: each axis from 1 to :data:`MAX_AXIS`, the voxels'
     bytes at most ``max_bytes`` (when given) and exactly the payload's."""
@@ -265,7 +266,9 @@ def decode_request(body: bytes, max_bytes: int | None = None) -> tuple[Volume, S
     if len(payload) != expected:
         raise ProtocolError(f"The volume has {len(payload)} bytes of voxels; shape {shape} of {dtype.name} needs "
                             f"{expected}.")
-    array = np.frombuffer(payload, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    if not (array.flags.writeable and array.flags.aligned and array.dtype.isnative):
+        array = array.astype(dtype.newbyteorder("="))  # else the voxels stay in the request's buffer, not copied
     direction = np.array(_numbers(meta.get("direction"), 9, "direction")).reshape(3, 3)
     modality = meta.get("modality")
     _as_protocol_error(check_modality, modality, "volume.modality")

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -274,33 +275,37 @@ def _unread(status: int, message: str) -> JSONResponse:
 
 
 async def _read_body(request: Request, max_request_bytes: int, read_timeout: float,
-                     keep: bool = True) -> bytes | JSONResponse:
+                     keep: bool = True) -> memoryview | JSONResponse:
     """The request's body, or the JSON error to answer: 413 past the size limit, 408 when it takes more than
     ``read_timeout`` seconds plus one per megabyte it declares (a client sending a byte a second). ``keep=False``
     reads it to its end without keeping it (a refused request: its client then reads the answer, rather than
-    failing to send)."""
+    failing to send). A body of declared length is read into one buffer of that length (allocated untouched, so
+    memory grows only as the bytes arrive), which the decoded volume's voxels then share: a request costs its size
+    once, not three times (chunks, joined bytes, a copy of the voxels)."""
     declared = request.headers.get("content-length")
     size_hint = int(declared) if declared is not None and declared.isdigit() else 0
     if size_hint > max_request_bytes:
         return _unread(413, too_large(size_hint, max_request_bytes))
     allowed = read_timeout + size_hint / 2**20
     deadline = time.monotonic() + allowed
-    chunks, size = [], 0
+    buffer, chunks, size = np.empty(size_hint if keep else 0, np.uint8), [], 0
     stream = request.stream().__aiter__()
     while True:
         try:
             chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0.001))
         except StopAsyncIteration:
-            return b"".join(chunks)
+            return memoryview(buffer[:size] if size_hint else np.frombuffer(bytearray().join(chunks), np.uint8))
         except TimeoutError:
             log.warning("A client sent a job too slowly (%d bytes in %.0f s); its request was refused.", size, allowed)
             return _unread(408, f"The request's body took longer than {allowed:.0f} s to arrive; send it over a faster "
                                 "connection.")
-        size += len(chunk)
-        if size > max_request_bytes:
-            return _unread(413, too_large(size, max_request_bytes))
-        if keep:
+        if size + len(chunk) > max_request_bytes:
+            return _unread(413, too_large(size + len(chunk), max_request_bytes))
+        if keep and size_hint:  # h11 ends a body at its declared length
+            buffer[size:size + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        elif keep:  # no length declared (chunked)
             chunks.append(chunk)
+        size += len(chunk)
 
 
 def create_app(token: str | None, max_request_bytes: int, jobs: JobManager,
