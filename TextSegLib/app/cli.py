@@ -14,8 +14,8 @@ options, that no output is an input, that no output exists unless ``--overwrite`
 folder is writable), then every output is written to a hidden temporary file beside its target, and the targets
 are put in place only when every input has been segmented and every file written; without ``--overwrite`` they
 are put in place in a way that never replaces a file, so a file another run wrote meanwhile is kept and this run
-says so. A failure or an interrupt at
-any point removes the temporary files, so a failed run leaves no file behind; inputs are only ever read.
+says so. A failure or an interrupt at any point removes the temporary files, so a failed run leaves no file behind;
+inputs are only ever read.
 
 ``TEXTSEG_DEBUG_PAUSE=reading|segmenting|writing`` is a debugging and testing aid: ``segment`` stops for up to
 60 s when it starts reading an input, after the first batch of slices of a prompt, or when an input's outputs are
