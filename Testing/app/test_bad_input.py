@@ -667,7 +667,7 @@ def test_of_two_runs_writing_one_file_the_second_to_finish_keeps_the_first_s(wor
     assert held.returncode == 1, stderr
     assert stderr.splitlines() == [
         f"textseg: error: {str(target)!r} appeared while TextSeg was working (another run writing the same file?); "
-        "it was left as it is. Give --overwrite to replace it, or choose another output; nothing was written."]
+        "it was left as it is and nothing was written."]
     assert "Wrote" not in stdout and "Traceback" not in stderr
     assert {p: sha256(p, fresh=True) for p in check.out.iterdir()} == first  # the first run's files, nothing else
     assert read_seg_nrrd(target)["segments"][0]["name"] == "first"

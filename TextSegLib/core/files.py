@@ -255,8 +255,7 @@ def _place_new(temporary: str, target: Path) -> None:
 
 def _appeared(target: Path) -> OutputError:
     return OutputError(f"{str(target)!r} appeared while TextSeg was working (another run writing the same file?); it "
-                       "was left as it is. Give --overwrite to replace it, or choose another output; nothing was "
-                       "written.")
+                       "was left as it is and nothing was written.")
 
 
 def _remove(path: str | os.PathLike[str]) -> None:
