@@ -14,7 +14,7 @@ Starts ``textseg serve`` (CPU, the shipped demo model, on the bundled abdomen CT
 - unfetched: jobs whose results nobody fetches, with ``--result-ttl`` of 2 s: the finished jobs the server still
   holds 4 s later (0: freed without a request);
 - for every job: its mask and probabilities against the same prompt segmented in this process
-  (``Segmenter``, the same code and options), and the jobs lost (no result, or a different one).
+  (``Segmenter``, the same code and options: fp32, 4 slices per batch), and the jobs lost (no result).
 
 Figures, not a test: run it on an otherwise idle machine (``OMP_NUM_THREADS=1 nice`` on a shared one).
 """
@@ -40,7 +40,10 @@ from TextSegLib.service.client import RemoteWorker
 from TextSegLib.service.protocol import READY_LINE, SegmentRequest, WorkerError, decode_result
 
 PROMPTS = ("the liver", "the spleen", "the left kidney")
-CPU = SegmentOptions(device="cpu")
+#: The same options on both sides, fp32 and a fixed batch size: bf16 and the batch the engine times for itself move
+#: probabilities by a few 1e-3 from run to run, which says nothing about the worker.
+OPTIONS = SegmentOptions(device="cpu", probability=True, fp32=True, batch_size=4)
+CPU = SegmentOptions(device="cpu", fp32=True, batch_size=4)
 MB = 2**20
 POLL = 120.0
 
@@ -90,10 +93,11 @@ class Checker:
     """Results segmented in this process, per (slab, prompt), and the comparison of every job's result."""
 
     def __init__(self, slabs: list[Volume], model: str) -> None:
-        segmenter = Segmenter([model], SegmentOptions(device="cpu", probability=True))
+        segmenter = Segmenter([model], OPTIONS)
         self.expected = {(n, prompt): segmenter.segment(slab, prompt)
                          for n, slab in enumerate(slabs) for prompt in PROMPTS}
         self.lost = self.different = self.checked = 0
+        self.largest_difference = 0.0
         self.lock = threading.Lock()
 
     def check(self, slab: int, prompt: str, result: SegmentationResult | None) -> None:
@@ -101,6 +105,9 @@ class Checker:
         same = result is not None and np.array_equal(result.mask, expected.mask) and \
             np.allclose(result.probability, expected.probability, atol=1e-6)
         with self.lock:
+            if result is not None:
+                self.largest_difference = max(self.largest_difference,
+                                              float(np.abs(result.probability - expected.probability).max()))
             self.checked += 1
             self.lost += result is None
             self.different += result is not None and not same
@@ -112,7 +119,7 @@ def run_job(url: str, slab: Volume, prompt: str, model: str) -> tuple[Segmentati
     answer while a job loads its model."""
     client = RemoteWorker(url, "load")
     refused = 0
-    request = SegmentRequest(prompt, [model], SegmentOptions(device="cpu", probability=True))
+    request = SegmentRequest(prompt, [model], OPTIONS)
     while True:
         try:
             job = client.submit(slab, request)
@@ -221,8 +228,9 @@ def main() -> None:
         memory.stop()
         process.stdin.close()
         process.wait(30)
-    print(f"results: {checker.checked} jobs compared with in-process: {checker.different} different, "
-          f"{checker.lost} lost", flush=True)
+    print(f"results: {checker.checked} jobs compared with in-process: {checker.different} different (mask not "
+          f"identical or a probability off by more than 1e-6; largest probability difference "
+          f"{checker.largest_difference:.1e}), {checker.lost} lost", flush=True)
 
 
 if __name__ == "__main__":
