@@ -9,12 +9,17 @@ offline text encoder and a representative set of refusals run the console script
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import resource
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -137,6 +142,13 @@ def world(tmp_path_factory, data_dir, small_checkpoint):
     victim = root / "victim" / "keep.safetensors"
     victim.parent.mkdir()
     victim.write_bytes(b"the user's own file")
+    os.mkfifo(inputs / "pipe.nrrd")  # reading a FIFO waits for a writer for ever
+    os.mkfifo(models / "pipe.safetensors")
+    sitk.WriteImage(sitk.Cast(slab[:64, :64, :], sitk.sitkInt16), str(inputs / "scaled.nii"))
+    header = bytearray((inputs / "scaled.nii").read_bytes())
+    (inputs / "inf-slope.nii").write_bytes(header[:112] + struct.pack("<f", math.inf) + header[116:])
+    with gzip.open(inputs / "inf-inter.nii.gz", "wb") as handle:
+        handle.write(header[:116] + struct.pack("<f", -math.inf) + header[120:])
     return root
 
 
@@ -211,7 +223,37 @@ SEGMENT_CASES = {
     "names and prompts": (lambda w: ["segment", i(w, "slab.nrrd"), "--name", "a", "--name", "b"],
                           "one --name per --prompt"),
     "empty name": (lambda w: ["segment", i(w, "slab.nrrd"), "--name", "  "], "--name is empty"),
+    "prompt not UTF-8": (lambda w: ["segment", i(w, "slab.nrrd"), "-p", "\udcff\udcfe the liver"],
+                         "The prompt '\\xff\\xfe the liver' holds bytes that are not UTF-8 text"),
+    "prompt with an escape": (lambda w: ["segment", i(w, "slab.nrrd"), "-p", "the \x1b[31mliver"],
+                              "holds a control character (U+001B)"),
+    "prompt with a bell": (lambda w: ["segment", i(w, "slab.nrrd"), "-p", "the liver\x07"], "(U+0007)"),
+    "prompt with a NUL": (lambda w: ["segment", i(w, "slab.nrrd"), "-p", "the\x00liver"], "(U+0000)"),
+    "prompt with DEL": (lambda w: ["segment", i(w, "slab.nrrd"), "-p", "the liver\x7f"], "(U+007F)"),
+    "prompt of 100,000 characters": (lambda w: ["segment", i(w, "slab.nrrd"), "-p", "liver " * 16_667],
+                                     "has 100002 characters; the limit is 1000"),
+    "name not UTF-8": (lambda w: ["segment", i(w, "slab.nrrd"), "--name", "liver\udce9"], "not UTF-8 text"),
+    "name with an escape": (lambda w: ["segment", i(w, "slab.nrrd"), "--name", "\x1b[2Jliver"], "(U+001B)"),
+    "name too long": (lambda w: ["segment", i(w, "slab.nrrd"), "--name", "x" * 5000], "has 5000 characters"),
+    "the same prompt twice": (lambda w: ["segment", i(w, "slab.nrrd"), "-p", "the liver", "-p", "the  liver"],
+                              "The --prompt 'the liver' is given 2 times"),
+    "200 identical prompts": (lambda w: ["segment", i(w, "slab.nrrd"), *["-p", "the liver"] * 200],
+                              "is given 200 times"),
+    "the same name twice": (lambda w: ["segment", i(w, "slab.nrrd"), "-p", "the liver", "-p", "the spleen",
+                                       "--name", "organ", "--name", "organ"], "The --name 'organ' is given 2 times"),
+    # inputs that are not images
+    "FIFO as input": (lambda w: ["segment", i(w, "pipe.nrrd")], "is a named pipe (FIFO), not a file"),
+    "device as input": (lambda w: ["segment", "/dev/zero"], "'/dev/zero' is a device, not a file"),
+    "segmentation as input": (lambda w: ["segment", i(w, "slab_label.seg.nrrd"), "-o", w / "x.seg.nrrd"],
+                              "is a segmentation (.seg.nrrd), not an image"),
+    "NIfTI scaled by inf": (lambda w: ["segment", i(w, "inf-slope.nii")], "scl_slope = inf; the file is damaged"),
+    "gzipped NIfTI offset by -inf": (lambda w: ["segment", i(w, "inf-inter.nii.gz")], "scl_inter = -inf"),
     # models
+    "empty model": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", ""], "-m/--model is empty"),
+    "blank model": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", "  "], "-m/--model is empty"),
+    "model name with an escape": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", "good\x1b"], "(U+001B)"),
+    "FIFO as model": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "pipe")], "is a named pipe (FIFO)"),
+    "device as model": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", "/dev/zero"], "is a device, not a file"),
     "unknown model": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", "no-such-model"], "No model named"),
     "missing model file": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", "models/nope.safetensors"],
                            "Model file not found"),
@@ -246,8 +288,8 @@ SEGMENT_CASES = {
     # outputs
     "output is the input": (lambda w: ["segment", i(w, "slab.nrrd"), "-o", i(w, "slab.nrrd")],
                             "would overwrite its input"),
-    "output is a label input": (lambda w: ["segment", i(w, "slab_label.seg.nrrd"), "-o", i(w, "slab_label.seg.nrrd")],
-                                "would overwrite its input"),
+    "output is a segmentation input": (lambda w: ["segment", i(w, "slab_label.seg.nrrd"), "-o",
+                                                  i(w, "slab_label.seg.nrrd")], "is a segmentation (.seg.nrrd)"),
     "same case twice": (lambda w: ["segment", i(w, "slab.nrrd"), i(w, "sub/slab.nrrd")], "Several inputs would write"),
     "several inputs into a file": (lambda w: ["segment", i(w, "slab.nrrd"), i(w, "brain.nrrd"), "-o",
                                               i(w, "garbage.nrrd")], "with several inputs give a folder"),
@@ -316,6 +358,16 @@ def test_bad_options_are_refused_before_anything_is_read_or_loaded(options, frag
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
+    (["demo", "--device", "bogus"], "--device: Unknown device 'bogus'"),
+    (["demo", "-m", ""], "-m/--model is empty"),
+    (["evaluate", "--manifest", "nope.csv", "-m", ""], "-m/--model is empty"),
+])
+def test_demo_and_evaluate_check_their_options_first(args, fragment, check):
+    """Refused before the demo case is read or a model loads (the demo's output folder is never made)."""
+    check.refused(args, 1, fragment)
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
     (["segment", "x.nrrd", "-p", "p", "-m", "m", "--modality", "PET"], "invalid choice: 'PET'"),
     (["segment", "x.nrrd", "-m", "m"], "the following arguments are required: -p/--prompt"),
     (["segment", "x.nrrd", "-p", "p", "-m", "m", "--no-such-option"], "unrecognized arguments"),
@@ -359,6 +411,12 @@ EVALUATE_CASES = {
                            "is not UTF-8 text; save the manifest as UTF-8"),
     "JSON line not an object": (lambda w, o: ["evaluate", "--manifest", i(w, "lists.jsonl"), "-m", m(w, "good")],
                                 "line 1: not a JSON object"),
+    "FIFO as prediction": (lambda w, o: ["evaluate", i(w, "pipe.nrrd"), i(w, "slab_label.nrrd")],
+                           "pipe.nrrd' is a named pipe (FIFO)"),
+    "FIFO as reference": (lambda w, o: ["evaluate", i(w, "slab_label.seg.nrrd"), i(w, "pipe.nrrd")],
+                          "pipe.nrrd' is a named pipe (FIFO)"),
+    "FIFO as manifest": (lambda w, o: ["evaluate", "--manifest", i(w, "pipe.nrrd"), "-m", m(w, "good")],
+                         "pipe.nrrd' is a named pipe (FIFO)"),
     "NaN validation fraction": (lambda w, o: ["evaluate", "--manifest", i(w, "unlabelled.csv"), "-m", m(w, "good"),
                                               "--split", "val", "--val-fraction", "nan"],
                                 "fractions must be at least 0 and leave cases to train on"),
@@ -387,6 +445,26 @@ def test_import_ids_are_names_never_paths(model_id, world, check):
     check.refused(["import", m(world, "good"), "--id", model_id], 1, "is not a name")
     assert (world / "victim" / "keep.safetensors").read_bytes() == b"the user's own file"
     assert list(check.models_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["import", "sign"])
+def test_import_and_sign_refuse_a_fifo(command, world, check):
+    check.refused([command, m(world, "pipe")], 1, "is a named pipe (FIFO), not a file")
+
+
+def test_import_into_a_read_only_models_folder_says_so(world, check, monkeypatch):
+    """It said "Free some space" (a failed write's only advice), after checking the whole checkpoint."""
+    monkeypatch.setenv("TEXTSEG_MODELS_DIR", "/sys/textseg-models")
+    line = check.refused(["import", m(world, "good")], 1, "the folder '/sys' is not writable")
+    assert "Free some space" not in line
+
+
+def test_import_into_a_models_folder_blocked_by_a_file_says_so(world, check):
+    blocker = check.tmp / "models-file"
+    blocker.write_bytes(b"not a folder")
+    line = check.refused(["--models-dir", blocker, "import", m(world, "good")], 1,
+                         f"{str(blocker)!r} is a file, not a folder")
+    assert "Free some space" not in line
 
 
 def test_import_refuses_a_modified_checkpoint(world, check):
@@ -423,11 +501,26 @@ def test_sign_refuses(case, world, check):
     (["--port", "70000"], "--port 70000 is not a port number; give one from 1 to 65535 (0 picks a free one)."),
     (["--max-request-mb", "nan"], "--max-request-mb nan is not a positive number of megabytes."),
     (["--max-request-mb", "-1"], "--max-request-mb -1.0 is not a positive number of megabytes."),
+    (["--port", "99999"], "--port 99999 is not a port number; give one from 1 to 65535 (0 picks a free one)."),
+    (["--port", "-1"], "--port -1 is not a port number; give one from 1 to 65535 (0 picks a free one)."),
+    (["--max-request-mb", "inf"], "--max-request-mb inf is not a positive number of megabytes."),
+    (["--max-request-mb", "1e999"], "--max-request-mb inf is not a positive number of megabytes."),
+    (["--max-queued", "0"], "--max-queued 0 is not a positive whole number of jobs."),
+    (["--max-queued", "-3"], "--max-queued -3 is not a positive whole number of jobs."),
+    (["--result-ttl", "nan"], "--result-ttl nan is not a positive number of seconds."),
+    (["--result-ttl", "inf"], "--result-ttl inf is not a positive number of seconds."),
+    (["--result-ttl", "0"], "--result-ttl 0.0 is not a positive number of seconds."),
+    (["--read-timeout", "0"], "--read-timeout 0.0 is not a positive number of seconds."),
     (["--host", "192.0.2.1", "--token", "secret", "--port", "0"],  # TEST-NET-1: no computer has it
      "Cannot listen on 192.0.2.1:0 (Cannot assign requested address); choose another --host."),
 ])
 def test_serve_refuses(args, fragment, check):
     assert check.refused(["serve", *args], 1, fragment) == f"textseg: error: {fragment}"
+
+
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_web_refuses_a_port_that_is_none(port, check):
+    check.refused(["web", "--port", port], 1, f"--port {port} is not a port number; give one from 1 to 65535")
 
 
 # ------------------------------------------------------------------------------------------ real subprocesses
@@ -455,7 +548,8 @@ def test_an_unreachable_text_encoder_fails_at_once(world, check):
 
 def test_a_write_that_fails_half_way_leaves_nothing(world, check):
     """The .seg.nrrd fits a 64 kB file size limit, its probability volume does not: the run fails in the second
-    write, after segmenting, and the .seg.nrrd already written to its temporary file goes too."""
+    write (SimpleITK's, whose error named its own source file), after segmenting, and the .seg.nrrd already written
+    to its temporary file goes too. One reason, said once, without SimpleITK's internals."""
 
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
@@ -463,7 +557,24 @@ def test_a_write_that_fails_half_way_leaves_nothing(world, check):
     line = check.refused(_complete(["segment", i(world, "brain.nrrd"), "--probability", "-o",
                                     check.out / "brain.seg.nrrd"], world), 1, "Cannot write", in_process=False,
                          preexec=limit_file_size)
-    assert "probability.nrrd" in line and line.endswith("nothing was written.")
+    assert "probability.nrrd" in line and line.count("Cannot write") == 1 and ".cxx" not in line, line
+    assert line.endswith("this process's limit (ulimit -f) allows; choose another output; nothing was written.")
+
+
+def test_a_failed_write_of_the_segmentation_is_said_once(world, check):
+    """The .seg.nrrd's own writer writes through a temporary file too: its failure was wrapped twice ("Cannot write
+    ...: Cannot write ...: File too large. Free some space ... Free some space ..."). In this process, under a 1 kB
+    file size limit (Python ignores SIGXFSZ: the write fails with EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 10, hard))
+    try:
+        line = check.refused(_complete(["segment", i(world, "brain.nrrd"), "-o", check.out / "brain.seg.nrrd"],
+                                       world), 1, "Cannot write")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert line == (f"textseg: error: Cannot write {str(check.out / 'brain.seg.nrrd')!r}: the file is larger than "
+                    "the file system or this process's limit (ulimit -f) allows; choose another output; nothing was "
+                    "written.")
 
 
 OUT_OF_MEMORY = """
@@ -536,6 +647,67 @@ def test_interrupts_leave_nothing(world, check):
         assert list(out.iterdir()) == [], stage
         out.rmdir()
     assert check.snapshot() == before
+
+
+def test_of_two_runs_writing_one_file_the_second_to_finish_keeps_the_first_s(world, check, capsys):
+    """Two runs without --overwrite, one output: both found it free at their start. The first to finish writes it;
+    the other, held with its outputs (the .seg.nrrd and a probability volume) in temporary files, then finds the
+    .seg.nrrd there and says so in one line, and puts neither file (before, both said "Wrote" and the second
+    replaced the first's file)."""
+    target = check.out / "brain.seg.nrrd"
+    held = _start(world, check.out, "writing")  # writes brain.seg.nrrd and its probability; waits with them
+    _wait_for(held, "paused at writing")
+    args = _complete(["segment", i(world, "brain.nrrd"), "-o", target, "--name", "first", "--probability"], world)
+    assert main([str(a) for a in args]) == 0
+    assert f"Wrote {target}" in capsys.readouterr().out
+    first = {p: sha256(p, fresh=True) for p in check.out.iterdir() if not p.name.startswith(".")}
+    assert len(first) == 2
+    held.send_signal(signal.SIGUSR1)  # ends the pause: it now puts its outputs in place
+    stdout, stderr = held.communicate(timeout=120)
+    assert held.returncode == 1, stderr
+    assert stderr.splitlines() == [
+        f"textseg: error: {str(target)!r} appeared while TextSeg was working (another run writing the same file?); "
+        "it was left as it is and nothing was written."]
+    assert "Wrote" not in stdout and "Traceback" not in stderr
+    assert {p: sha256(p, fresh=True) for p in check.out.iterdir()} == first  # the first run's files, nothing else
+    assert read_seg_nrrd(target)["segments"][0]["name"] == "first"
+
+
+KILLED_WRITER = """
+import sys, time
+from TextSegLib.core.files import OutputTransaction
+
+transaction = OutputTransaction(overwrite=False)
+transaction.add(sys.argv[1], lambda temporary: open(temporary, "w").write("half"))
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_run_s_temporary_files_are_removed_by_the_next_run(world, check, capsys):
+    """A writer killed with SIGKILL (nothing can clean up after it) leaves its temporary file; the next run writing
+    that output removes the files of processes no longer running, with one warning line each, and leaves those of
+    a running process (this one) and any other file alone."""
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32] or "host"
+    target = check.out / "brain.seg.nrrd"
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE,
+                              encoding="utf-8")
+    assert killed.stdout.readline() == "written\n"
+    killed.kill()
+    killed.communicate(timeout=60)
+    (stale,) = check.out.iterdir()
+    assert stale.name.startswith(f".brain.seg.nrrd.{killed.pid}@{host}-") and stale.read_text() == "half"
+    running = check.out / f".brain.seg.nrrd.{os.getpid()}@{host}-x1.tmp.seg.nrrd"
+    other = check.out / ".brain.seg.nrrd.notes.txt"
+    for path in (running, other):
+        path.write_bytes(b"kept")
+    assert main([str(a) for a in _complete(["segment", i(world, "brain.nrrd"), "-o", target], world)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"textseg: WARNING: Removed {stale}, a temporary file left by an interrupted run (process {killed.pid})."]
+    assert sorted(check.out.iterdir()) == sorted([other, running, target])
+    assert running.read_bytes() == other.read_bytes() == b"kept"
+    for path in (running, other, target):
+        path.unlink()
 
 
 def test_sigterm_after_the_model_line_without_a_pause(world, check, data_dir):
@@ -650,12 +822,24 @@ def _library_cases(world: Path, engine: InferenceEngine):
         "import id path": (lambda: Catalogue(world / "user").import_model(m(world, "good"), "../victim/keep"),
                            CheckpointError, "is not a name"),
         "edited threshold": (lambda: load_checkpoint(m(world, "threshold")), CheckpointError, "was modified"),
+        "prompt with undecodable bytes": (lambda: engine.segment(volume, "the liver\udcff"), ValueError,
+                                          "holds bytes that are not UTF-8 text"),
+        "prompt with an escape": (lambda: engine.segment(volume, "the \x1bliver"), ValueError, "(U+001B)"),
+        "prompt of 5000 characters": (lambda: engine.segment(volume, "a" * 5000), ValueError,
+                                      "has 5000 characters; the limit is 1000"),
+        "FIFO as volume": (lambda: read_volume(i(world, "pipe.nrrd")), ValueError, "is a named pipe (FIFO)"),
+        "FIFO as checkpoint": (lambda: load_checkpoint(m(world, "pipe")), CheckpointError, "is a named pipe (FIFO)"),
+        "NIfTI scaled by inf": (lambda: read_volume(i(world, "inf-slope.nii")), ValueError, "scl_slope = inf"),
+        "segmentation as volume": (lambda: read_volume(i(world, "slab_label.seg.nrrd")), ValueError,
+                                   "is a segmentation (.seg.nrrd), not an image"),
     }
 
 
 LIBRARY_CASES = ["plain array", "2D array", "4D array", "bool array", "complex array", "zero slices", "zero spacing",
                  "only NaN", "bytes prompt", "no words", "threshold 5", "threshold text", "modality", "batch size 0",
-                 "batch size 2.5", "name with a line break", "import id path", "edited threshold"]
+                 "batch size 2.5", "name with a line break", "import id path", "edited threshold",
+                 "prompt with undecodable bytes", "prompt with an escape", "prompt of 5000 characters",
+                 "FIFO as volume", "FIFO as checkpoint", "NIfTI scaled by inf", "segmentation as volume"]
 
 
 @pytest.fixture(scope="module")
@@ -733,6 +917,35 @@ def test_a_file_slicer_writes_with_such_names_reads_back_exactly(tmp_path):
     read = read_seg_nrrd(tmp_path / "slicer.seg.nrrd")
     assert [s["name"] for s in read["segments"]] == NAMES
     assert [decode_tag(s["tags"][TAG_PROMPT]) for s in read["segments"]] == NAMES
+
+
+def _write_series(image, folder: Path, series: str, slices) -> None:
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    orientation = "\\".join(map(str, image.GetDirection()[0:9:3] + image.GetDirection()[1:9:3]))
+    for k in slices:
+        item = sitk.Cast(image[:, :, k], sitk.sitkInt16)
+        for tag, value in (("0008|0060", "MR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", series), ("0020|0013", str(k)), ("0020|0037", orientation),
+                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))):
+            item.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series}-{k}.dcm"))
+        writer.Execute(item)
+
+
+def test_a_folder_of_two_dicom_series_warns_once(world, tmp_path, capfd):
+    """The header check and the read each warned: the same line twice."""
+    brain = sitk.ReadImage(str(i(world, "brain.nrrd")))
+    folder = tmp_path / "two-series"
+    folder.mkdir()
+    _write_series(brain, folder, "1.2.826.0.1.3680043.2.1125.2", range(4))
+    _write_series(brain, folder, "1.2.826.0.1.3680043.2.1125.3", range(2))
+    capfd.readouterr()
+    assert main(["segment", str(folder), "-p", PROMPT, "-m", str(m(world, "good")), "-o",
+                 str(tmp_path / "d.seg.nrrd"), "--device", "cpu", "-q"]) == 0
+    assert capfd.readouterr().err.splitlines() == [
+        f"textseg: WARNING: {folder} holds 2 DICOM series; using the largest (4 files). Put one series per folder to "
+        "choose."]
 
 
 def test_a_dicom_series_with_a_missing_slice_gives_one_warning_line(world, tmp_path, capfd):

@@ -6,9 +6,11 @@ Every server here is a real ``textseg serve`` process listening on 127.0.0.1 (at
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -120,19 +122,41 @@ VOXELS = {"shape": [1, 1, 2], "dtype": "uint8", "spacing": [1, 1, 1], "origin": 
     (b"TSEG\x02\x00\x00\x00{}", "Protocol version None"),
     # Each of these raised ValueError, TypeError, OverflowError or RecursionError: a fault, answered with 500.
     (frame(b'{"protocol": 1, "x": ' + b"1" * 5000 + b"}"), "not JSON TextSeg can read"),
-    (frame(b"[" * 100_000 + b"]" * 100_000), "not JSON TextSeg can read"),
+    (frame(b"[" * 200_000 + b"]" * 200_000), "nests more than 16 levels deep"),
     (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "dtype": "(-1,)f4"}}, b"\0\0"),
      "is not a NumPy type"),
     (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "spacing": [10**400, 1, 1]}}, b"\0\0"),
      "volume.spacing must be a list of 3 finite numbers"),
     (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [2**32, 2**32, 1]}}),
-     "The volume has 0 bytes of voxels"),
+     r"volume.shape \[4294967296, 4294967296, 1\] has more than 1048576 voxels along an axis"),
     (frame({"protocol": 1, "request": {**FIELDS, "threshold": 10**400}, "volume": VOXELS}, b"\0\0"),
      "threshold must lie between 0 and 1"),
+    # Each of these passed the size check (a product that overflowed, or none at all) or recursed in the parser.
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [2**62 + 1, 4, 1]}}, b"\0" * 4),
+     r"volume.shape \[461168601842..., 4, 1\] has more than 1048576 voxels along an axis"),
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [0, 1, 2]}}), "three positive whole"),
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [-1, -1, 2]}}, b"\0\0"),
+     "three positive whole"),
+    (frame(b'{"protocol": 1, "x": ' + b'{"a": ' * 17 + b"1" + b"}" * 17 + b"}"), "nests more than 16 levels deep"),
+    (frame(b'{"protocol": 1, "x": "' + b"a" * (1 << 20) + b'"}'), r"has 1048600 bytes; at most 1048576 are read"),
+    (frame(b'{"protocol": 1, "x": "\xff"}'), "not JSON TextSeg can read"),
 ])
 def test_malformed_frames_are_named(body, message):
     with pytest.raises(ProtocolError, match=message):
         decode_request(body)
+
+
+def test_brackets_in_a_prompt_are_not_nesting_and_sizes_are_checked_before_allocation(slab):
+    """A prompt may hold brackets (the depth check skips strings); a shape whose bytes exceed the worker's limit is
+    refused from the header alone, before the payload is compared or anything allocated."""
+    prompt = "the liver " + "[{" * 40 + ' \\" ]'
+    body = encode_request(slab, SegmentRequest(prompt, ["m"]))
+    assert decode_request(body)[1].prompt == prompt
+    with pytest.raises(ProtocolError, match=r"^The volume is too large for this worker: the request has 3\.0 MB"):
+        decode_request(body, max_bytes=2**20)
+    huge = frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [2**20, 2**20, 2**20]}})
+    with pytest.raises(ProtocolError, match=r"the request has 1099511627776\.0 MB, the limit is 1\.0 MB"):
+        decode_request(huge, max_bytes=2**20)
 
 
 def test_a_damaged_result_is_a_protocol_error(expected):
@@ -378,3 +402,215 @@ def test_textseg_segment_on_a_server_writes_what_it_writes_in_process(tmp_path, 
     local, remote = (slicerio.read_segmentation(str(outputs[how])) for how in ("local", "server"))
     np.testing.assert_array_equal(local["voxels"], remote["voxels"])
     assert local["segments"][0]["tags"] == remote["segments"][0]["tags"]
+
+
+# ------------------------------------------------------------------------------------------------- bounds
+
+
+def wait_state(manager, job_id: str, states: tuple[str, ...]) -> None:
+    deadline = time.monotonic() + 120
+    while manager.get(job_id) is not None and manager.get(job_id).state not in states:
+        assert time.monotonic() < deadline, "the job never got there"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def thin(slab) -> Volume:
+    """Two slices of the slab: a job that runs in a fraction of a second."""
+    return Volume(np.ascontiguousarray(slab.array[2:4]), slab.spacing, slab.origin, slab.direction, None, "thin")
+
+
+def test_a_job_holds_its_volume_only_until_it_ran_or_was_cancelled(thin, small_checkpoint):
+    from TextSegLib.service.server import JobManager
+
+    slab = thin
+    manager = JobManager()
+    try:
+        first = manager.submit(slab, request(small_checkpoint))
+        second = manager.submit(slab, request(small_checkpoint))
+        assert manager.get(second).volume is slab
+        manager.cancel(manager.get(second))  # still queued: it never runs, its voxels go now
+        assert manager.get(second).state == "cancelled" and manager.get(second).volume is None
+        wait_state(manager, first, ("done",))
+        assert manager.get(first).volume is None and manager.get(first).result
+    finally:
+        manager.close()
+
+
+def test_finished_jobs_are_forgotten_without_new_jobs(thin, small_checkpoint, monkeypatch):
+    """A result nobody fetches goes after ``result_ttl`` seconds, and the limit on finished jobs holds as jobs
+    finish: both were checked only when a new job arrived, so results stayed for ever on a quiet worker."""
+    from TextSegLib.service import server
+
+    monkeypatch.setattr(server, "FINISHED_JOBS_KEPT", 1)
+    manager = server.JobManager(max_queued=3, result_ttl=1.0)
+    try:
+        jobs = [manager.submit(thin, request(small_checkpoint)) for _ in range(3)]
+        wait_state(manager, jobs[-1], ("done",))
+        assert [manager.get(job) is not None for job in jobs] == [False, False, True]  # one finished job kept
+        time.sleep(1.5)  # the sweep forgets it, no request needed
+        assert manager.get(jobs[-1]) is None and manager.counts() == dict.fromkeys(
+            ("queued", "running", "done", "failed", "cancelled"), 0)
+    finally:
+        manager.close()
+
+
+class Log:
+    """A server's stderr, read line by line as it comes."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stderr:
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 30) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline, (text, self.lines)
+            time.sleep(0.05)
+        return [line for line in self.lines if text in line]
+
+
+@pytest.fixture(scope="module")
+def bounded():
+    """One ``textseg serve`` with small bounds for this module's tests: 2 waiting jobs, results kept 3 s, 2 s to
+    send a request's headers (and its body, besides 1 s per MB), requests up to 64 MB."""
+    process, url = serve("--max-queued", "2", "--result-ttl", "3", "--read-timeout", "2", "--max-request-mb", "64",
+                         env={"TEXTSEG_TOKEN": "secret"})
+    log = Log(process)
+    yield url, log
+    process.stdin.close()
+    process.wait(10)
+    assert not any("Traceback" in line or "Exception in ASGI" in line for line in log.lines), log.lines
+
+
+def post(url: str, body: bytes) -> tuple[int, dict, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", "/v1/jobs", body, {"Authorization": "Bearer secret"})
+    answer = connection.getresponse()
+    return answer.status, json.loads(answer.read()), dict(answer.getheaders())
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (frame(b"[" * 200_000 + b"]" * 200_000), "nests more than 16 levels deep"),
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [2**32, 2**32, 1]}}),
+     "has more than 1048576 voxels along an axis"),
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [2**62 + 1, 4, 1]}}, b"\0" * 4),
+     "has more than 1048576 voxels along an axis"),
+    (frame({"protocol": 1, "request": FIELDS, "volume": {**VOXELS, "shape": [1024, 1024, 1024]}}, b"\0" * 4),
+     "The volume is too large for this worker"),
+    (b"TSEG\xff\xff\xff\x7f" + b"x" * 100, "cut short"),
+    (frame(b'{"protocol": 1, "request": {"prompt": "' + b"x" * (2 << 20) + b'"}}'), "at most 1048576 are read"),
+])
+def test_malformed_requests_get_a_json_400_and_no_traceback(bounded, body, message):
+    url, log = bounded
+    status, answer, _ = post(url, body)
+    assert status == 400 and message in answer["error"], answer
+    assert not any("Traceback" in line for line in log.lines), log.lines
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nothing", 404), ("PUT", "/v1/jobs", 405),
+                                                       ("GET", "/v2/health", 404)])
+def test_paths_and_methods_outside_the_protocol_get_its_json_error(bounded, method, path, status):
+    url, _ = bounded
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request(method, path, headers={"Authorization": "Bearer secret"})
+    answer = connection.getresponse()
+    assert answer.status == status
+    assert json.loads(answer.read()) == {"error": f"{http.client.responses[status]}: {method} {path} is not part of "
+                                                  "the TextSeg worker protocol (version 1)."}
+
+
+def test_a_full_queue_is_refused_with_503_and_retry_after(bounded, data_dir, slab, small_checkpoint):
+    url, _ = bounded
+    client = RemoteWorker(url, "secret")
+    long = client.submit(read_volume(data_dir / "lung2_image.nrrd"), request(small_checkpoint, batch_size=1))
+    deadline = time.monotonic() + 60
+    while long.status().state == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    waiting = [client.submit(slab, request(small_checkpoint)) for _ in range(2)]
+    try:
+        status, answer, headers = post(url, encode_request(slab, request(small_checkpoint)))
+        assert status == 503 and int(headers["retry-after"]) >= 1
+        assert answer["error"] == ("The worker is busy: 2 jobs are waiting, as many as it takes (textseg serve "
+                                   "--max-queued); try again shortly.")
+        with pytest.raises(WorkerError, match=r"^The worker is busy: 2 jobs are waiting"):
+            client.submit(slab, request(small_checkpoint))
+        assert client.health()["jobs"]["queued"] == 2
+    finally:
+        for job in [*waiting, long]:
+            client.request("DELETE", f"/jobs/{job.id}")
+    assert client.health()["busy"] == 0
+
+
+def test_a_result_nobody_fetches_is_freed_after_the_ttl(bounded, thin, small_checkpoint):
+    url, _ = bounded
+    client = RemoteWorker(url, "secret")
+    job = client.submit(thin, request(small_checkpoint))
+    deadline = time.monotonic() + 120
+    while not job.status().finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.health()["jobs"]["done"] == 1
+    time.sleep(3 + 1)  # the TTL, and a sweep (every TTL / 4)
+    with pytest.raises(WorkerError, match="No job"):
+        client.json("GET", f"/jobs/{job.id}")
+    assert client.health()["jobs"]["done"] == 0
+
+
+def raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def test_a_client_sending_its_body_a_byte_at_a_time_gets_408(bounded):
+    url, log = bounded
+    connection = raw(url)
+    connection.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                       b"Content-Length: 1000\r\n\r\n")
+    started = time.monotonic()
+    answer = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in answer and time.monotonic() - started < 15:
+            connection.sendall(b"x")
+            connection.settimeout(0.25)
+            with contextlib.suppress(TimeoutError):
+                answer += connection.recv(4096)
+    connection.close()
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"took longer than 2 s to arrive" in answer, answer
+    assert 1.5 < time.monotonic() - started < 10
+    log.wait_for("A client sent a job too slowly")
+
+
+def test_a_client_sending_its_headers_a_byte_at_a_time_is_disconnected(bounded):
+    url, log = bounded
+    connection = raw(url)
+    started = time.monotonic()
+    with contextlib.suppress(OSError):
+        for byte in b"POST /v1/jobs HTTP/1.1\r\nHost: " + b"x" * 100:
+            connection.sendall(bytes([byte]))
+            time.sleep(0.1)
+    closed_after = time.monotonic() - started
+    connection.close()
+    assert 1.5 < closed_after < 8
+    log.wait_for("its request's headers took more than 2 s")
+
+
+def test_a_client_that_disconnects_mid_upload_is_one_log_line(bounded):
+    url, log = bounded
+    connection = raw(url)
+    connection.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                       b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
+    time.sleep(0.2)
+    connection.close()
+    assert log.wait_for("disconnected") == ["textseg: WARNING: A client disconnected while sending a job; nothing was "
+                                            "queued."]
+    time.sleep(0.5)
+    assert not any("Traceback" in line or "ClientDisconnect" in line for line in log.lines), log.lines

@@ -12,12 +12,15 @@ traceback of either instead. Ctrl-C (SIGINT) and SIGTERM end a run with one line
 ``segment`` and ``evaluate`` write all their outputs or none: everything is checked first (inputs, prompts,
 options, that no output is an input, that no output exists unless ``--overwrite`` is given, that each output's
 folder is writable), then every output is written to a hidden temporary file beside its target, and the targets
-are put in place only when every input has been segmented and every file written. A failure or an interrupt at
-any point removes the temporary files, so a failed run leaves no file behind; inputs are only ever read.
+are put in place only when every input has been segmented and every file written; without ``--overwrite`` they
+are put in place in a way that never replaces a file, so a file another run wrote meanwhile is kept and this run
+says so. A failure or an interrupt at any point removes the temporary files, so a failed run leaves no file behind;
+inputs are only ever read.
 
 ``TEXTSEG_DEBUG_PAUSE=reading|segmenting|writing`` is a debugging and testing aid: ``segment`` stops for up to
 60 s when it starts reading an input, after the first batch of slices of a prompt, or when an input's outputs are
-written to their temporary files but not yet put in place, and says so on stdout (the tests send signals there).
+written to their temporary files but not yet put in place, and says so on stdout (the tests send signals there;
+SIGUSR1 ends the pause).
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ from TextSegLib.core.messages import describe_fault, first_line
 from TextSegLib.core.options import MODALITIES
 from TextSegLib.core.settings import (
     DEFAULT_HOST,
+    DEFAULT_MAX_QUEUED,
     DEFAULT_MAX_REQUEST_MB,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_RESULT_TTL,
     MODELS_DIR_VARIABLE,
     SERVE_PORT,
     THREADS_VARIABLE,
@@ -141,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help=f"token every client must send (default: ${TOKEN_VARIABLE})")
     serve.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
                        help=f"largest request accepted, in MB (default {DEFAULT_MAX_REQUEST_MB})")
+    serve.add_argument("--max-queued", type=int, default=DEFAULT_MAX_QUEUED, help="jobs waiting at most; more are "
+                       f"refused with 503 and Retry-After (default {DEFAULT_MAX_QUEUED})")
+    serve.add_argument("--result-ttl", type=float, default=DEFAULT_RESULT_TTL, help="seconds a finished job's result "
+                       f"is kept for its client to fetch (default {DEFAULT_RESULT_TTL:g})")
+    serve.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, help="seconds a request's "
+                       f"headers may take, and its body besides 1 s per MB (default {DEFAULT_READ_TIMEOUT:g})")
     serve.add_argument("--ready-line", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)

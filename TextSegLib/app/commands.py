@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from TextSegLib.core.errors import TextSegError, UsageError
-from TextSegLib.core.files import OutputTransaction, check_writable
-from TextSegLib.core.options import SegmentOptions, check_batch_size, check_device, check_threshold
+from TextSegLib.core.files import OutputTransaction, check_readable_file, check_writable
+from TextSegLib.core.options import (
+    SegmentOptions,
+    check_batch_size,
+    check_device,
+    check_port,
+    check_positive_number,
+    check_text,
+    check_threshold,
+)
 from TextSegLib.core.settings import (
     environment_token,
 )
@@ -47,6 +55,36 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
         fp32=getattr(args, "fp32", False),
         compile=getattr(args, "compile", False),
     )
+
+
+def flagged(flag: str, check: Callable[[object], Checked], value: object) -> Checked:
+    """``check(value)``, its error a :class:`UsageError` that starts with ``flag`` (``--port 99999 is not a port
+    number; ...``)."""
+    try:
+        return check(value)
+    except TextSegError as error:
+        raise UsageError(f"{flag} {error}") from None
+
+
+def check_models(models: Sequence[str]) -> None:
+    """Before anything loads: each ``-m`` names something (a catalogue id or a file), in plain text, and a file
+    given is not a FIFO or a device (reading one would wait for ever)."""
+    for model in models:
+        if not model.strip():
+            raise UsageError("-m/--model is empty: give a catalogue id (`textseg models` lists them) or a checkpoint "
+                             "file.")
+        checked_option("-m/--model", lambda text: check_text(text, "model name"), model)
+        checked_option("-m/--model", lambda path: check_readable_file(path, "model"), model)
+
+
+def check_service_options(args: argparse.Namespace) -> None:
+    """``serve`` and ``web``: the port, and the service's limits, each a finite positive number."""
+    flagged("--port", check_port, args.port)
+    for flag, unit, whole in (("--max-request-mb", "megabytes", False), ("--max-queued", "jobs", True),
+                              ("--result-ttl", "seconds", False), ("--read-timeout", "seconds", False)):
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            flagged(flag, lambda number, unit=unit, whole=whole: check_positive_number(number, unit, whole), value)
 
 
 def check_outputs(outputs: Sequence[Path], inputs: Sequence[Path], overwrite: bool) -> None:
@@ -131,6 +169,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from TextSegLib.engine.catalogue import Catalogue
 
+    check_readable_file(args.checkpoint, "checkpoint")
     entry = Catalogue(args.models_dir).import_model(args.checkpoint, args.id)
     print(f"Imported {entry.id} ({entry.architecture_title}) to {entry.path}")
     return 0
@@ -139,6 +178,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     from TextSegLib.engine.checkpoints import sign_checkpoint
 
+    check_readable_file(args.checkpoint, "checkpoint")
     if args.signed_copy:
         check_outputs([Path(args.signed_copy)], [Path(args.checkpoint)], args.overwrite)
     signed = sign_checkpoint(args.checkpoint, args.signed_copy)
@@ -149,12 +189,15 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from TextSegLib.service.server import serve
 
+    check_service_options(args)
     serve(args.host, args.port, args.token, args.max_request_mb, args.models_dir, args.ready_line,
-          args.exit_with_stdin)
+          args.exit_with_stdin, max_queued=args.max_queued, result_ttl=args.result_ttl,
+          read_timeout=args.read_timeout)
     return 0
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    check_service_options(args)
     try:
         from TextSegLib.app.web import serve_web
     except ImportError as error:
@@ -173,6 +216,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from TextSegLib.evaluation import tables as evaluation
 
     options = segment_options(args)
+    if args.model:
+        check_models(args.model)
+    for given, what in ((args.manifest, "manifest"), (args.prediction, "prediction"), (args.reference, "reference")):
+        if given:
+            check_readable_file(given, what)
     tables = [(Path(option), render) for option, render in (
         (args.json, evaluation.to_json), (args.csv, evaluation.to_csv), (args.markdown, evaluation.to_markdown))
         if option]
@@ -231,7 +279,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows = evaluation.evaluate_pairs(pairs, args.segment, args.reference_segment)
     summary = evaluation.summarise(rows)
     print(evaluation.to_text(rows, summary))
-    with OutputTransaction() as transaction:
+    with OutputTransaction(overwrite=args.overwrite) as transaction:
         for path, render in tables:
             text = render(rows, summary)
             transaction.add(path, lambda temporary, text=text: Path(temporary).write_text(text, encoding="utf-8"))
@@ -243,6 +291,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from TextSegLib.evaluation.demo import run_demo
 
+    checked_option("--device", check_device, args.device)
+    check_models([args.model])
     bar = progress_bar(0, "segmenting", args.quiet)
 
     def report(done: int, total: int) -> None:

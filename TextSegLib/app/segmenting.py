@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import time
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from TextSegLib.app.commands import NOTES, check_outputs, progress_bar, segment_options
+from TextSegLib.app.commands import NOTES, check_models, check_outputs, progress_bar, segment_options
 from TextSegLib.core.errors import UsageError
 from TextSegLib.core.files import OutputTransaction
-from TextSegLib.core.options import SegmentOptions
+from TextSegLib.core.options import SegmentOptions, check_text
 from TextSegLib.core.settings import (
     DEBUG_PAUSE_VARIABLE,
     debug_pause,
@@ -32,7 +32,11 @@ def _stage(stage: str, what: str) -> None:
     log.info("%s %s", stage, what)
     if debug_pause() == stage:
         print(f"textseg: debug: paused at {stage} {what} ({DEBUG_PAUSE_VARIABLE})", flush=True)
-        time.sleep(60)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        try:  # SIGUSR1 ends the pause; SIGINT and SIGTERM still end the run
+            signal.sigtimedwait({signal.SIGUSR1}, 60)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -60,17 +64,23 @@ def _output_paths(inputs: Sequence[Path], output: Path | None) -> list[Path]:
 
 
 def _segment_names(prompts: list[str], names: list[str] | None) -> list[str]:
-    if not names:
-        return prompts
-    if len(names) != len(prompts):
-        raise UsageError(f"Give one --name per --prompt ({len(prompts)} prompts, {len(names)} names).")
-    cleaned = [" ".join(name.split()) for name in names]
-    if not all(cleaned):
-        raise UsageError("A --name is empty; give each segment a name or leave --name out.")
-    for name in cleaned:
-        if any(ord(c) < 32 or ord(c) == 127 for c in name):
-            raise UsageError(f"The --name {name!r} holds a control character; give a plain name.")
-    return cleaned
+    """The segments' names: the ``--name`` given for each prompt, or the prompts; each name once (a prompt given
+    twice would give two identical segments)."""
+    if names:
+        if len(names) != len(prompts):
+            raise UsageError(f"Give one --name per --prompt ({len(prompts)} prompts, {len(names)} names).")
+        for name in names:
+            check_text(name, "--name", UsageError)
+        names = [" ".join(name.split()) for name in names]
+        if not all(names):
+            raise UsageError("A --name is empty; give each segment a name or leave --name out.")
+    chosen = names or prompts
+    for number, name in enumerate(chosen):
+        if name in chosen[:number]:
+            what = "--name" if names else "--prompt"
+            raise UsageError(f"The {what} {name[:40]!r} is given {chosen.count(name)} times; each segment needs its "
+                             f"own {what[2:]} (repeat -p only for different structures).")
+    return chosen
 
 
 def _segmenter(args: argparse.Namespace, options: SegmentOptions):
@@ -192,6 +202,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     options = segment_options(args)
     prompts = [validate_prompt(p) for p in args.prompt]
     names = _segment_names(prompts, args.name)
+    check_models(args.model)
     inputs = [Path(p) for p in args.inputs]
     pictures = [is_image_2d(path) for path in inputs]
     if all(pictures):
@@ -212,7 +223,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"Model {where}", flush=True)
 
     args.outputs_started = True
-    with OutputTransaction() as transaction:
+    with OutputTransaction(overwrite=args.overwrite) as transaction:
         for source, target, probability_targets in zip(inputs, outputs, probability_paths, strict=True):
             _stage("reading", str(source))
             volume = read_volume(source, modality=args.modality)

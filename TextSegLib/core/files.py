@@ -1,33 +1,57 @@
-"""Writing outputs safely.
+"""Writing outputs safely, and reading only plain files.
 
 - :func:`atomic_write` writes one file through a hidden temporary file beside it; :class:`OutputTransaction`
   writes several so that either all of them are put in place or none is (``textseg segment`` and
-  ``textseg evaluate`` write through one transaction).
+  ``textseg evaluate`` write through one transaction). Without ``overwrite`` a target is put in place with a hard
+  link (or an exclusive create), which never replaces a file: of two runs writing the same file at once, one wins
+  and the other says that the file appeared meanwhile.
+- Temporary files are named ``.<target>.<pid>@<host>-<random>.tmp<ext>``; one whose process is no longer running on
+  this computer (a run that was killed) is removed, with a warning, when the next run writes that target.
 - :func:`check_writable` finds out before any work starts whether a file can be created where it is asked for.
+- :func:`check_readable_file` refuses what is not a plain file (a FIFO, a device, a socket) before anything opens
+  it: reading a FIFO waits for a writer for ever.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
+import resource
+import shutil
+import socket
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from TextSegLib.core.errors import OutputError
+from TextSegLib.core.errors import OutputError, TextSegValueError
 from TextSegLib.core.messages import first_line
 
 __all__ = [
     "OutputTransaction",
     "atomic_write",
+    "check_readable_file",
     "check_writable",
+    "remove_stale_temporaries",
 ]
 
+log = logging.getLogger("textseg")
 
-def _temporary_name(path: Path) -> str:
-    """A new hidden temporary file beside ``path`` that keeps its extension (writers pick the format from it)."""
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".seg.nrrd", ".nii.gz")) else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+_HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32] or "host"
+
+
+def _extension(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.name.endswith((".seg.nrrd", ".nii.gz")) else path.suffix
+
+
+def _temporary_name(path: Path, kind: str = "tmp") -> str:
+    """A new hidden temporary file beside ``path`` that keeps its extension (writers pick the format from it) and
+    names this process (so that a later run can tell a killed run's file from a running one's)."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_HOST}-",
+                                         suffix=f".{kind}{_extension(path)}", dir=path.parent)
     os.close(handle)
     umask = os.umask(0)
     os.umask(umask)
@@ -35,16 +59,75 @@ def _temporary_name(path: Path) -> str:
     return temporary
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of ``path`` left by runs on this computer that were killed (their process is
+    gone); return them. Backups of replaced files (``.bak``) are never removed, nor another computer's files."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@{re.escape(_HOST)}-[A-Za-z0-9_]+\.tmp"
+                         rf"{re.escape(_extension(path))}")
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match and not _running(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(path.parent / name)
+                removed.append(path.parent / name)
+                log.warning("Removed %s, a temporary file left by an interrupted run (process %s).",
+                            path.parent / name, match.group(1))
+    return removed
+
+
+def _reason(error: BaseException, folder: Path) -> str:
+    """Why a write failed, and what to do, for a user: from the error number, or for SimpleITK's errors (which
+    carry none, only its source file's path) from the disk's free space and this process's file size limit."""
+    number = error.errno if isinstance(error, OSError) else None
+    if number is None and not isinstance(error, OSError):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 1 << 20:
+                number = errno.ENOSPC
+        if number is None and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            number = errno.EFBIG
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (or your quota used up); free some space or choose another output"
+    if number == errno.EFBIG:
+        return ("the file is larger than the file system or this process's limit (ulimit -f) allows; choose another "
+                "output")
+    if number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"the folder {str(folder)!r} is not writable ({os.strerror(number)}); choose another folder or "
+                "change its permissions")
+    if number in (errno.ENOTDIR, errno.EEXIST):
+        return f"a file is in the way of the folder {str(folder)!r}; move it or choose another folder"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}; choose another output"
+    return "the image writer failed; check the disk and the file system, or choose another output"
+
+
 def _write_failed(path: Path, error: BaseException) -> OutputError:
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
-    return OutputError(f"Cannot write {str(path)!r}: {reason}. Free some space or choose another output.")
+    if isinstance(error, OutputError) and error.__cause__ is not None:  # a nested atomic write: its cause
+        error = error.__cause__
+    return OutputError(f"Cannot write {str(path)!r}: {_reason(error, path.parent)}.")
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], overwrite: bool = True) -> None:
     """Call ``write(temporary_path)`` and rename the result onto ``path``, so a failure (or an interrupt) leaves no
-    partial file and an existing file is replaced only by a complete one. A failed write raises
-    :class:`OutputError`; the folder is created when it is missing."""
-    with OutputTransaction() as transaction:
+    partial file and an existing file is replaced only by a complete one (``overwrite=False``: never replaced; a file
+    that exists by then raises :class:`OutputError`). A failed write raises :class:`OutputError`; the folder is
+    created when it is missing."""
+    with OutputTransaction(overwrite) as transaction:
         transaction.add(path, write)
 
 
@@ -52,13 +135,16 @@ class OutputTransaction:
     """Several output files written all or none.
 
     ``add(path, write)`` writes each file at once, but to a hidden temporary file beside its target; ``commit()``
-    (called on leaving the ``with`` block without an exception) renames them onto their targets. Any exception
+    (called on leaving the ``with`` block without an exception) renames them onto their targets (with
+    ``overwrite=False`` it links them there instead, which fails rather than replace a file that appeared since the
+    run checked its outputs: :class:`OutputError` "appeared meanwhile"). Any exception
     (a failed write, ``KeyboardInterrupt``, a signal turned into an exception) before or during the commit removes
     every temporary file, takes back the targets already renamed (an existing file that was being replaced is put
     back) and removes the folders the transaction created. Failed writes raise :class:`OutputError`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, overwrite: bool = True) -> None:
+        self.overwrite = overwrite
         self._staged: list[tuple[Path, str]] = []
         self._created_folders: list[Path] = []
         self.committed: list[Path] = []
@@ -95,6 +181,7 @@ class OutputTransaction:
         if any(target == path for target, _ in self._staged):
             raise OutputError(f"{str(path)!r} would be written twice; give distinct output names.")
         self._make_folder(path.parent)
+        remove_stale_temporaries(path)
         try:
             temporary = _temporary_name(path)
         except OSError as error:
@@ -110,8 +197,12 @@ class OutputTransaction:
         backups: list[tuple[Path, str]] = []
         try:
             for target, temporary in self._staged:
+                if not self.overwrite:
+                    _place_new(temporary, target)
+                    self.committed.append(target)
+                    continue
                 if target.exists():
-                    backup = _temporary_name(target)
+                    backup = _temporary_name(target, "bak")
                     os.replace(target, backup)
                     backups.append((target, backup))
                 os.replace(temporary, target)
@@ -123,7 +214,7 @@ class OutputTransaction:
                 os.replace(backup, target)
             self.committed = []
             self.rollback()
-            if isinstance(error, OSError):
+            if isinstance(error, OSError) and not isinstance(error, OutputError):
                 raise _write_failed(target, error) from error
             raise
         for _, backup in backups:
@@ -141,6 +232,30 @@ class OutputTransaction:
             except OSError:
                 break
         self._created_folders = []
+
+
+def _place_new(temporary: str, target: Path) -> None:
+    """Put ``temporary`` in place as ``target`` unless ``target`` exists: a hard link (atomic, never replaces), or
+    where the file system has none an exclusive create of ``target`` followed by a rename onto it."""
+    try:
+        os.link(temporary, target)
+    except FileExistsError:
+        raise _appeared(target) from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise _appeared(target) from None
+        os.replace(temporary, target)
+        return
+    os.unlink(temporary)
+
+
+def _appeared(target: Path) -> OutputError:
+    return OutputError(f"{str(target)!r} appeared while TextSeg was working (another run writing the same file?); it "
+                       "was left as it is and nothing was written.")
 
 
 def _remove(path: str | os.PathLike[str]) -> None:
@@ -169,3 +284,18 @@ def check_writable(path: str | os.PathLike[str], what: str = "output") -> None:
         ) from error
     os.close(handle)
     os.unlink(probe)
+
+
+def check_readable_file(path: str | os.PathLike[str], what: str = "file") -> None:
+    """Raise :class:`~TextSegLib.core.errors.TextSegValueError` when ``path`` exists but is neither a plain file
+    nor a folder (a FIFO, a device, a socket): opening a FIFO waits for a writer for ever. Missing paths and folders
+    are left to the caller, which says what it wanted."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file")
+    raise TextSegValueError(f"The {what} {str(path)!r} is {kind}, not a file; give a file saved on disk.")

@@ -8,7 +8,9 @@ checks; none writes its own. Each raises a :class:`~TextSegLib.core.errors.TextS
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,27 +18,63 @@ import numpy as np
 from TextSegLib.core.errors import TextSegError, TextSegTypeError, TextSegValueError
 
 __all__ = [
+    "MAX_TEXT_CHARACTERS",
     "PromptError",
+    "check_port",
+    "check_positive_number",
+    "check_text",
     "check_threshold",
     "validate_prompt",
 ]
 
 
 class PromptError(TextSegError, ValueError):
-    """A prompt that cannot be used (empty, blank, or without a single letter or digit)."""
+    """A prompt that cannot be used (empty, blank, too long, not text, or without a single letter or digit)."""
 
 
 _EXAMPLE = '"a large soft-tissue mass in the posterior left lower lung"'
 
+MAX_TEXT_CHARACTERS = 1000
+"""The longest prompt or segment name, in characters: text encoders read the first 77 to 512 tokens (a few hundred
+words at most), so a longer text is a mistake (a file pasted in), not a description."""
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` quoted for a message, cut to ``limit`` characters."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def check_text(text: str, what: str, error: type[TextSegError] = TextSegValueError) -> None:
+    """Raise ``error`` when ``text`` (a prompt or a name) holds bytes that were not UTF-8 (Python keeps them as
+    lone surrogates, as the command line's arguments do), a control character other than white space (an escape, a
+    bell, a NUL), or more than :data:`MAX_TEXT_CHARACTERS` characters. The message names ``what`` and echoes at
+    most 40 characters."""
+    if len(text) > MAX_TEXT_CHARACTERS:
+        raise error(f"The {what} {_shown(text)} has {len(text)} characters; the limit is {MAX_TEXT_CHARACTERS}: "
+                    "describe the structure in a sentence or two.")
+    if any("\ud800" <= character <= "\udfff" for character in text):
+        try:  # the bytes the command line was given (kept as surrogates), shown as \xff
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "backslashreplace")
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise error(f"The {what} '{shown[:40]}{'...' if len(shown) > 40 else ''}' holds bytes that are not UTF-8 "
+                    "text; type it again in a UTF-8 terminal (or decode it with its real encoding).")
+    control = next((c for c in text if unicodedata.category(c) == "Cc" and not c.isspace()), None)
+    if control is not None:
+        raise error(f"The {what} {_shown(text)} holds a control character (U+{ord(control):04X}); give plain text.")
+
 
 def validate_prompt(prompt: object) -> str:
-    """Return the prompt with its white space normalised. Raises :class:`PromptError` for an empty or blank prompt
-    and for one without a letter or digit in any script (only punctuation or symbols), and
-    :class:`~TextSegLib.core.errors.TextSegTypeError` for anything but a ``str`` (decode bytes first)."""
+    """Return the prompt with its white space (line breaks and tabs too) normalised. Raises :class:`PromptError`
+    for an empty or blank prompt, for one without a letter or digit in any script (only punctuation or symbols) and
+    for the problems :func:`check_text` names, and :class:`~TextSegLib.core.errors.TextSegTypeError` for anything
+    but a ``str`` (decode bytes first)."""
     if isinstance(prompt, bytes | bytearray):
         raise TextSegTypeError("The prompt is bytes; give it as text (str), for example prompt.decode('utf-8').")
     if not isinstance(prompt, str):
         raise TextSegTypeError(f"The prompt must be text (str), not {type(prompt).__name__}.")
+    check_text(prompt, "prompt", PromptError)
     if not prompt.strip():
         raise PromptError(f"The prompt is empty: type what to segment, for example {_EXAMPLE}.")
     if not any(character.isalnum() for character in prompt):
@@ -94,6 +132,29 @@ def check_device(device: object) -> str:
     if not isinstance(device, str) or not (device in DEVICES or _CUDA_INDEX.fullmatch(device)):
         raise TextSegValueError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N (N the GPU's number).")
     return device
+
+
+def check_port(port: object) -> int:
+    """Return ``port`` if it is a whole number from 0 (pick a free one) to 65535; else raise
+    :class:`~TextSegLib.core.errors.TextSegValueError`."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise TextSegValueError(f"{port} is not a port number; give one from 1 to 65535 (0 picks a free one).")
+    return port
+
+
+def check_positive_number(value: object, unit: str, whole: bool = False) -> float:
+    """Return ``value`` if it is a finite number above 0 (a whole one with ``whole``); else raise
+    :class:`~TextSegLib.core.errors.TextSegValueError` naming ``unit`` ("megabytes", "seconds", ...)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
+        raise TextSegValueError(f"{value!r} is not a {'whole ' if whole else ''}number of {unit}.")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not (finite and value > 0):
+        shown = str(value) if len(str(value)) <= 20 else f"{str(value)[:20]}..."
+        raise TextSegValueError(f"{shown} is not a positive {'whole ' if whole else ''}number of {unit}.")
+    return value
 
 
 @dataclass(frozen=True)

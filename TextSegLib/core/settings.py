@@ -25,7 +25,10 @@ from pathlib import Path
 __all__ = [
     "DEBUG_PAUSE_VARIABLE",
     "DEFAULT_HOST",
+    "DEFAULT_MAX_QUEUED",
     "DEFAULT_MAX_REQUEST_MB",
+    "DEFAULT_READ_TIMEOUT",
+    "DEFAULT_RESULT_TTL",
     "MODELS_DIR_VARIABLE",
     "SERVE_PORT",
     "THREADS_VARIABLE",
@@ -51,6 +54,12 @@ SERVE_PORT = 8765
 WEB_PORT = 8780
 #: The largest request ``textseg serve`` accepts by default (a 512 x 512 x 1000 CT in float64 is 2 GB).
 DEFAULT_MAX_REQUEST_MB = 2048
+#: Jobs ``textseg serve`` holds waiting by default (each holds its volume); more are refused with 503.
+DEFAULT_MAX_QUEUED = 16
+#: Seconds a request's headers may take to reach ``textseg serve``, and its body besides one per megabyte.
+DEFAULT_READ_TIMEOUT = 60.0
+#: Seconds ``textseg serve`` keeps a finished job's result for its client by default.
+DEFAULT_RESULT_TTL = 600.0
 
 
 def environment_token() -> str | None:

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from TextSegLib.core.files import atomic_write
+from TextSegLib.core.files import atomic_write, check_writable
 from TextSegLib.core.settings import user_models_dir
 from TextSegLib.engine.checkpoints import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint_info
 from TextSegLib.models.registry import architectures, config_from_dict, get_spec
@@ -111,11 +111,12 @@ class Catalogue:
         if model_id is None:  # the file name, made a plain name
             model_id = re.sub(r"[^\w.+-]+", "-", Path(path).name.removesuffix(".safetensors")).strip("-.") or "model"
         entry_id = check_model_id(model_id)
-        load_checkpoint(path)
         target = self.user_dir / f"{entry_id}.safetensors"
+        check_writable(target, "model")  # a read-only or blocked models folder: said before the check of the file
+        load_checkpoint(path)
         if any(entry.id == entry_id for entry in self.entries()) or target.exists():
             raise CheckpointError(f"The catalogue already has a model {entry_id!r}; import it under another id.")
-        atomic_write(target, lambda temporary: shutil.copyfile(path, temporary))
+        atomic_write(target, lambda temporary: shutil.copyfile(path, temporary), overwrite=False)
         return CatalogueEntry(entry_id, target, read_checkpoint_info(target, with_sha256=False), shipped=False)
 
 

@@ -51,7 +51,7 @@ from torch import nn
 
 from TextSegLib import __version__
 from TextSegLib.core.errors import PretrainedUnavailableError, TextSegError
-from TextSegLib.core.files import atomic_write
+from TextSegLib.core.files import atomic_write, check_readable_file
 from TextSegLib.core.messages import describe_key_problems
 from TextSegLib.core.options import check_threshold
 from TextSegLib.models.ensemble import Ensemble
@@ -273,6 +273,10 @@ def _what_else(path: Path) -> str | None:
     if path.is_dir():
         return (f"{str(path)!r} is a folder, not a checkpoint; give the .safetensors file in it, or a catalogue id "
                 "(`textseg models` lists them).")
+    try:
+        check_readable_file(path, "model")
+    except TextSegError as error:  # a FIFO or a device: opening it could wait for ever
+        return str(error)
     try:
         with open(path, "rb") as handle:
             head = handle.read(512)

@@ -14,15 +14,19 @@ their direction matrix.
 
 from __future__ import annotations
 
+import gzip
 import itertools
+import math
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from TextSegLib.core.errors import TextSegError, TextSegTypeError
-from TextSegLib.core.files import atomic_write
+from TextSegLib.core.files import atomic_write, check_readable_file
 
 __all__ = [
     "CanonicalTransform",
@@ -183,7 +187,7 @@ def _check_layout(name: str, components: int, dimension: int, size: tuple[int, .
         raise VolumeError(f"{name} is empty (size {tuple(size)}); there is nothing to segment.")
 
 
-def _dicom_files(folder: Path) -> list[str]:
+def _dicom_files(folder: Path, warn: bool = True) -> list[str]:
     import SimpleITK as sitk
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -191,7 +195,7 @@ def _dicom_files(folder: Path) -> list[str]:
         raise VolumeError(f"No DICOM series found in the folder {str(folder)!r}; give a folder of DICOM files.")
     files = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series]
     largest = max(files, key=len)
-    if len(series) > 1:
+    if len(series) > 1 and warn:  # said when the voxels are read, not also when the header is checked
         import logging
 
         logging.getLogger("textseg").warning(
@@ -206,9 +210,15 @@ def _read_sitk(path: Path, header_only: bool):
 
     if not path.exists():
         raise VolumeError(f"File not found: {str(path)!r}.")
+    check_readable_file(path, "input")
+    if path.name.lower().endswith(".seg.nrrd"):
+        raise VolumeError(f"{str(path)!r} is a segmentation (.seg.nrrd), not an image; give the image it was made "
+                          "from.")
+    if path.name.lower().endswith((".nii", ".nii.gz", ".hdr")):
+        _check_nifti_scaling(path)
     try:
         if path.is_dir():
-            files = _dicom_files(path)
+            files = _dicom_files(path, warn=not header_only)
             if header_only:
                 reader = sitk.ImageFileReader()
                 reader.SetFileName(files[0])
@@ -232,6 +242,29 @@ def _read_sitk(path: Path, header_only: bool):
         raise VolumeError(
             f"Cannot read {str(path)!r}: it is not an image TextSeg can read ({SUPPORTED}), or it is damaged."
         ) from error
+
+
+def _check_nifti_scaling(path: Path) -> None:
+    """Refuse a NIfTI file whose intensity scaling (``scl_slope``, ``scl_inter``) is infinite: ITK then reads the
+    voxels unscaled, without a word. NaN and 0 mean "no scaling" in NIfTI and pass; an unreadable header is left to
+    the reader."""
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as handle:
+            head = handle.read(540)
+    except (OSError, EOFError, zlib.error):
+        return
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(f"{order}i", head[:4])[0] == 348:
+            slope, inter = struct.unpack(f"{order}2f", head[112:120])
+        elif len(head) >= 540 and struct.unpack(f"{order}i", head[:4])[0] == 540:
+            slope, inter = struct.unpack(f"{order}2d", head[176:192])
+        else:
+            continue
+        for name, value in (("scl_slope", slope), ("scl_inter", inter)):
+            if math.isinf(value):
+                raise VolumeError(f"The NIfTI header of {str(path)!r} scales the intensities with {name} = {value}; "
+                                  "the file is damaged: save it again (scl_slope 0 means no scaling).")
+        return
 
 
 def _warn_uneven_slices(folder: Path, reader, image) -> None:

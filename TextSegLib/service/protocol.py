@@ -6,7 +6,8 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
 
 ``GET /v1/health``
     ``{"protocol": 1, "textseg": "<version>", "busy": <jobs queued or running>, "max_request_bytes": <limit>,
-    "models_loaded": [ids],
+    "max_queued": <jobs that may wait>, "jobs": {"queued": n, "running": n, "done": n, "failed": n,
+    "cancelled": n}, "models_loaded": [ids],
     "prompts_encoded": <prompts encoded so far>, "prompts_reused": <encodings taken from the cache>}``.
 ``GET /v1/models``
     The worker's catalogue: ``[{"id", "title", "architecture", "description", "example_prompts", "threshold",
@@ -17,11 +18,12 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
     ``batch_size`` (null = automatic), ``threshold`` (null = the model's), ``probability`` (bool), ``modality``
     ("CT", "MR" or null), ``fp32`` (bool). ``volume``: ``shape`` ``[K, J, I]``, ``dtype`` (NumPy name, little
     endian), ``spacing``, ``origin`` (LPS, mm), ``direction`` (3 x 3, row-major), ``modality``, ``source``.
-    Answer ``202 {"job": "<id>"}``; a body over the worker's limit is refused with 413 before it is read.
+    Answer ``202 {"job": "<id>"}``; a body over the worker's limit is refused with 413 before it is read, one that
+    does not arrive in time with 408, and a job beyond the worker's queue with 503 and ``Retry-After`` (seconds).
 ``GET /v1/jobs/<id>``
     ``{"state": "queued"|"running"|"done"|"failed"|"cancelled", "done": slices, "total": slices,
     "error": "<message>"|null, "input_error": bool}`` (``input_error``: the input was refused, not the worker
-    broken). Answers with status 400, 409, 413 and 422 also mean refused input.
+    broken). Answers with status 400, 408, 409, 413 and 422 also mean refused input.
 ``POST /v1/jobs/<id>/cancel``
     Stops the job before its next batch of slices.
 ``GET /v1/jobs/<id>/result``
@@ -34,7 +36,9 @@ the worker has a token; errors are JSON ``{"error": "<one line for the user>"}``
     Forget a job (cancelling it first if it still runs).
 
 A frame is ``b"TSEG"``, the header's length as a little-endian uint32, the header as UTF-8 JSON (which also
-carries ``"protocol": 1``), then the payload bytes.
+carries ``"protocol": 1``), then the payload bytes. A header has at most :data:`MAX_HEADER_BYTES` bytes and
+:data:`MAX_HEADER_DEPTH` levels of nesting (both checked before it is parsed); a volume at most :data:`MAX_AXIS`
+voxels along each axis.
 
 Only the standard library and NumPy are used here, so the client side runs in Slicer's Python without torch.
 """
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -71,6 +76,12 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAGIC = b"TSEG"
+MAX_HEADER_BYTES = 1 << 20
+"""The largest frame header (its JSON) read: a real one has a few hundred bytes, a long prompt a few thousand."""
+MAX_HEADER_DEPTH = 16
+"""The deepest nesting of JSON arrays and objects in a header (a real one has 3)."""
+MAX_AXIS = 1 << 20
+"""The most voxels along one axis of a volume sent to a worker."""
 READY_LINE = "TEXTSEG-WORKER-READY"
 
 
@@ -86,7 +97,7 @@ class WorkerUnreachableError(WorkerError):
     """No answer from the worker: it is not running, not listening there, or the network is down."""
 
 
-INPUT_STATUSES = (400, 409, 413, 422)
+INPUT_STATUSES = (400, 408, 409, 413, 422)
 
 
 class ProtocolError(TextSegValueError):
@@ -155,17 +166,37 @@ def too_large(size: int, limit: int) -> str:
 
 def _frame(header: dict[str, Any], *payloads: bytes | memoryview) -> bytes:
     text = json.dumps({"protocol": PROTOCOL_VERSION, **header}, ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)  # the payload starts 8-byte aligned: a worker uses the voxels in place
     return b"".join((MAGIC, struct.pack("<I", len(text)), text, *payloads))
 
 
-def _unframe(body: bytes) -> tuple[dict[str, Any], memoryview]:
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _nesting(text: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text`` (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(_STRING.sub(b'""', text)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _unframe(body: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
     if len(body) < 8 or body[:4] != MAGIC:
         raise ProtocolError("The body is not a TextSeg frame (it must start with TSEG).")
     (length,) = struct.unpack("<I", body[4:8])
     if 8 + length > len(body):
         raise ProtocolError("The frame's header is cut short.")
+    if length > MAX_HEADER_BYTES:
+        raise ProtocolError(f"The frame's header has {length} bytes; at most {MAX_HEADER_BYTES} are read.")
+    text = bytes(body[8:8 + length])
+    if _nesting(text) > MAX_HEADER_DEPTH:
+        raise ProtocolError(f"The frame's header nests more than {MAX_HEADER_DEPTH} levels deep; it is not a "
+                            "TextSeg header.")
     try:
-        header = json.loads(bytes(body[8:8 + length]).decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, a number of thousands of digits, deep nesting
         raise ProtocolError(f"The frame's header is not JSON TextSeg can read: {first_line(error)}.") from error
     if not isinstance(header, dict):
@@ -206,8 +237,10 @@ def _numbers(value: object, count: int, what: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def decode_request(body: bytes) -> tuple[Volume, SegmentRequest]:
-    """Inverse of :func:`encode_request`; raises :class:`ProtocolError` naming what is malformed."""
+def decode_request(body: bytes | memoryview, max_bytes: int | None = None) -> tuple[Volume, SegmentRequest]:
+    """Inverse of :func:`encode_request`; raises :class:`ProtocolError` naming what is malformed. The shape is
+    checked in Python integers before anything is allocated: each axis from 1 to :data:`MAX_AXIS`, the voxels'
+    bytes at most ``max_bytes`` (when given) and exactly the payload's."""
     header, payload = _unframe(body)
     wanted = header.get("request")
     meta = header.get("volume")
@@ -217,6 +250,10 @@ def decode_request(body: bytes) -> tuple[Volume, SegmentRequest]:
     shape = meta.get("shape")
     if not isinstance(shape, list) or len(shape) != 3 or not all(type(s) is int and s > 0 for s in shape):
         raise ProtocolError("volume.shape must be three positive whole numbers [K, J, I].")
+    if max(shape) > MAX_AXIS:
+        shown = ", ".join(str(s) if len(str(s)) <= 12 else f"{str(s)[:12]}..." for s in shape)
+        raise ProtocolError(f"volume.shape [{shown}] has more than {MAX_AXIS} voxels along an axis; no volume is that "
+                            "large.")
     try:
         dtype = np.dtype(str(meta.get("dtype"))).newbyteorder("<")
     except (TypeError, ValueError) as error:
@@ -224,10 +261,14 @@ def decode_request(body: bytes) -> tuple[Volume, SegmentRequest]:
     if dtype.kind not in "iuf":
         raise ProtocolError(f"volume.dtype {dtype.name} is not a scalar integer or float type.")
     expected = math.prod(shape) * dtype.itemsize  # Python integers: a huge shape cannot wrap round to the payload
+    if max_bytes is not None and expected > max_bytes:
+        raise ProtocolError(too_large(expected, max_bytes))
     if len(payload) != expected:
         raise ProtocolError(f"The volume has {len(payload)} bytes of voxels; shape {shape} of {dtype.name} needs "
                             f"{expected}.")
-    array = np.frombuffer(payload, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    if not (array.flags.writeable and array.flags.aligned and array.dtype.isnative):
+        array = array.astype(dtype.newbyteorder("="))  # else the voxels stay in the request's buffer, not copied
     direction = np.array(_numbers(meta.get("direction"), 9, "direction")).reshape(3, 3)
     modality = meta.get("modality")
     _as_protocol_error(check_modality, modality, "volume.modality")
