@@ -22,7 +22,7 @@ def cgroup(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path
     root = tmp_path / "cgroup"
     for relative, text in files.items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        (root / relative).write_text(text + "\n")
+        (root / relative).write_text(text + "\n", encoding="latin-1")  # "\xff\xfe": bytes that are not ASCII
     root.mkdir(exist_ok=True)
     proc = tmp_path / "proc-self-cgroup"
     proc.write_text(membership + "\n")

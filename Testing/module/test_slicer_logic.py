@@ -343,6 +343,9 @@ def test_the_3d_view_warning_follows_slicers_converter_rules(textseg, scene, tmp
     mask = np.zeros(volume_from_node(volume).array.shape, np.uint8)
     mask[:, 200:300, 300:400] = 1
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    for rule in list(factory.GetConverterRules()):  # an earlier test in this process may have registered Slicer's
+        if rule.GetTargetRepresentationName() == "Closed surface":
+            factory.UnregisterConverterRule(rule)
     assert not any(rule.GetTargetRepresentationName() == "Closed surface" for rule in factory.GetConverterRules())
     without = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     add_user_segment(without, volume, mask)

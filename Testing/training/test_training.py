@@ -392,7 +392,7 @@ def test_a_longer_text_max_tokens_reaches_tia(tmp_path, data_dir, annotations):
                                                         "data.val_fraction=0", "text.max_tokens=200"])
     trainer = Trainer(config, tmp_path / "run", Context(0, 1, 0, torch.device("cpu")))
     assert trainer.encoder.max_tokens == 200 and trainer.model_config.max_text_tokens == 200
-    prompt = " ".join(["an enhancing mass with irregular margins in the right breast"] * 20)
+    prompt = " ".join(["an enhancing mass with irregular margins in the right breast"] * 15)  # < 1,000 characters
     text = trainer.encoder.encode([prompt])
     assert text.tokens.shape[1] > 128
     trainer.network.eval()
