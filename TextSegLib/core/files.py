@@ -203,7 +203,7 @@ class OutputTransaction:
                     continue
                 if target.exists():
                     backup = _temporary_name(target, "bak")
-                    os.replace(target, backup)
+                    _keep_aside(target, backup)
                     backups.append((target, backup))
                 os.replace(temporary, target)
                 self.committed.append(target)
@@ -232,6 +232,19 @@ class OutputTransaction:
             except OSError:
                 break
         self._created_folders = []
+
+
+def _keep_aside(target: Path, backup: str) -> None:
+    """Keep the file being replaced as ``backup``: a hard link, so that ``target`` never disappears and a reader
+    sees either the old or the new file (the replace that follows is atomic); a rename where the file system has no
+    hard links. ``backup`` is the name :func:`_temporary_name` reserved for this process."""
+    os.unlink(backup)
+    try:
+        os.link(target, backup)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        os.replace(target, backup)
 
 
 def _place_new(temporary: str, target: Path) -> None:
