@@ -40,6 +40,7 @@ class ModelSection:
     architecture: str = "texlivernet"
     preset: str = "paper"
     overrides: dict[str, Any] = field(default_factory=dict)
+    init: str = ""  # start from this checkpoint's weights (fresh optimizer and schedule): a second training stage
 
 
 @dataclass
@@ -112,6 +113,7 @@ class ExportSection:
     description: str = ""
     example_prompts: list[str] = field(default_factory=list)
     threshold: float = 0.5
+    components: str = "all"  # or "largest": inference keeps the mask's largest connected part by default
     select: str = "best"  # "best" validation Dice, or "last" epoch (also used when there is no validation set)
 
 

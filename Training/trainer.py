@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from TextSegLib import __version__
-from TextSegLib.engine.checkpoints import save_checkpoint
+from TextSegLib.core.messages import first_line
+from TextSegLib.engine.checkpoints import load_checkpoint, save_checkpoint
 from TextSegLib.engine.preprocessing import Preprocessing
 from TextSegLib.evaluation.metrics import dice_from_counts, iou_from_counts
 from TextSegLib.io.manifests import read_manifest, split_patients
@@ -105,6 +106,8 @@ class Trainer:
         prepare = getattr(network, "prepare_training", None)
         if prepare is not None:
             prepare(lambda text: self.encoder.encode([text]))
+        if config.model.init:
+            self._warm_start(network, config.resolve(config.model.init))
         if context.distributed:
             network = convert_batchnorm(network)
         self.network = network.to(context.device)
@@ -123,6 +126,22 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = spec.loss(self.model_config)
         self.generator = torch.Generator().manual_seed(config.train.seed * 1000 + context.rank)
+
+    def _warm_start(self, network: nn.Module, path: Path) -> None:
+        """Load the weights of an earlier run's checkpoint ``path`` into ``network`` (``model.init``): the same
+        architecture, config and text encoder; the optimizer, the schedule and the epochs start afresh."""
+        architecture = self.config.model.architecture
+        earlier, info = load_checkpoint(path, expected_architecture=architecture)
+        if info.text_encoder.get("source") != self.text_encoder_meta.get("source"):
+            raise ValueError(f"model.init {str(path)!r} was trained with the text encoder "
+                             f"{info.text_encoder.get('source')!r}, this run uses "
+                             f"{self.text_encoder_meta.get('source')!r}; start from a checkpoint made with the same "
+                             "text encoder.")
+        try:
+            network.load_state_dict(earlier.state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"model.init {str(path)!r} holds a {architecture} of another size or config than this "
+                             f"run's ({first_line(error)}); give both runs the same model section.") from None
 
     # ------------------------------------------------------------------ data
 
@@ -314,6 +333,7 @@ class Trainer:
         save_checkpoint(path, self.network, architecture=self.config.model.architecture,
                         text_encoder=self.text_encoder_meta, preprocessing=self.preprocessing_meta,
                         orientation=self.config.data.orientation, threshold=export.threshold,
+                        components=export.components,
                         name=export.name, description=export.description, example_prompts=export.example_prompts,
                         training=summary)
         return path

@@ -440,3 +440,29 @@ def test_structure_manifests_name_each_structure_by_its_phrasings_with_each_case
     assert [(t.text, t.label_value) for t in shipped[0].targets] == [(t.text, t.label_value)
                                                                     for t in cases["ct_a"].targets]
     assert all(len(case.targets) == 4 for case in shipped[2:])  # a lesion weighs as much as a structure
+
+
+def test_a_second_stage_starts_from_the_first_stage_s_weights(tmp_path, data_dir, annotations):
+    """model.init loads an earlier run's exported weights (not its optimizer); a checkpoint of another size is
+    refused with one line that says what to match."""
+    manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain1", "breast1"], annotations)
+    base = [f"data.manifest=\"{manifest}\"", *SHORT, "data.val_fraction=0", "train.max_steps=2"]
+    first = Trainer(load_config(CONFIGS / "texlivernet.toml", base), tmp_path / "first",
+                    Context(0, 1, 0, torch.device("cpu")))
+    first.fit()
+    exported = load_file(tmp_path / "first" / "model.safetensors")
+    second = Trainer(load_config(CONFIGS / "texlivernet.toml",
+                                 [*base, f"model.init=\"{tmp_path / 'first' / 'model.safetensors'}\""]),
+                     tmp_path / "second", Context(0, 1, 0, torch.device("cpu")))
+    state = second.network.state_dict()
+    assert set(exported) == set(state)
+    assert all(torch.equal(exported[key], state[key]) for key in exported)
+    assert second.optimizer.state_dict()["state"] == {}
+    fresh = Trainer(load_config(CONFIGS / "texlivernet.toml", base), tmp_path / "fresh",
+                    Context(0, 1, 0, torch.device("cpu"))).network.state_dict()
+    assert not all(torch.equal(exported[key], fresh[key]) for key in exported)
+    init = f"model.init=\"{tmp_path / 'first' / 'model.safetensors'}\""
+    with pytest.raises(ValueError, match="another size or config") as wider:
+        Trainer(load_config(CONFIGS / "texlivernet.toml", [*base, init, "model.overrides={head_width=24}"]),
+                tmp_path / "wider", Context(0, 1, 0, torch.device("cpu")))
+    assert "\n" not in str(wider.value)
