@@ -372,3 +372,21 @@ def test_the_user_s_error_is_its_first_line_only(capsys, monkeypatch):
     with pytest.raises(CheckpointError):
         main(["--debug", "models"])
 
+
+
+def test_components_largest_leaves_one_connected_part(tmp_path, capsys, slab, small_checkpoint):
+    from scipy import ndimage
+
+    parts = {}
+    for choice in ("all", "largest"):
+        code, _, stderr = run(["segment", slab, "-p", PROMPT, "-m", small_checkpoint, "--threshold", "0.3",
+                               "--components", choice, "-o", tmp_path / f"{choice}.seg.nrrd", "-q"], capsys)
+        assert code == 0, stderr
+        segmentation = slicerio.read_segmentation(str(tmp_path / f"{choice}.seg.nrrd"))
+        mask = slicerio.segment_mask(segmentation, segmentation["segments"][0]) != 0
+        parts[choice] = (int(mask.sum()), ndimage.label(mask, structure=np.ones((3, 3, 3)))[1])
+    assert parts["largest"][1] == 1 < parts["all"][1] and parts["largest"][0] < parts["all"][0]
+    with pytest.raises(SystemExit) as refused:
+        run(["segment", slab, "-p", PROMPT, "-m", small_checkpoint, "--components", "biggest", "-o", tmp_path],
+            capsys)
+    assert refused.value.code == 2 and "invalid choice: 'biggest'" in capsys.readouterr().err

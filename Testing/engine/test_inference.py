@@ -7,12 +7,14 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 import torch
+from testkit import save_small_checkpoint
 
 from TextSegLib.core.errors import TextSegError
 from TextSegLib.core.results import MIN_FOUND_ML
 from TextSegLib.engine.batching import BatchTuner
+from TextSegLib.engine.checkpoints import save_checkpoint
 from TextSegLib.engine.devices import memory_error, resolve_device
-from TextSegLib.engine.inference import CancelToken, InferenceEngine
+from TextSegLib.engine.inference import CancelToken, InferenceEngine, largest_component
 from TextSegLib.engine.loading import load_model
 from TextSegLib.evaluation.demo import DEMO_MODEL
 from TextSegLib.io.segnrrd import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
@@ -433,3 +435,49 @@ def test_reduced_precision_masks_agree_with_fp32_on_the_real_case(lung2):
     difference = float(np.abs(fast.probability - exact.probability).max())
     assert 0.0 < difference < 0.5  # really computed differently, never wildly
     assert exact.voxel_count > 10_000 and dice(fast.mask, exact.mask) >= 0.99
+
+
+def test_largest_component_keeps_the_biggest_26_connected_part():
+    mask = np.zeros((6, 8, 8), dtype=np.uint8)
+    mask[1:3, 1:3, 1:3] = 1  # 8 voxels
+    mask[3, 3, 3] = 1  # touches the block only at a corner: 26-connected to it
+    mask[4:6, 5:8, 5:8] = 1  # 18 voxels, apart
+    kept = largest_component(mask)
+    assert kept.dtype == np.uint8 and kept.sum() == 18 and kept[4:6, 5:8, 5:8].all()
+    mask[4:6, 5:8, 5:8] = 0
+    mask[5, 7, 7] = 1
+    assert largest_component(mask).sum() == 9  # the block with its corner voxel
+    empty = np.zeros((2, 3, 3), dtype=np.uint8)
+    assert largest_component(empty).sum() == 0
+
+
+def test_components_option_and_the_model_s_default(lung2_slab, model, tmp_path):
+    """"largest" leaves one connected part of the thresholded mask, "all" every part; the checkpoint's
+    ``components`` is the default, an explicit option wins, and a bad value is one line naming both choices."""
+    from scipy import ndimage
+
+    engine = InferenceEngine(model, batch_size=6)
+    every = engine.segment(lung2_slab, PROMPT, threshold=0.3, probability=True)
+    _, parts = ndimage.label(every.mask, structure=np.ones((3, 3, 3)))
+    assert parts > 1  # the random network marks scattered voxels: something to choose from
+    largest = engine.segment(lung2_slab, PROMPT, threshold=0.3, components="largest")
+    _, kept = ndimage.label(largest.mask, structure=np.ones((3, 3, 3)))
+    assert kept == 1 and np.array_equal(largest.mask, largest_component(every.mask))
+    assert 0 < largest.voxel_count < every.voxel_count
+    path = tmp_path / "organs.safetensors"
+    saved = save_small_checkpoint(path, seed=0)
+    assert saved.components == "all"
+    organ = load_model(save_checkpoint(path, model.network, architecture="texlivernet",
+                                       text_encoder=model.info.text_encoder, preprocessing=model.info.preprocessing,
+                                       components="largest").path, "cpu")
+    assert organ.info.components == "largest"
+    by_default = InferenceEngine(organ, batch_size=6).segment(lung2_slab, PROMPT, threshold=0.3)
+    assert np.array_equal(by_default.mask, largest.mask)
+    asked = InferenceEngine(organ, batch_size=6).segment(lung2_slab, PROMPT, threshold=0.3, components="all")
+    assert np.array_equal(asked.mask, every.mask)
+    with pytest.raises(ValueError, match="is not one of all, largest") as bad:
+        engine.segment(lung2_slab, PROMPT, components="biggest")
+    assert "\n" not in str(bad.value)
+    with pytest.raises(ValueError, match="components"):
+        save_checkpoint(tmp_path / "bad.safetensors", model.network, architecture="texlivernet",
+                        text_encoder=model.info.text_encoder, components="biggest")

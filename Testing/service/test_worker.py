@@ -89,7 +89,7 @@ def serve(*arguments: str, env: dict[str, str] | None = None) -> tuple[subproces
 
 
 def test_requests_and_results_survive_the_wire(slab, expected):
-    sent = SegmentRequest("the liver", ["m"], SegmentOptions(threshold=0.3))
+    sent = SegmentRequest("the liver", ["m"], SegmentOptions(threshold=0.3, components="largest"))
     volume, decoded = decode_request(encode_request(slab, sent))
     np.testing.assert_array_equal(volume.array, slab.array)
     assert volume.array.dtype == slab.array.dtype
@@ -178,6 +178,7 @@ def test_a_damaged_result_is_a_protocol_error(expected):
     ({"batch_size": True}, r"^The batch size must be a whole number, not bool\.$"),
     ({"threshold": 1.0}, r"^The threshold must lie between 0 and 1"),
     ({"modality": "PET"}, r"^The modality must be 'CT', 'MR' or None \(guess it\), not 'PET'\.$"),
+    ({"components": "biggest"}, r"^components 'biggest' is not one of all, largest: 'all' keeps every part"),
 ])
 def test_requests_are_checked_by_the_rules_every_front_end_uses(slab, fields, message):
     with pytest.raises(ProtocolError, match=message):
@@ -187,7 +188,7 @@ def test_requests_are_checked_by_the_rules_every_front_end_uses(slab, fields, me
 
 
 def test_unknown_request_fields_are_named(slab):
-    with pytest.raises(ProtocolError, match=r"^request has unknown fields: colour \(known: batch_size, device, fp32"):
+    with pytest.raises(ProtocolError, match=r"^request has unknown fields: colour \(known: batch_size, components, device, fp32"):
         decode_request(_edited_body(slab, "request", {"colour": "red"}))
 
 

@@ -38,7 +38,7 @@ from TextSegLib.app.segmenting import cmd_segment
 from TextSegLib.core import threads
 from TextSegLib.core.errors import TextSegError
 from TextSegLib.core.messages import describe_fault, first_line
-from TextSegLib.core.options import MODALITIES
+from TextSegLib.core.options import COMPONENTS, MODALITIES
 from TextSegLib.core.settings import (
     DEFAULT_HOST,
     DEFAULT_MAX_QUEUED,
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--batch-size", type=int, help="slices per forward pass (default: chosen for the device)")
     segment.add_argument("--threshold", type=float, help="probability threshold (default: the model's, 0.5)")
     segment.add_argument("--modality", choices=MODALITIES, help="override the guess from the intensities")
+    segment.add_argument("--components", choices=COMPONENTS, help="all: keep every part of each mask; largest: only "
+                         "its largest connected part (default: the model's, shown by `textseg models`)")
     segment.add_argument("--fp32", action="store_true", help="compute in fp32 (default: bf16/fp16 where the GPU or "
                          "CPU has it; masks agree to Dice > 0.99)")
     segment.add_argument("--compile", action="store_true", help="torch.compile the networks first (tens of "

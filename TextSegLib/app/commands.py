@@ -54,6 +54,7 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
         modality=getattr(args, "modality", None),
         fp32=getattr(args, "fp32", False),
         compile=getattr(args, "compile", False),
+        components=getattr(args, "components", None),
     )
 
 
@@ -142,7 +143,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             {
                 "id": e.id, "name": e.title, "architecture": e.info.architecture, "description": e.info.description,
                 "example_prompts": e.info.example_prompts, "text_role": e.text_role,
-                "text_encoder": e.info.text_encoder.get("source"),
+                "text_encoder": e.info.text_encoder.get("source"), "components": e.info.components,
                 "path": str(e.path), "shipped": e.shipped,
             }
             for e in entries
@@ -162,6 +163,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"    e.g. \"{prompt}\"")
         if entry.text_role:
             print(f"    text: {entry.text_role}")
+        if entry.info.components == "largest":
+            print("    keeps the largest connected part of each mask (--components all keeps every part)")
         print(f"    text encoder: {entry.info.text_encoder.get('source')}; file: {entry.path}")
     return 0
 

@@ -18,8 +18,10 @@ import numpy as np
 from TextSegLib.core.errors import TextSegError, TextSegTypeError, TextSegValueError
 
 __all__ = [
+    "COMPONENTS",
     "MAX_TEXT_CHARACTERS",
     "PromptError",
+    "check_components",
     "check_port",
     "check_positive_number",
     "check_text",
@@ -157,6 +159,18 @@ def check_positive_number(value: object, unit: str, whole: bool = False) -> floa
     return value
 
 
+COMPONENTS = ("all", "largest")
+
+
+def check_components(value: object) -> str:
+    """``value`` if it is one of :data:`COMPONENTS` (which connected parts of a mask are kept)."""
+    if value not in COMPONENTS:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
+        raise TextSegValueError(f"components {shown} is not one of {', '.join(COMPONENTS)}: 'all' keeps every "
+                                "part of the mask, 'largest' only its largest connected part.")
+    return value
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """How one segmentation runs, besides the volume, the prompt and the models: every front end builds one and
@@ -170,6 +184,8 @@ class SegmentOptions:
         modality: ``"CT"``, ``"MR"`` or None (from the file, else guessed from the intensities).
         fp32: compute in float32 also where reduced precision is available.
         compile: run the networks through ``torch.compile``.
+        components: ``"all"`` keeps every connected part of the mask, ``"largest"`` only the largest (an organ that
+            is one piece, without stray voxels elsewhere); None takes the model's.
     """
 
     device: str = "auto"
@@ -179,6 +195,7 @@ class SegmentOptions:
     modality: str | None = None
     fp32: bool = False
     compile: bool = False
+    components: str | None = None
 
     def checked(self) -> SegmentOptions:
         """These options with every value checked (a :class:`~TextSegLib.core.errors.TextSegError` names the first
@@ -192,4 +209,5 @@ class SegmentOptions:
             batch_size=check_batch_size(self.batch_size),
             threshold=None if self.threshold is None else check_threshold(self.threshold),
             modality=check_modality(self.modality),
+            components=None if self.components is None else check_components(self.components),
         )

@@ -53,7 +53,7 @@ from TextSegLib import __version__
 from TextSegLib.core.errors import PretrainedUnavailableError, TextSegError
 from TextSegLib.core.files import atomic_write, check_readable_file
 from TextSegLib.core.messages import describe_key_problems
-from TextSegLib.core.options import check_threshold
+from TextSegLib.core.options import COMPONENTS, check_threshold
 from TextSegLib.models.ensemble import Ensemble
 from TextSegLib.models.registry import architectures, building_from_checkpoint, config_from_dict, create_model, get_spec
 
@@ -92,6 +92,7 @@ class CheckpointInfo:
     preprocessing: dict[str, Any]
     orientation: str = "LPS"
     threshold: float = 0.5
+    components: str = "all"
     name: str = ""
     description: str = ""
     example_prompts: list[str] = field(default_factory=list)
@@ -161,6 +162,8 @@ def _settings_problem(info: CheckpointInfo) -> str | None:
         check_threshold(info.threshold)
     except TextSegError:
         return f"its threshold {info.threshold!r} does not lie between 0 and 1"
+    if info.components not in COMPONENTS:
+        return f"its components {info.components!r} is not one of {', '.join(COMPONENTS)}"
     if not isinstance(info.external_weights, list) or not all(isinstance(k, str) for k in info.external_weights):
         return "its external_weights is not a list of names"
     if not isinstance(info.weights_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", info.weights_sha256):
@@ -202,6 +205,7 @@ def save_checkpoint(
     preprocessing: Mapping[str, Any] | None = None,
     orientation: str = "LPS",
     threshold: float = 0.5,
+    components: str = "all",
     name: str = "",
     description: str = "",
     example_prompts: Iterable[str] = (),
@@ -232,6 +236,7 @@ def save_checkpoint(
         preprocessing=dict(preprocessing or spec.default_preprocessing),
         orientation=orientation,
         threshold=float(threshold),
+        components=components,
         name=name,
         description=description,
         example_prompts=list(example_prompts),

@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from TextSegLib.core.options import check_batch_size, check_modality, check_threshold, validate_prompt
+from TextSegLib.core.options import (
+    check_batch_size,
+    check_components,
+    check_modality,
+    check_threshold,
+    validate_prompt,
+)
 from TextSegLib.core.results import CancelToken, SegmentationResult
 from TextSegLib.engine.acceleration import _CompiledOrEager, _CudaStreams, _StagedPipeline, fold_batchnorm
 from TextSegLib.engine.batching import BatchSizeCache, BatchTuner
@@ -46,6 +52,7 @@ from TextSegLib.io.volumes import CanonicalTransform, Volume, VolumeError, check
 
 __all__ = [
     "InferenceEngine",
+    "largest_component",
 ]
 
 log = logging.getLogger("textseg")
@@ -76,6 +83,19 @@ def _without_nonfinite(volume: Volume) -> tuple[Volume, np.ndarray | None, str |
     note = (f"{count} voxels of {name} are NaN or infinite; they were treated as missing (given the lowest finite "
             f"value, {float(fill):g}, for the network) and left outside the segment.")
     return volume.with_array(np.where(finite, array, fill)), ~finite, note
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected part of a binary mask ``(K, J, I)`` uint8 (ties: the first in scan order); an
+    empty mask is returned as it is."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return (labels == int(sizes.argmax())).astype(np.uint8)
 
 
 def _memory_errors_for_users(segment: Callable) -> Callable:
@@ -261,6 +281,7 @@ class InferenceEngine:
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         modality: str | None = None,
+        components: str | None = None,
     ) -> SegmentationResult | None:
         """Segment ``volume`` for ``prompt``; None if cancelled. See the module docstring for the steps.
 
@@ -268,13 +289,16 @@ class InferenceEngine:
         :func:`~TextSegLib.io.volumes.check_volume`, :func:`~TextSegLib.core.options.validate_prompt`,
         :func:`check_threshold`). NaN and infinite voxels are treated as missing: the network sees the volume's
         lowest finite value there, the voxels are left outside the mask (probability 0), and a warning and a note
-        in the result say how many there were; a volume without a finite voxel is refused.
+        in the result say how many there were; a volume without a finite voxel is refused. ``components``
+        (:func:`~TextSegLib.core.options.check_components`; None: the first model's) "largest" keeps only the
+        largest connected part of the mask (26-connected); the probability volume is left as computed.
         """
         volume = check_volume(volume)
         prompt = validate_prompt(prompt)
         if threshold is not None:
             threshold = check_threshold(threshold)
         modality = check_modality(modality)
+        components = self.models[0].info.components if components is None else check_components(components)
         volume, missing, note = _without_nonfinite(volume)
         if note:
             log.warning("%s", note)
@@ -299,6 +323,8 @@ class InferenceEngine:
         if missing is not None:
             mask[missing] = 0
             accumulated[missing] = 0.0
+        if components == "largest":
+            mask = largest_component(mask)
         return SegmentationResult(
             mask=mask,
             probability=accumulated if probability else None,

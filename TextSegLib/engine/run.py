@@ -123,7 +123,7 @@ class Segmenter:
         options = self.options
         result = self._on_device(lambda engine: engine.segment(
             volume, prompt, threshold=options.threshold, probability=options.probability, progress=progress,
-            cancel=cancel, modality=options.modality))
+            cancel=cancel, modality=options.modality, components=options.components))
         if result is not None:
             result.notes[:0] = self.notes
         return result
