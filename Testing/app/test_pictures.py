@@ -109,11 +109,14 @@ def test_segment_writes_one_mask_png_per_picture_on_its_grid(tiles, checkpoint, 
 
 
 def test_evaluate_lvit_scores_each_picture_with_its_own_sentence(tiles, checkpoint, tmp_path, capsys):
-    table = tmp_path / "scores.json"
-    code, stdout, _ = run(["evaluate", "--lvit", tiles, "-m", checkpoint, "--device", "cpu", "--json",
-                           table], capsys)
+    table, markdown = tmp_path / "scores.json", tmp_path / "scores.md"
+    code, stdout, _ = run(["evaluate", "--lvit", tiles, "-m", checkpoint, "--device", "cpu", "--fp32", "--json",
+                           table, "--markdown", markdown], capsys)
     assert code == 0, stdout
+    assert "HD, HD95 and ASSD are in pixels." in stdout  # pictures carry no pixel size
+    assert "| HD (px) | HD95 (px) | ASSD (px) |" in markdown.read_text() and "(mm)" not in markdown.read_text()
     scores = json.loads(table.read_text())
+    assert scores["distance_unit"] == "px"
     rows = {row["case"]: row for row in scores["cases"]}
     assert sorted(rows) == sorted([TRAIN_TILE, TEST_TILE])
     for item in lvit_folder(tiles):

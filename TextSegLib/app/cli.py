@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split-seed", type=int, default=0)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--fp32", action="store_true", help="with --manifest or --lvit: compute in fp32 (default: "
+                          "bf16/fp16 where the GPU or CPU has it, whose masks can differ near the threshold)")
     evaluate.add_argument("--json", help="write the table as JSON (inf as null)")
     evaluate.add_argument("--csv", help="write the table as CSV")
     evaluate.add_argument("--markdown", help="write the table as Markdown")

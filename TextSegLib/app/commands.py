@@ -281,10 +281,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             pairs = [(evaluation.case_name(reference), prediction, reference)]
         rows = evaluation.evaluate_pairs(pairs, args.segment, args.reference_segment)
     summary = evaluation.summarise(rows)
-    print(evaluation.to_text(rows, summary))
+    unit = "px" if args.lvit else "mm"  # 2D pictures carry no pixel size
+    print(evaluation.to_text(rows, summary, unit))
     with OutputTransaction(overwrite=args.overwrite) as transaction:
         for path, render in tables:
-            text = render(rows, summary)
+            text = render(rows, summary, unit)
             transaction.add(path, lambda temporary, text=text: Path(temporary).write_text(text, encoding="utf-8"))
     for path in transaction.committed:
         print(f"Wrote {path}")

@@ -41,8 +41,10 @@ __all__ = [
 ]
 
 COLUMNS = ("case", *METRIC_NAMES)
-_LABELS = {"case": "case", "dice": "Dice", "iou": "IoU", "voe": "VOE", "ravd": "RAVD", "hd": "HD (mm)",
-           "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "boundary_dice": "Boundary Dice"}
+_LABELS = {"case": "case", "dice": "Dice", "iou": "IoU", "voe": "VOE", "ravd": "RAVD", "hd": "HD ({unit})",
+           "hd95": "HD95 ({unit})", "assd": "ASSD ({unit})", "boundary_dice": "Boundary Dice"}
+UNITS = {"mm": "millimetres", "px": "pixels"}
+"""Units of the distances (HD, HD95, ASSD): millimetres for volumes, pixels for 2D pictures (no spacing)."""
 
 
 class GridMismatchError(TextSegError, ValueError):
@@ -208,7 +210,7 @@ def by_prompt(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _PROMPT_COLUMNS = ("prompt", "cases", "dice_mean", "dice_sd", "dice_median", "hd95_median", "found")
-_PROMPT_LABELS = ("prompt", "cases", "Dice mean", "Dice SD", "Dice median", "HD95 median (mm)", "found")
+_PROMPT_LABELS = ("prompt", "cases", "Dice mean", "Dice SD", "Dice median", "HD95 median ({unit})", "found")
 
 
 def _cell(value: Any) -> str:
@@ -217,22 +219,27 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def to_text(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+def to_text(rows: Sequence[dict[str, Any]], summary: dict[str, Any], unit: str = "mm") -> str:
+    """The table for a terminal; distances in ``unit`` (a key of :data:`UNITS`), said in a line when not mm."""
     lines = ["  ".join(f"{c:>10}" for c in COLUMNS)]
     for row in [*rows, summary]:
         lines.append("  ".join(f"{_cell(row[c]):>10}" for c in COLUMNS))
     lines.append(f"Dice Global over {len(rows)} case(s): {_cell(summary['dice_global'])}")
+    if unit != "mm":
+        lines.append(f"HD, HD95 and ASSD are in {UNITS[unit]}.")
     prompts = by_prompt(rows)
     if prompts:
         width = max(len(line["prompt"]) for line in prompts)
-        lines += ["", "By prompt:", f"{'prompt':<{width}}  " + "  ".join(f"{c:>16}" for c in _PROMPT_LABELS[1:])]
+        labels = [label.format(unit=unit) for label in _PROMPT_LABELS[1:]]
+        lines += ["", "By prompt:", f"{'prompt':<{width}}  " + "  ".join(f"{c:>16}" for c in labels)]
         lines += [f"{line['prompt']:<{width}}  " + "  ".join(f"{_cell(line[c]):>16}" for c in _PROMPT_COLUMNS[1:])
                   for line in prompts]
     return "\n".join(lines)
 
 
-def to_markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(_LABELS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def to_markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any], unit: str = "mm") -> str:
+    """A Markdown table; distances in ``unit`` (a key of :data:`UNITS`), named in the headers."""
+    lines = ["| " + " | ".join(_LABELS[c].format(unit=unit) for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
     lines.append("| **mean** | " + " | ".join(_cell(summary[c]) for c in COLUMNS[1:]) + " |")
@@ -240,28 +247,32 @@ def to_markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines.append(f"Dice Global over {len(rows)} case(s): {_cell(summary['dice_global'])}")
     prompts = by_prompt(rows)
     if prompts:
-        lines += ["", "| " + " | ".join(_PROMPT_LABELS) + " |", "|" + "---|" * len(_PROMPT_LABELS)]
+        lines += ["", "| " + " | ".join(label.format(unit=unit) for label in _PROMPT_LABELS) + " |",
+                  "|" + "---|" * len(_PROMPT_LABELS)]
         lines += ["| " + " | ".join(_cell(line[c]) for c in _PROMPT_COLUMNS) + " |" for line in prompts]
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+def to_csv(rows: Sequence[dict[str, Any]], summary: dict[str, Any], unit: str = "mm") -> str:
+    """CSV, one line per case and the mean; ``distance_unit`` says what HD, HD95 and ASSD are in."""
     buffer = io.StringIO()
-    fields = [*COLUMNS, "dice_global", "overlap_voxels", "prediction_voxels", "reference_voxels", "text"]
+    fields = [*COLUMNS, "dice_global", "overlap_voxels", "prediction_voxels", "reference_voxels", "text",
+              "distance_unit"]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for row in [*rows, summary]:
-        writer.writerow(row)
+        writer.writerow({**row, "distance_unit": unit})
     return buffer.getvalue()
 
 
-def to_json(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """JSON with ``inf`` written as ``null`` (JSON has no infinity)."""
+def to_json(rows: Sequence[dict[str, Any]], summary: dict[str, Any], unit: str = "mm") -> str:
+    """JSON with ``inf`` written as ``null`` (JSON has no infinity); ``distance_unit`` says what HD, HD95 and ASSD
+    are in."""
 
     def clean(row):
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
-    document = {"cases": [clean(r) for r in rows], "summary": clean(summary)}
+    document = {"cases": [clean(r) for r in rows], "summary": clean(summary), "distance_unit": unit}
     prompts = by_prompt(rows)
     if prompts:
         document["prompts"] = [clean(line) for line in prompts]
