@@ -256,6 +256,12 @@ class Trainer:
                     outputs = self._outputs(images, list(batch["text"]))
                 losses = self.loss_fn(outputs, targets)
                 self.scaler.scale(losses["loss"] / train.accumulation).backward()
+            if not math.isfinite(float(losses["loss"].detach())):
+                raise FloatingPointError(
+                    f"The training loss became {float(losses['loss'].detach())} at epoch {epoch + 1}, batch "
+                    f"{index + 1}: the weights have diverged and every later step would be wasted. Lower optim.lr "
+                    f"(now {self.optimizer.param_groups[0]['lr']:g}) or raise train.batch_size; the best "
+                    "checkpoint so far is kept in the run folder.")
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) * images.shape[0]
             samples += images.shape[0]

@@ -466,3 +466,16 @@ def test_a_second_stage_starts_from_the_first_stage_s_weights(tmp_path, data_dir
         Trainer(load_config(CONFIGS / "texlivernet.toml", [*base, init, "model.overrides={head_width=24}"]),
                 tmp_path / "wider", Context(0, 1, 0, torch.device("cpu")))
     assert "\n" not in str(wider.value)
+
+
+def test_a_diverged_run_stops_at_the_first_non_finite_loss(tmp_path, data_dir, annotations):
+    """A rate far too high drives the weights to inf/NaN; the run stops there with one line naming the rate, not
+    after every remaining epoch of NaN losses (a head-and-neck candidate at batch 64 and 2e-3 went on for 29)."""
+    manifest = write_manifest(tmp_path / "m.csv", data_dir, ["brain1", "breast1"], annotations)
+    config = load_config(CONFIGS / "texlivernet.toml", [f"data.manifest=\"{manifest}\"", *SHORT,
+                                                        "data.val_fraction=0", "optim.lr=1e30",
+                                                        "train.clip_grad_norm=0", "train.epochs=50"])
+    trainer = Trainer(config, tmp_path / "run", Context(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(FloatingPointError, match=r"training loss became (nan|inf|-inf) at epoch \d+") as stopped:
+        trainer.fit()
+    assert "optim.lr (now 1e+30)" in str(stopped.value) and "\n" not in str(stopped.value)
