@@ -194,13 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "refuse to start)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    from TextSegLib.evaluation.demo import CASE_DIRS, DEFAULT_CASE, DEMO_MODEL
+    from TextSegLib.evaluation.demo import CASE_DIRS, DEFAULT_CASE
 
     demo = sub.add_parser("demo", help="segment a bundled real CT by name with the shipped model and score it")
     demo.add_argument("-o", "--output", default="textseg-demo", help="folder for the .seg.nrrd and the PNG")
     demo.add_argument("--case", default=DEFAULT_CASE, choices=sorted(CASE_DIRS),
-                      help="abdomen (default: patient B, held out, twelve structures by name) or lung2 (a lesion)")
-    demo.add_argument("-m", "--model", default=DEMO_MODEL, help="catalogue id or checkpoint")
+                      help="abdomen (default: patient B, held out, twelve structures by name), headneck (OpenKBP "
+                           "test patient pt_247, seven organs at risk) or lung2 (a lesion)")
+    demo.add_argument("-m", "--model", help="catalogue id or checkpoint (default: the case's own model: "
+                                            "abdomen-freqmedclip-small, or headneck-freqmedclip-small for headneck)")
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)

@@ -293,10 +293,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from TextSegLib.evaluation.demo import run_demo
+    from TextSegLib.evaluation.demo import demo_case, run_demo
 
     checked_option("--device", check_device, args.device)
-    check_models([args.model])
+    model = demo_case(args.case)["model"] if args.model is None else args.model
+    check_models([model])
     bar = progress_bar(0, "segmenting", args.quiet)
 
     def report(done: int, total: int) -> None:
@@ -305,7 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        run_demo(Path(args.output), args.device, args.model, args.case, progress=report)
+        run_demo(Path(args.output), args.device, model, args.case, progress=report)
     finally:
         bar.close()
     return 0

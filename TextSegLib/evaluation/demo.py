@@ -5,7 +5,9 @@ never saw, with TotalSegmentator's silver-standard labels), segments every struc
 "the liver" to "the left kidney" (absent from this scan), in one run, writes one ``.seg.nrrd`` and a PNG montage
 (reference outlined in green, prediction in red) and prints per-structure Dice and HD95 against the labels, compared
 in physical space, and whether each was found. ``textseg demo --case lung2`` does the same for the lung2 lesion
-(pyradiomics, ``TextSegLib/data/demo/``), which the model was trained on.
+(pyradiomics, ``TextSegLib/data/demo/``), which the model was trained on, and ``textseg demo --case headneck``
+segments OpenKBP's test patient pt_247 (``TextSegLib/data/headneck/``, clinical contours of seven organs at risk)
+with the head-and-neck model. Each case names its model in ``case.json`` (``"model"``; the abdomen model otherwise).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = [
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEMO_DIR = DATA_DIR / "demo"
-CASE_DIRS = {"abdomen": DATA_DIR / "abdomen", "lung2": DEMO_DIR}
+CASE_DIRS = {"abdomen": DATA_DIR / "abdomen", "headneck": DATA_DIR / "headneck", "lung2": DEMO_DIR}
 DEFAULT_CASE = "abdomen"
 DEMO_MODEL = "abdomen-freqmedclip-small"
 
@@ -45,14 +47,16 @@ PREDICTION_COLOUR = (255, 70, 50)
 
 def demo_case(name: str = DEFAULT_CASE) -> dict[str, Any]:
     """A bundled case's description (its ``case.json``) with absolute file paths: ``"abdomen"`` (patient B, the
-    default) or ``"lung2"`` (the chest CT with one lesion). ``targets`` lists ``{"structure", "prompt",
-    "label_value"}``; a null label value is a structure the scan does not contain."""
+    default), ``"headneck"`` (OpenKBP's pt_247) or ``"lung2"`` (the chest CT with one lesion). ``targets`` lists
+    ``{"structure", "prompt", "label_value"}``; a null label value is a structure the scan does not contain.
+    ``model`` is the catalogue id the case is segmented with by default."""
     if name not in CASE_DIRS:
         raise ValueError(f"There is no demo case {name!r}; choose one of {', '.join(CASE_DIRS)}.")
     folder = CASE_DIRS[name]
     info = json.loads((folder / "case.json").read_text())
     info["image"] = folder / info["image"]
     info["label"] = folder / info["label"]
+    info.setdefault("model", DEMO_MODEL)
     return info
 
 
@@ -167,11 +171,12 @@ def _figure(value: float, digits: int) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: str = DEFAULT_CASE,
+def run_demo(output: Path, device: str = "auto", model: str | None = None, case: str = DEFAULT_CASE,
              progress: Callable[[int, int], None] | None = None, report: Callable[[str], None] = print
              ) -> dict[str, Any]:
     """Segment a bundled case by every prompt of its ``case.json``, write ``<case>.seg.nrrd`` and
-    ``<case>_montage.png`` to ``output``, report per-target figures and return them.
+    ``<case>_montage.png`` to ``output``, report per-target figures and return them. ``model`` defaults to the
+    case's own (``case.json``).
 
     Returns ``{"rows": [{"structure", "prompt", "present", "found", "max_probability", "volume_ml",
     "reference_ml", "dice", "hd95"}, ...], "mean_dice": ..., "segmentation": path, "montage": path}``; Dice and HD95
@@ -188,7 +193,7 @@ def run_demo(output: Path, device: str = "auto", model: str = DEMO_MODEL, case: 
         check_writable(path)
     volume = read_volume(info["image"], modality=info["modality"])
     labels = labels_on_grid(read_volume(info["label"]), volume)
-    segmenter = Segmenter([model], SegmentOptions(device=device))
+    segmenter = Segmenter([model or info["model"]], SegmentOptions(device=device))
     loaded = segmenter.loaded[0]
     k, j, i = volume.array.shape
     source = "DICOM series" if Path(info["image"]).is_dir() else Path(info["image"]).name
