@@ -87,12 +87,17 @@ class TextSegLogicTest(ScriptedLoadableModuleTest):
 
         segmentId = self.logic.process(self.volumeNode, segmentationNode, self.prompt, str(self.checkpoint),
                                        device="CPU")
-        expected = InferenceEngine(load_model(self.checkpoint, "cpu")).segment(
-            volume_from_node(self.volumeNode), self.prompt).mask
+        engine = InferenceEngine(load_model(self.checkpoint, "cpu"))
+        reference = engine.segment(volume_from_node(self.volumeNode), self.prompt, probability=True)
+        expected = reference.mask
         self.assertTrue(0 < expected.sum() < expected.size)
         voxels = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, self.volumeNode)
         self.assertEqual(voxels.shape, slicer.util.arrayFromVolume(self.volumeNode).shape)
-        np.testing.assert_array_equal(voxels != 0, expected != 0)
+        # The worker batches slices otherwise than this process: where the CPU computes in bf16, a voxel whose
+        # probability lies at the threshold can fall either side (one of 16 million did). Only such voxels may differ.
+        differing = (voxels != 0) != (expected != 0)
+        self.assertLess(int(differing.sum()), 20)
+        self.assertTrue(np.all(np.abs(reference.probability[differing] - reference.threshold) < 0.05))
 
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         self.assertEqual(segment.GetName(), self.prompt)
