@@ -20,9 +20,9 @@ for runs that must finish, to keep each test to seconds.
 
 from __future__ import annotations
 
-import gc
 import http.server
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -181,6 +181,9 @@ def wait_for_progress(widget) -> None:
     assert widget._run is not None, f"the run ended before it could be stopped: {widget.ui.statusLabel.text}"
 
 
+ISOLATED = "TEXTSEG_PANEL_BUDGET_ALONE"  # set in the process that measures the 100 ms budget
+
+
 class Stopwatch:
     """The longest time the main thread stayed away from the event loop: the longest gap of a 10 ms QTimer while the
     test waits in the loop (:meth:`wait`: the panel's timer, queued signals), and the longest single user action
@@ -229,15 +232,18 @@ def test_the_panel_answers_within_100_ms_while_a_slow_worker_starts(harness, esc
     wrapper. PySide6's event loop releases the GIL while it waits, PythonQt's does not: in Slicer the background
     thread runs when it is not waiting on a socket or the worker, at the latest on each of the panel's timer ticks
     (``test_slicer_logic.py`` checks that path with a main thread holding the GIL)."""
-    # The suite's earlier tests leave millions of objects in this process, and a full collection of them took up to
-    # 450 ms (measured with gc.callbacks), wherever it fell: once inside this test's window (571 ms, CI). Frozen,
-    # they are not traversed again, and the budget measures the panel's handlers, not the test process's history.
-    gc.collect()
-    gc.freeze()
-    try:
-        _answer_within_budget(harness, escaped, tmp_path)
-    finally:
-        gc.unfreeze()
+    # Measured in a process of its own. After the suite's 760 earlier tests this process holds their objects and
+    # threads, and pauses that are theirs fell into the window in the clean-clone CI (gaps of 571 and 1237 ms; full
+    # garbage collections of those objects alone took up to 450 ms), while the test passed on its own every time.
+    # The budget is the panel's, as in Slicer's main thread, so the process that measures it starts clean.
+    if os.environ.get(ISOLATED) != "1":
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"{Path(__file__)}::test_the_panel_answers_within_100_ms_while_a_slow_worker_starts"],
+                              capture_output=True, encoding="utf-8", errors="replace", timeout=600,
+                              env={**os.environ, ISOLATED: "1"}, cwd=Path(__file__).resolve().parents[2])
+        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
+        return
+    _answer_within_budget(harness, escaped, tmp_path)
 
 
 def _answer_within_budget(harness, escaped, tmp_path) -> None:
