@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from testkit import (
     small_config,
     small_model,
 )
+from torch import nn
 
 from TextSegLib.app.cli import main
 from TextSegLib.engine.checkpoints import load_checkpoint, save_checkpoint
@@ -38,7 +42,9 @@ from TextSegLib.models.blocks.backbones import (
     BackboneUnavailableError,
     ConvNeXtPyramid,
     ViTTokenEncoder,
+    build_open_clip_vision_tower,
     load_open_clip_vision_tower,
+    vit_token_encoder,
 )
 from TextSegLib.models.blocks.conditioning import (
     FFBI,
@@ -47,6 +53,7 @@ from TextSegLib.models.blocks.conditioning import (
     FiLM,
     TextConditionedAdapter,
 )
+from TextSegLib.models.blocks.vit import plain_vit_config
 from TextSegLib.models.blocks.wavelets import haar_dwt2, haar_idwt2
 from TextSegLib.models.freqmedclip_config import BIOMEDCLIP, TABLE4_ABLATIONS, FreqMedCLIPConfig
 from TextSegLib.models.freqmedclip_streams import ConcatFusion, DecoderStage, FPNAdapter, FusionHead, LFFIDecoder
@@ -232,6 +239,41 @@ def test_convnext_pyramid_with_a_stride_one_stem():
     assert not trainable_gradients_ok(encoder) and x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="odd"):
         ConvNeXtPyramid(12, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_kernel=4)
+    with pytest.raises(ValueError, match="v1"):
+        ConvNeXtPyramid(12, "convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+
+
+def test_convnext_stages_built_without_timm_compute_exactly_as_timms():
+    """TextSeg's own ConvNeXt stages (issue 25: no timm import to load a checkpoint) against timm's ConvNeXt with
+    the same weights: the same parameter names, bit-identical features in float32, bf16 and channels-last, and
+    the same initialisation statistics for training from scratch."""
+    import timm
+
+    torch.manual_seed(0)
+    theirs = timm.create_model("convnext_tiny", pretrained=False, num_classes=0, depths=(2, 1, 2, 1),
+                               dims=(8, 16, 24, 32)).eval()
+    ours = ConvNeXtPyramid(12, depths=(2, 1, 2, 1), dims=(8, 16, 24, 32)).eval()
+    assert "timm" not in type(ours.stages[0]).__module__
+    ours.stages.load_state_dict(nn.ModuleList(theirs.stages).state_dict(), strict=True)
+    ours.stem[1].load_state_dict(theirs.stem[1].state_dict(), strict=True)
+    with torch.no_grad():
+        for gamma in (ours.stages, theirs.stages):  # layer scales of 1e-6 would hide the blocks' arithmetic
+            for name, parameter in gamma.named_parameters():
+                if name.endswith("gamma"):
+                    parameter.fill_(0.5)
+        x = torch.randn(2, 8, 32, 32)
+        for cast in (lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last)):
+            a, b = ours.stem[1](cast(x)), theirs.stem[1](cast(x))
+            assert torch.equal(a, b)
+            for stage_ours, stage_theirs in zip(ours.stages, theirs.stages, strict=True):
+                a, b = stage_ours(a), stage_theirs(b)
+                assert torch.equal(a, b)
+        bf16 = x.bfloat16()
+        assert torch.equal(ours.bfloat16().stages[0](bf16), theirs.bfloat16().stages[0](bf16))
+    fresh = ConvNeXtPyramid(12, depths=(2, 1, 2, 1), dims=(96, 192, 384, 768))
+    weights = fresh.stages[2].blocks[0].mlp.fc1.weight
+    assert abs(weights.std().item() - 0.02) < 0.001 and abs(weights.mean().item()) < 0.001  # N(0, 0.02)
+    assert torch.all(fresh.stages[1].blocks[0].gamma == torch.tensor(1e-6)) and not fresh.stem[0].bias.any()
 
 
 def test_vit_token_encoder_reproduces_open_clip_and_timm_towers(vit_folder, timm_vit_folder):
@@ -255,6 +297,68 @@ def test_vit_token_encoder_reproduces_open_clip_and_timm_towers(vit_folder, timm
     assert len(ViTTokenEncoder(tower, depth=6).blocks) == 6
     with pytest.raises(ValueError, match="224"):
         encoder.embed(torch.zeros(1, 3, 112, 112))
+
+
+def test_a_plain_vit_built_without_open_clip_computes_exactly_as_open_clips(vit_folder, timm_vit_folder):
+    """TextSeg's own plain ViT (what a checkpoint that stores its tower loads into, issue 25) against open_clip's
+    tower with the same weights: the same parameter names, bit-identical tokens in float32 and under bf16
+    autocast, with exact GELU (the recorded config) and QuickGELU (OpenAI's); configs it does not cover go to
+    open_clip."""
+    tower, _, tower_cfg = load_open_clip_vision_tower(f"local-dir:{vit_folder}")
+    theirs = ViTTokenEncoder(tower.eval(), depth=12)
+    ours = vit_token_encoder(tower_cfg, 12).eval()
+    assert not isinstance(ours.blocks[0], type(theirs.blocks[0]))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = images(2)
+    with torch.no_grad():
+        fp32 = list(zip(theirs(x), ours(x), strict=True))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = list(zip(theirs(x), ours(x), strict=True))
+        bf16 = list(zip(theirs.bfloat16()(x.bfloat16()), ours.bfloat16()(x.bfloat16()), strict=True))
+    for states in (fp32, autocast, bf16):
+        assert all(torch.equal(a, b) for a, b in states)
+    assert not torch.equal(autocast[-1][0], fp32[-1][0]) and bf16[-1][0].dtype == torch.bfloat16
+
+    quick_cfg = {**tower_cfg, "quick_gelu": True}
+    theirs = ViTTokenEncoder(build_open_clip_vision_tower(quick_cfg).eval(), depth=3)
+    ours = vit_token_encoder(quick_cfg, 3).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(theirs(x)[-1], ours(x)[-1])
+    with pytest.raises(ValueError, match="12 blocks"):
+        vit_token_encoder(tower_cfg, 13)
+
+    _, _, timm_cfg = load_open_clip_vision_tower(f"local-dir:{timm_vit_folder}")
+    assert plain_vit_config(timm_cfg) is None
+    for departure in ({"ls_init_value": 0.1}, {"no_ln_pre": True}, {"block_type": "custom"}, {"qk_norm": True},
+                      {"layers": [3, 4, 6, 3]}, {"a_setting_of_a_later_open_clip": 1}):
+        assert plain_vit_config({**tower_cfg, "vision_cfg": {**tower_cfg["vision_cfg"], **departure}}) is None
+    assert plain_vit_config({**tower_cfg, "vision_cfg": {**tower_cfg["vision_cfg"], "pool_type": "avg"}})
+
+
+def test_the_shipped_models_load_and_segment_without_importing_open_clip():
+    """Loading a shipped FreqMedCLIP (its tower stored in the checkpoint) imports neither open_clip nor what it
+    pulls in (torchvision, transformers, torch's compiler): 3.5 s of a fresh run (issue 25)."""
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from TextSegLib.core.options import SegmentOptions\n"
+        "from TextSegLib.engine.run import Segmenter\n"
+        "from TextSegLib.io.volumes import read_volume\n"
+        "from TextSegLib.evaluation.demo import demo_case\n"
+        "volume = read_volume(demo_case('headneck')['image'])\n"
+        "for model in ('abdomen-freqmedclip-small', 'headneck-freqmedclip-small'):\n"
+        "    result = Segmenter([model], SegmentOptions()).segment(volume, 'the spinal cord')\n"
+        "    print(model, int(np.count_nonzero(result.mask)))\n"
+        "print(sorted(m for m in ('open_clip', 'torchvision', 'transformers', 'timm', 'torch._dynamo')"
+        " if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TEXTSEG_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "[]", done.stdout
+    assert int(lines[-2].split()[1]) > 300, done.stdout  # the head-and-neck model finds the cord
 
 
 def test_backbone_sources(vit_folder, tmp_path):
@@ -530,9 +634,9 @@ def test_trained_imagenet_convnext_starts_from_imagenet_only_in_training(vit_fol
 
     monkeypatch.setattr(timm, "create_model", fixed_weights)
     model = small_model(vit_folder, train_freq_encoder=True, freq_pretrained=True).eval()
-    assert calls == [False] and model.external_weights == ("semantic.backbone.",)
+    assert calls == [] and model.external_weights == ("semantic.backbone.",)  # timm only for ImageNet weights
     model.prepare_training(lambda prompt: random_text(1))
-    assert calls == [False, True]
+    assert calls == [True]
     with torch.random.fork_rng():
         torch.manual_seed(1234)
         imagenet = create(model.config.freq_model, pretrained=False, num_classes=0,
@@ -543,7 +647,7 @@ def test_trained_imagenet_convnext_starts_from_imagenet_only_in_training(vit_fol
                     text_encoder={"source": f"open_clip:local-dir:{biomedclip_like_folder}", "max_tokens": 40})
     calls.clear()
     loaded, _ = load_checkpoint(path)
-    assert calls == [False]
+    assert calls == []
     with torch.no_grad():
         torch.testing.assert_close(loaded(images(1), random_text(1)), model(images(1), random_text(1)), atol=0,
                                    rtol=0)

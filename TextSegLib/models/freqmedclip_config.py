@@ -45,7 +45,8 @@ class FreqMedCLIPConfig:
         tca_dim, tca_heads, tca_ffn_dim: TCA attention width, heads and FFN width.
         fpn_widths: ``C1..C4`` of the semantic pyramid ``S1`` (14) to ``S4`` (112).
         use_freq_encoder: build the Haar DWT + ConvNeXt stream.
-        freq_model, freq_depths, freq_dims: the timm ConvNeXt and its stage depths and widths.
+        freq_model, freq_depths, freq_dims: the ConvNeXt v1 (its timm name, whose ImageNet weights
+            ``freq_pretrained`` loads) and its stage depths and widths.
         freq_stem_kernel: kernel of the stride-1 stem convolution over the sub-bands.
         train_freq_encoder: train the ConvNeXt stages (False: only its new stem is trained; needs
             ``freq_pretrained``, as frozen random stages would learn nothing).

@@ -11,8 +11,8 @@ from torch import nn
 from TextSegLib.models.blocks.backbones import (
     ConvNeXtPyramid,
     ViTTokenEncoder,
-    build_open_clip_vision_tower,
     load_open_clip_vision_tower,
+    vit_token_encoder,
 )
 from TextSegLib.models.blocks.conditioning import FiLM, TextConditionedAdapter
 from TextSegLib.models.blocks.convs import ConvNormAct, DoubleConv
@@ -70,14 +70,15 @@ class SemanticStream(nn.Module):
         super().__init__()
         external = checkpoint_external_weights()
         if external is not None and "semantic.backbone." not in external:  # the checkpoint stores the tower
-            if config.vision_tower is not None:
-                tower, self.pretrained = build_open_clip_vision_tower(config.vision_tower), False
-                self.tower_config = config.vision_tower
+            if config.vision_tower is not None:  # a plain ViT is built without importing open_clip
+                self.backbone = vit_token_encoder(config.vision_tower, config.vit_layers[-1])
+                self.pretrained, self.tower_config = False, config.vision_tower
             else:  # checkpoints from before the tower config was recorded
                 tower, self.pretrained, self.tower_config = load_open_clip_vision_tower(config.vision_source, False)
+                self.backbone = ViTTokenEncoder(tower, depth=config.vit_layers[-1])
         else:
             tower, self.pretrained, self.tower_config = load_open_clip_vision_tower(config.vision_source)
-        self.backbone = ViTTokenEncoder(tower, depth=config.vit_layers[-1])
+            self.backbone = ViTTokenEncoder(tower, depth=config.vit_layers[-1])
         side, grid = config.image_size, config.image_size // 16
         if self.backbone.image_size != (side, side) or self.backbone.grid_size != (grid, grid):
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Pretrained backbones taken from open_clip and timm, cut down to what a segmentation network reads.
+"""Pretrained backbones from open_clip and timm, cut down to what a segmentation network reads.
 
 * :func:`load_open_clip_vision_tower` builds the image tower of an open_clip model named by a source string (for
   ``local-dir:`` and ``hf-hub:`` the tower alone, so the text tower's files are never needed);
@@ -6,9 +6,11 @@
 * :class:`ViTTokenEncoder` exposes that tower's patch embedding and transformer blocks one by one, so a network
   can read (and modify) the hidden states between blocks. Both kinds of open_clip image tower are supported:
   open_clip's own ``VisionTransformer`` (OpenAI CLIP, local configs with ``layers``/``width``) and a timm ViT
-  wrapped by ``TimmModel`` (BiomedCLIP's ``vit_base_patch16_224``).
-* :class:`ConvNeXtPyramid` is a timm ConvNeXt whose patchify stem is replaced by a stride-1 convolution for inputs
-  with any number of channels, returning the four stage outputs.
+  wrapped by ``TimmModel`` (BiomedCLIP's ``vit_base_patch16_224``). :func:`vit_token_encoder` builds one from a
+  recorded config, a plain ViT with TextSeg's own blocks (:mod:`.vit`) and without importing open_clip.
+* :class:`ConvNeXtPyramid` is a ConvNeXt (TextSeg's own stages, timm's ImageNet weights when asked for) whose
+  patchify stem is replaced by a stride-1 convolution for inputs with any number of channels, returning the four
+  stage outputs.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ from TextSegLib.core.errors import PretrainedUnavailableError
 from TextSegLib.core.messages import first_line
 from TextSegLib.text.sources import _WEIGHT_SUFFIXES, open_clip_source_has_weights
 
+from .convnext import CONVNEXT_V1, ChannelsFirstLayerNorm, ConvNeXtStage, init_convnext_weights
+from .vit import PlainViTConfig, TokenLayerNorm, TransformerBlock, plain_vit_config
+
 __all__ = [
     "BackboneUnavailableError",
     "ConvNeXtPyramid",
     "ViTTokenEncoder",
     "build_open_clip_vision_tower",
     "load_open_clip_vision_tower",
+    "vit_token_encoder",
 ]
 
 # open_clip's own preference among the weight files of a folder
@@ -55,6 +61,14 @@ def build_open_clip_vision_tower(tower_cfg: dict) -> nn.Module:
 
     vision_cfg = {**tower_cfg["vision_cfg"], "timm_model_pretrained": False}
     return _build_vision_tower(int(tower_cfg["embed_dim"]), vision_cfg, bool(tower_cfg.get("quick_gelu", False)))
+
+
+def vit_token_encoder(tower_cfg: dict, depth: int) -> ViTTokenEncoder:
+    """A :class:`ViTTokenEncoder` of ``depth`` blocks, random weights, for the tower ``tower_cfg`` describes (as
+    :func:`load_open_clip_vision_tower` records it): a plain ViT from TextSeg's own modules (open_clip is not
+    imported), any other tower through :func:`build_open_clip_vision_tower`."""
+    plain = plain_vit_config(tower_cfg)
+    return ViTTokenEncoder(plain if plain is not None else build_open_clip_vision_tower(tower_cfg), depth)
 
 
 def _tower_config(model_cfg: dict) -> dict:
@@ -148,11 +162,14 @@ def load_open_clip_vision_tower(source: str, weights: bool = True) -> tuple[nn.M
 
 
 class ViTTokenEncoder(nn.Module):
-    """Patch embedding and the first ``depth`` blocks of an open_clip ViT image tower.
+    """Patch embedding and the first ``depth`` blocks of a ViT image tower.
 
-    :meth:`embed` gives the token sequence entering block 1 (class token first, positional embedding added,
-    pre-norm applied); ``blocks[i]`` is block ``i + 1``. The final norm, the pooling head, the projection and the
-    blocks after ``depth`` are dropped; so is patch dropout (the patch grid must stay complete).
+    ``tower`` is an open_clip image tower (its modules are taken over) or the sizes of a plain ViT
+    (:class:`~.vit.PlainViTConfig`: TextSeg's own modules with fresh weights, the parameter names open_clip's, for
+    a checkpoint that stores the tower to load into). :meth:`embed` gives the token sequence entering block 1
+    (class token first, positional embedding added, pre-norm applied); ``blocks[i]`` is block ``i + 1``. The final
+    norm, the pooling head, the projection and the blocks after ``depth`` are dropped; so is patch dropout (the
+    patch grid must stay complete).
 
     Shapes: :meth:`embed` ``(B, 3, S, S) -> (B, 1 + g * g, width)`` with ``g = grid_size``; every block
     ``(B, T, width) -> (B, T, width)``.
@@ -160,8 +177,32 @@ class ViTTokenEncoder(nn.Module):
 
     prefix_tokens = 1
 
-    def __init__(self, tower: nn.Module, depth: int) -> None:
+    def __init__(self, tower: nn.Module | PlainViTConfig, depth: int) -> None:
         super().__init__()
+        if isinstance(tower, PlainViTConfig):
+            if not 1 <= depth <= tower.layers:
+                raise ValueError(f"the ViT has {tower.layers} blocks; cannot take the first {depth}")
+            scale = tower.width ** -0.5
+            self.patch_embed = nn.Conv2d(3, tower.width, tower.patch_size, stride=tower.patch_size, bias=False)
+            self.patch_norm = nn.Identity()
+            self.class_token = nn.Parameter(scale * torch.randn(tower.width))
+            grid = tower.grid_size
+            self.position_embedding = nn.Parameter(scale * torch.randn(grid[0] * grid[1] + 1, tower.width))
+            self.norm_pre = TokenLayerNorm(tower.width)
+            blocks = [TransformerBlock(tower.width, tower.heads, tower.mlp_width, tower.quick_gelu)
+                      for _ in range(depth)]
+        else:
+            blocks, grid = self._take_over(tower)
+        if not 1 <= depth <= len(blocks):
+            raise ValueError(f"the ViT has {len(blocks)} blocks; cannot take the first {depth}")
+        self.blocks = nn.ModuleList(blocks[:depth])
+        self.grid_size = grid
+        self.width = self.class_token.shape[-1]
+        self.patch_size = tuple(self.patch_embed.kernel_size)
+        self.image_size = (grid[0] * self.patch_size[0], grid[1] * self.patch_size[1])
+
+    def _take_over(self, tower: nn.Module) -> tuple[list[nn.Module], tuple[int, int]]:
+        """Take the embedding modules of an open_clip image tower; return its blocks and patch grid."""
         from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
 
@@ -173,9 +214,8 @@ class ViTTokenEncoder(nn.Module):
             self.class_token = tower.class_embedding
             self.position_embedding = tower.positional_embedding
             self.norm_pre = tower.ln_pre
-            blocks = list(tower.transformer.resblocks)
-            grid = tuple(tower.grid_size)
-        elif isinstance(tower, TimmModel) and hasattr(tower.trunk, "blocks"):
+            return list(tower.transformer.resblocks), tuple(tower.grid_size)
+        if isinstance(tower, TimmModel) and hasattr(tower.trunk, "blocks"):
             trunk = tower.trunk
             unsupported = (trunk.cls_token is None or getattr(trunk, "reg_token", None) is not None
                            or getattr(trunk, "no_embed_class", False) or getattr(trunk, "dynamic_img_size", False))
@@ -186,17 +226,8 @@ class ViTTokenEncoder(nn.Module):
             self.class_token = trunk.cls_token
             self.position_embedding = trunk.pos_embed
             self.norm_pre = trunk.norm_pre
-            blocks = list(trunk.blocks)
-            grid = tuple(trunk.patch_embed.grid_size)
-        else:
-            raise ValueError(f"not an open_clip ViT image tower: {type(tower).__name__}")
-        if not 1 <= depth <= len(blocks):
-            raise ValueError(f"the ViT has {len(blocks)} blocks; cannot take the first {depth}")
-        self.blocks = nn.ModuleList(blocks[:depth])
-        self.grid_size = grid
-        self.width = self.class_token.shape[-1]
-        self.patch_size = tuple(self.patch_embed.kernel_size)
-        self.image_size = (grid[0] * self.patch_size[0], grid[1] * self.patch_size[1])
+            return list(trunk.blocks), tuple(trunk.patch_embed.grid_size)
+        raise ValueError(f"not an open_clip ViT image tower: {type(tower).__name__}")
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """Token sequence entering the first block: ``(B, 3, S, S) -> (B, 1 + g * g, width)``."""
@@ -218,13 +249,14 @@ class ViTTokenEncoder(nn.Module):
 
 
 class ConvNeXtPyramid(nn.Module):
-    """A timm ConvNeXt as a four-level pyramid, its 4x4 stride-4 patchify stem replaced by a stride-1 convolution.
+    """A ConvNeXt (v1, stages built by :mod:`.convnext`) as a four-level pyramid, its 4x4 stride-4 patchify stem
+    replaced by a stride-1 convolution.
 
     The new stem (``stem_kernel`` x ``stem_kernel`` convolution from ``in_channels``, then ConvNeXt's stem
     LayerNorm) keeps the input resolution, so the stages give features at 1, 1/2, 1/4 and 1/8 of the input side.
-    ``pretrained`` (or :meth:`load_pretrained` later) loads timm's ImageNet weights into the stages and the stem
-    norm (timm fetches them once into the Hugging Face cache); the new stem convolution always starts from timm's
-    ConvNeXt initialisation.
+    ``pretrained`` (or :meth:`load_pretrained` later) loads timm's ImageNet weights for ``model_name`` into the
+    stages and the stem norm (timm fetches them once into the Hugging Face cache; timm is imported for nothing
+    else); the new stem convolution always starts from ConvNeXt's initialisation.
 
     Shapes: ``(B, in_channels, H, W)`` -> ``[(B, dims[0], H, W), (B, dims[1], H/2, W/2), (B, dims[2], H/4, W/4),
     (B, dims[3], H/8, W/8)]`` (``H`` and ``W`` divisible by 8).
@@ -242,31 +274,31 @@ class ConvNeXtPyramid(nn.Module):
         super().__init__()
         if stem_kernel % 2 == 0:
             raise ValueError(f"the stride-1 stem needs an odd kernel size, got {stem_kernel}")
+        if model_name not in CONVNEXT_V1:
+            raise ValueError(f"the frequency encoder is a ConvNeXt v1 ({', '.join(CONVNEXT_V1)}), not {model_name!r}")
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"a ConvNeXt has four stages: depths {tuple(depths)}, dims {tuple(dims)}")
         self.model_name, self.depths = model_name, tuple(depths)
         self.dims = tuple(dims)
-        convnext = self._timm_model(pretrained)
         conv = nn.Conv2d(in_channels, dims[0], stem_kernel, padding=stem_kernel // 2)
-        nn.init.trunc_normal_(conv.weight, std=0.02)
-        nn.init.zeros_(conv.bias)
-        self.stem = nn.Sequential(conv, convnext.stem[1])
-        self.stages = nn.ModuleList(convnext.stages)
-
-    def _timm_model(self, pretrained: bool) -> nn.Module:
-        import timm
-
-        try:
-            return timm.create_model(self.model_name, pretrained=pretrained, num_classes=0, depths=self.depths,
-                                     dims=self.dims)
-        except (OSError, RuntimeError, ValueError) as error:
-            raise BackboneUnavailableError(
-                f"The timm model {self.model_name!r} could not be built"
-                f"{' with ImageNet weights' if pretrained else ''} "
-                f"({first_line(error)})."
-            ) from error
+        self.stem = nn.Sequential(conv, ChannelsFirstLayerNorm(dims[0]))
+        self.stages = nn.ModuleList(ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0)
+                                    for i in range(4))
+        self.apply(init_convnext_weights)
+        if pretrained:
+            self.load_pretrained()
 
     def load_pretrained(self) -> None:
         """Copy timm's ImageNet weights into the stages and the stem norm (the stride-1 stem conv is new)."""
-        convnext = self._timm_model(pretrained=True)
+        import timm
+
+        try:
+            convnext = timm.create_model(self.model_name, pretrained=True, num_classes=0, depths=self.depths,
+                                         dims=self.dims)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise BackboneUnavailableError(
+                f"The timm model {self.model_name!r} could not be built with ImageNet weights ({first_line(error)})."
+            ) from error
         self.stem[1].load_state_dict(convnext.stem[1].state_dict())
         self.stages.load_state_dict(nn.ModuleList(convnext.stages).state_dict())
 
