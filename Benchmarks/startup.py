@@ -53,6 +53,7 @@ configure()
 import torch
 stamps["torch imported"] = time.time()
 import numpy as np
+from TextSegLib.app.cli import end_process
 from TextSegLib.core.options import SegmentOptions
 from TextSegLib.engine.run import Segmenter
 from TextSegLib.io.segnrrd import segment_for_result, write_seg_nrrd
@@ -75,6 +76,7 @@ stamps["written"] = time.time()
 np.savez(arrays, mask=result.mask, probability=result.probability, threshold=result.threshold)
 saved = time.time()  # the arrays for the identity checks: not a stage of a user's run
 print(json.dumps({"stamps": stamps, "saved": saved, "threads": torch.get_num_threads()}))
+end_process(0)  # as the textseg command ends
 """
 
 

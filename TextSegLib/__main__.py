@@ -1,5 +1,5 @@
 """``python -m TextSegLib``: the ``textseg`` command (what 3D Slicer's worker process and tests run)."""
 
-from TextSegLib.app.cli import main
+from TextSegLib.app.cli import run
 
-raise SystemExit(main())
+run()
