@@ -366,28 +366,31 @@ def _hold_the_gil_for(seconds: float) -> None:
     ctypes.PyDLL(None).usleep(int(seconds * 1e6))
 
 
-def test_the_panels_run_path_is_not_starved_by_a_main_thread_holding_the_gil(textseg, scene, tmp_path):
-    """The panel's path (the volume sent, the job followed and the result fetched on a background thread, polled
-    every 100 ms from a main thread that holds the GIL in between, as Slicer's does; stored) on lung2 against
-    ``textseg segment`` on the same file in a fresh process: at most 1.5 times as long."""
-    logic = textseg.TextSegLogic()
-    logic.worker().stop()  # both start cold: a fresh worker against a fresh process
+def _panel_path(logic, scene, wait) -> float:
+    """Seconds for the panel's path on lung2 from a cold worker (the volume sent, the job followed and the result
+    fetched on a background thread, the main thread calling ``wait`` between 100 ms polls; the result stored)."""
+    logic.worker().stop()
     volume = load_volume(scene, CASE["image"], "lung2")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     started = time.perf_counter()
     run = logic.prepareProcessing(volume, PROMPT, DEMO_MODEL, device="CPU")
     run.startInBackground()
     while True:
-        _hold_the_gil_for(0.1)
+        wait(0.1)
         if run.poll():
             break
     logic.finishProcessing(run, segmentation, showResult=False)
-    panel = time.perf_counter() - started
-
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "TextSegLib", "segment", str(CASE["image"]), "-p", PROMPT, "-m",
-                    DEMO_MODEL, "--device", "cpu", "-q", "-o", str(tmp_path / "lung2.seg.nrrd")], check=True,
-                   capture_output=True, cwd=REPO)
-    command = time.perf_counter() - started
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
-    assert panel <= 1.5 * command, f"panel path {panel:.1f} s, textseg segment {command:.1f} s"
+    return time.perf_counter() - started
+
+
+def test_the_panels_run_path_is_not_starved_by_a_main_thread_holding_the_gil(textseg, scene):
+    """The panel's path with a main thread that holds the GIL between its 100 ms polls, as Slicer's does in the Qt
+    event loop, against the same path with a main thread that releases it (``time.sleep``), both from a cold
+    worker: at most twice as long. A starved path took 15 times as long (the earlier thread-based panel: 24 of
+    lung2's 61 slices in 90 s); how the path compares with ``textseg segment`` is a benchmark's figure
+    (``Benchmarks/worker.py``), not this test's."""
+    logic = textseg.TextSegLogic()
+    released = _panel_path(logic, scene, time.sleep)
+    held = _panel_path(logic, scene, _hold_the_gil_for)
+    assert held <= 2 * released, f"holding the GIL {held:.1f} s, releasing it {released:.1f} s"
