@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import weakref
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -15,7 +19,7 @@ from TextSegLib.engine.batching import BatchTuner
 from TextSegLib.engine.checkpoints import save_checkpoint
 from TextSegLib.engine.devices import memory_error, resolve_device
 from TextSegLib.engine.inference import CancelToken, InferenceEngine, largest_component
-from TextSegLib.engine.loading import load_model
+from TextSegLib.engine.loading import MODEL_CACHE_SIZE, clear_model_cache, load_model, loaded_model_ids
 from TextSegLib.evaluation.demo import DEMO_MODEL
 from TextSegLib.io.segnrrd import TAG_CHECKPOINT, TAG_MODEL, TAG_PROMPT, segment_for_result, write_seg_nrrd
 from TextSegLib.io.volumes import Volume
@@ -293,6 +297,33 @@ def test_models_are_cached_and_devices_checked(small_checkpoint, monkeypatch):
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
     with pytest.raises(TextSegError, match=r"There is no GPU cuda:3 here: this computer has 1 \(cuda:0 to cuda:0\)"):
         resolve_device("cuda:3")
+
+
+def test_the_model_cache_keeps_the_newest_version_of_the_most_recently_used_models(tmp_path):
+    """A long-lived worker keeps at most MODEL_CACHE_SIZE models, each file in its newest version; the rest are
+    freed (before, every checkpoint it had loaded, and every earlier version of one rewritten in place, stayed)."""
+    clear_model_cache()
+    path = tmp_path / "retrained.safetensors"
+    save_small_checkpoint(path)
+    first = load_model(path, "cpu")
+    earlier = weakref.ref(first.network)
+    save_small_checkpoint(path, seed=1)
+    stamp = path.stat().st_mtime_ns + 10**9
+    os.utime(path, ns=(stamp, stamp))  # a second later, whatever the file system's clock resolution
+    second = load_model(path, "cpu")
+    assert second is not first and loaded_model_ids() == [second.id]
+    del first
+    gc.collect()
+    assert earlier() is None  # the earlier version's network is freed
+    others = [tmp_path / f"model{i}.safetensors" for i in range(MODEL_CACHE_SIZE)]
+    for seed, other in enumerate(others, start=2):
+        save_small_checkpoint(other, seed=seed)
+    loaded = [load_model(other, "cpu") for other in others]
+    assert len(loaded_model_ids()) == MODEL_CACHE_SIZE
+    assert load_model(others[0], "cpu") is loaded[0]  # used again: now the most recent
+    assert load_model(path, "cpu") is not second  # the least recently used was dropped, so it loads again
+    assert load_model(others[1], "cpu") is not loaded[1]  # and it pushed out the next least recently used
+    clear_model_cache()
 
 
 def test_running_out_of_memory_says_what_to_do():

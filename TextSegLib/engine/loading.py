@@ -1,9 +1,11 @@
-"""Loaded models: a checkpoint's network with its text encoder and preprocessing on a device, cached for the life
-of the process (the worker keeps them between runs)."""
+"""Loaded models: a checkpoint's network with its text encoder and preprocessing on a device, kept in memory for the
+next run (the worker keeps them between runs): the :data:`MODEL_CACHE_SIZE` most recently used, and only the newest
+version of a file."""
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from TextSegLib.text.features import TextEncoder
 from TextSegLib.text.sources import load_text_encoder
 
 __all__ = [
+    "MODEL_CACHE_SIZE",
     "LoadedModel",
     "clear_model_cache",
     "load_model",
@@ -43,7 +46,12 @@ class LoadedModel:
         return self.info.id
 
 
-_MODELS: dict[tuple[str, int, int, str], LoadedModel] = {}
+#: Models kept loaded at most. Loading a shipped model takes about 0.1 s, so a user who alternates between more
+#: models pays little; an unbounded cache grew a long-lived worker (and the test suite) by every checkpoint it had
+#: ever loaded, including every earlier version of a checkpoint rewritten in place.
+MODEL_CACHE_SIZE = 4
+
+_MODELS: OrderedDict[tuple[str, int, int, str], LoadedModel] = OrderedDict()  # least recently used first
 _MODELS_LOCK = threading.Lock()
 
 
@@ -52,7 +60,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a checkpoint (file path or catalogue id) with its text encoder, on ``device``.
 
-    Models are cached per (file, modification time, size, device): loading the same model again is free.
+    Models are cached per (file, modification time, size, device): loading the same model again is free. The
+    cache holds the :data:`MODEL_CACHE_SIZE` most recently used models; a file rewritten since it was loaded
+    replaces its older version there.
     """
     device = resolve_device(device)
     path = (catalogue or Catalogue()).resolve(name_or_path).resolve()
@@ -60,6 +70,8 @@ def load_model(
     key = (str(path), stat.st_mtime_ns, stat.st_size, str(device))
     with _MODELS_LOCK:
         cached = _MODELS.get(key)
+        if cached is not None:
+            _MODELS.move_to_end(key)
     if cached is not None:
         return cached
     network, info = load_checkpoint(path, device=device)
@@ -75,7 +87,11 @@ def load_model(
     preprocessing = Preprocessing.from_metadata(info.preprocessing, channels=int(info.config.get("in_channels", 1)))
     loaded = LoadedModel(network, info, encoder, preprocessing, device)
     with _MODELS_LOCK:
+        for stale in [k for k in _MODELS if (k[0], k[3]) == (key[0], key[3]) and k != key]:
+            del _MODELS[stale]  # an earlier version of the same file on the same device
         _MODELS[key] = loaded
+        while len(_MODELS) > MODEL_CACHE_SIZE:
+            _MODELS.popitem(last=False)
     return loaded
 
 
