@@ -256,9 +256,10 @@ class Trainer:
                     outputs = self._outputs(images, list(batch["text"]))
                 losses = self.loss_fn(outputs, targets)
                 self.scaler.scale(losses["loss"] / train.accumulation).backward()
-            if not math.isfinite(float(losses["loss"].detach())):
+            loss = float(losses["loss"].detach())
+            if not math.isfinite(loss):
                 raise FloatingPointError(
-                    f"The training loss became {float(losses['loss'].detach())} at epoch {epoch + 1}, batch "
+                    f"The training loss became {loss} at epoch {epoch + 1}, batch "
                     f"{index + 1}: the weights have diverged and every later step would be wasted. Lower optim.lr "
                     f"(now {self.optimizer.param_groups[0]['lr']:g}) or raise train.batch_size; the best "
                     "checkpoint so far is kept in the run folder.")

@@ -25,7 +25,8 @@ from TextSegLib.core.errors import PretrainedUnavailableError
 from TextSegLib.core.messages import first_line
 from TextSegLib.text.sources import _WEIGHT_SUFFIXES, open_clip_source_has_weights
 
-from .convnext import CONVNEXT_V1, ChannelsFirstLayerNorm, ConvNeXtStage, init_convnext_weights
+from .convnext import CONVNEXT_V1, NORM_EPS, ConvNeXtStage, init_convnext_weights
+from .convs import LayerNorm2d
 from .vit import PlainViTConfig, TokenLayerNorm, TransformerBlock, plain_vit_config
 
 __all__ = [
@@ -180,8 +181,6 @@ class ViTTokenEncoder(nn.Module):
     def __init__(self, tower: nn.Module | PlainViTConfig, depth: int) -> None:
         super().__init__()
         if isinstance(tower, PlainViTConfig):
-            if not 1 <= depth <= tower.layers:
-                raise ValueError(f"the ViT has {tower.layers} blocks; cannot take the first {depth}")
             scale = tower.width ** -0.5
             self.patch_embed = nn.Conv2d(3, tower.width, tower.patch_size, stride=tower.patch_size, bias=False)
             self.patch_norm = nn.Identity()
@@ -189,12 +188,14 @@ class ViTTokenEncoder(nn.Module):
             grid = tower.grid_size
             self.position_embedding = nn.Parameter(scale * torch.randn(grid[0] * grid[1] + 1, tower.width))
             self.norm_pre = TokenLayerNorm(tower.width)
+            available = tower.layers
             blocks = [TransformerBlock(tower.width, tower.heads, tower.mlp_width, tower.quick_gelu)
-                      for _ in range(depth)]
+                      for _ in range(min(depth, available))]  # only the blocks kept
         else:
             blocks, grid = self._take_over(tower)
-        if not 1 <= depth <= len(blocks):
-            raise ValueError(f"the ViT has {len(blocks)} blocks; cannot take the first {depth}")
+            available = len(blocks)
+        if not 1 <= depth <= available:
+            raise ValueError(f"the ViT has {available} blocks; cannot take the first {depth}")
         self.blocks = nn.ModuleList(blocks[:depth])
         self.grid_size = grid
         self.width = self.class_token.shape[-1]
@@ -281,7 +282,7 @@ class ConvNeXtPyramid(nn.Module):
         self.model_name, self.depths = model_name, tuple(depths)
         self.dims = tuple(dims)
         conv = nn.Conv2d(in_channels, dims[0], stem_kernel, padding=stem_kernel // 2)
-        self.stem = nn.Sequential(conv, ChannelsFirstLayerNorm(dims[0]))
+        self.stem = nn.Sequential(conv, LayerNorm2d(dims[0], NORM_EPS))
         self.stages = nn.ModuleList(ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0)
                                     for i in range(4))
         self.apply(init_convnext_weights)

@@ -11,27 +11,17 @@ operations in the same order, so the outputs are identical (``Testing/models/tes
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CONVNEXT_V1", "ChannelsFirstLayerNorm", "ConvNeXtBlock", "ConvNeXtStage", "init_convnext_weights"]
+from .convs import LayerNorm2d
+
+__all__ = ["CONVNEXT_V1", "NORM_EPS", "ConvNeXtBlock", "ConvNeXtStage", "init_convnext_weights"]
 
 # The timm names whose weights fit these stages: ConvNeXt v1 with linear MLPs (the smaller "atto" to "nano"
 # variants use 1x1-convolution MLPs and v2 adds global response normalisation, which these stages do not have).
 CONVNEXT_V1 = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge")
 LAYER_SCALE_INIT = 1e-6  # the paper's initial layer-scale value
 NORM_EPS = 1e-6
-
-
-class ChannelsFirstLayerNorm(nn.LayerNorm):
-    """Layer norm over the channels of an image tensor. Shapes: ``(B, C, H, W) -> (B, C, H, W)``."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels, eps=NORM_EPS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 class _InvertedMLP(nn.Module):
@@ -76,7 +66,7 @@ class ConvNeXtStage(nn.Module):
     def __init__(self, in_channels: int, channels: int, depth: int, downsample: bool) -> None:
         super().__init__()
         if downsample:
-            self.downsample = nn.Sequential(ChannelsFirstLayerNorm(in_channels),
+            self.downsample = nn.Sequential(LayerNorm2d(in_channels, NORM_EPS),
                                             nn.Conv2d(in_channels, channels, 2, stride=2))
         elif in_channels != channels:
             raise ValueError(f"a stage without downsampling keeps its width ({in_channels} != {channels})")

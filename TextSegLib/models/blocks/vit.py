@@ -21,12 +21,12 @@ from torch import nn
 
 __all__ = ["PlainViTConfig", "TokenLayerNorm", "TransformerBlock", "plain_vit_config"]
 
-# Settings of open_clip's CLIPVisionCfg that change the tower before its last block, with the value at which the
+# Settings of open_clip's CLIPVisionCfg that change the tower before its last block, with the values at which the
 # tower is the plain one built here. A config that sets any of them otherwise is left to open_clip.
-_PLAIN = {"ls_init_value": None, "no_ln_pre": False, "pos_embed_type": "learnable", "act_kwargs": None,
-          "norm_kwargs": None, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
-          "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
-          "timm_model_name": None}
+_PLAIN = {"ls_init_value": (None,), "no_ln_pre": (False,), "pos_embed_type": ("learnable",), "act_kwargs": (None,),
+          "norm_kwargs": (None,), "block_type": (None, "default"), "qk_norm": (False,),
+          "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,), "scale_attn": (False,),
+          "scale_fc": (False,), "timm_model_name": (None,)}
 # Settings that only shape what a token encoder drops (pooling, projection, patch dropout) or only matter to timm.
 _IGNORED = {"embed_dim", "patch_dropout", "attentional_pool", "attn_pooler_queries", "attn_pooler_heads",
             "final_ln_after_pool", "pool_type", "output_tokens", "timm_model_pretrained", "timm_pool", "timm_proj",
@@ -52,9 +52,7 @@ def plain_vit_config(tower_cfg: Mapping[str, Any]) -> PlainViTConfig | None:
     when it is not a plain ViT (a timm tower, a ResNet, layer scale, custom attention, ...)."""
     vision = dict(tower_cfg["vision_cfg"])
     unknown = set(vision) - set(_PLAIN) - _IGNORED - set(_SIZES)
-    if unknown or any(vision.get(key, plain) != plain for key, plain in _PLAIN.items() if key != "block_type"):
-        return None
-    if vision.get("block_type") not in (None, "default"):
+    if unknown or any(vision.get(key, plain[0]) not in plain for key, plain in _PLAIN.items()):
         return None
     sizes = {key: vision.get(key, default) for key, default in _SIZES.items()}
     if not isinstance(sizes["layers"], int):
