@@ -24,11 +24,13 @@ MANIFESTS = Path(__file__).resolve().parent / "manifests"
 
 @dataclass(frozen=True)
 class Structure:
-    """One structure: its TotalSegmentator name, the phrasings it is trained under and unseen paraphrases."""
+    """One structure: its name, the phrasings it is trained under, the held-out paraphrases it is tested under and
+    (where a recipe chooses its checkpoint by wording too) validation paraphrases, neither trained nor tested."""
 
     name: str
     phrasings: tuple[str, ...]
     paraphrases: tuple[str, ...]
+    validation: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -97,24 +99,25 @@ def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
-def write_manifest(target: Path, cases: list[str], structures: tuple[Structure, ...] = STRUCTURES,
+def write_manifest(target: Path, cases: list[str | TsCase], structures: tuple[Structure, ...] = STRUCTURES,
                    all_phrasings: bool = True, lesions: Path | None = None, lesion_weight: int = 1) -> Path:
     """Write a manifest with one row per (case, structure present in it, phrasing); paths relative to ``target``.
 
+    ``cases`` are names of :data:`CASES` or cases of their own (a converter's output).
     ``all_phrasings=False`` names each structure by its canonical prompt only. ``lesions``: a manifest (such as
     ``pyradiomics.csv``) whose rows are appended with their paths rewritten, each ``lesion_weight`` times: a row is
     one target, so a lesion written four times weighs as much in an epoch as a structure named by four phrasings.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in cases:
-        case = CASES[name]
+    for entry in cases:
+        case = CASES[entry] if isinstance(entry, str) else entry
         values = label_values(case.table)
         for structure in structures:
             if structure.name not in values:
                 continue
             for text in structure.phrasings if all_phrasings else structure.phrasings[:1]:
-                rows.append({"case": name, "image": _relative(case.image, target.parent),
+                rows.append({"case": case.case, "image": _relative(case.image, target.parent),
                              "label": _relative(case.label, target.parent), "text": text,
                              "modality": case.modality, "label_value": str(values[structure.name])})
     if lesions is not None:

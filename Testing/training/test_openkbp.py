@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ PATIENTS = ("pt_1", "pt_2", "pt_3")
 LAYOUT = {"train-pats": {"pt_1": "pt_1", "pt_2": "pt_2", "pt_4": "pt_1"}, "validation-pats": {"pt_5": "pt_1"},
           "test-pats": {"pt_3": "pt_3"}}
 SPLIT_OF = {"pt_1": "train", "pt_2": "train", "pt_5": "val", "pt_3": "test"}
+#: Words that carry no anatomy: the test paraphrases may share them with the trained phrasings.
+STOPWORDS = {"the", "a", "of", "on", "in", "and", "with", "its", "patient", "s"}
 FOLDER = {"pt_1": "train", "pt_2": "train", "pt_3": "test"}  # the three real patients' output folders and manifests
 
 
@@ -194,8 +197,9 @@ def test_manifests_follow_openkbp_splits(converted):
 
 
 def test_the_recipe_manifest_names_each_organ_once_and_never_a_test_patient(converted):
-    """``recipe.csv`` (what Training/configs/headneck.toml trains on): organs only, one phrasing per patient and
-    organ, rotating over the training patients, "the NOUN" for validation, and no test patient at all."""
+    """``recipe.csv`` (what the head-and-neck recipes train on): organs only, one trained phrasing per training
+    patient and organ, rotating over the patients; each validation patient's organ by "the NOUN" and by a
+    validation paraphrase; no test patient and no test paraphrase at all."""
     _, output, _ = converted
     rows = _rows(output / "recipe.csv")
     names = {value: name for name, value in LABEL_VALUES.items()}
@@ -203,22 +207,59 @@ def test_the_recipe_manifest_names_each_organ_once_and_never_a_test_patient(conv
     assert {row["case"].split("-")[0] for row in rows} == {"pt_1", "pt_2", "pt_5"}
     assert {row["split"] for row in rows} == {"train", "val"}
     assert all(names[int(row["label_value"])] in organs for row in rows)  # no planning target volume
-    pairs = [(row["case"].split("-")[0], names[int(row["label_value"])]) for row in rows]
-    assert len(pairs) == len(set(pairs))  # each organ named once per patient
+    pairs = [(row["case"].split("-")[0], names[int(row["label_value"])], row["split"]) for row in rows]
+    training = [pair for pair in pairs if pair[2] == "train"]
+    assert len(training) == len(set(training))  # each organ named once per training patient
+    validation = [pair for pair in pairs if pair[2] == "val"]
+    assert len(validation) == 2 * len(set(validation))  # and twice per validation patient
     trainval = {(row["case"].split("-")[0], names[int(row["label_value"])]) for row in _rows(output / "trainval.csv")
                 if names[int(row["label_value"])] in organs}
-    assert set(pairs) == trainval  # every organ a patient has, no more
+    assert {pair[:2] for pair in pairs} == trainval  # every organ a patient has, no more
     for row in rows:
         structure = organs[names[int(row["label_value"])]]
-        assert row["text"] in structure.phrasings
+        assert row["text"] not in structure.paraphrases
         if row["split"] == "val":
-            assert row["text"] == structure.phrasings[0]
+            assert row["text"] in (structure.phrasings[0], *structure.validation)
+        else:
+            assert row["text"] in structure.phrasings
+    asked = {names[int(r["label_value"])]: [] for r in rows if r["split"] == "val"}
+    for row in rows:
+        if row["split"] == "val":
+            asked[names[int(row["label_value"])]].append(row["text"])
+    assert all(texts[0] == organs[organ].phrasings[0] and texts[1] in organs[organ].validation
+               for organ, texts in asked.items())
+    checked = _rows(output / "validation_organs.csv")  # the 3D check before a candidate is chosen
+    assert {row["case"].split("-")[0] for row in checked} == {"pt_5"} and {r["split"] for r in checked} == {"val"}
+    assert sorted((names[int(r["label_value"])], r["text"]) for r in checked) == sorted(
+        (organ, text) for organ in asked for text in (organs[organ].phrasings[0], *organs[organ].validation))
     first, second = ({names[int(r["label_value"])]: r["text"] for r in rows if r["case"].startswith(f"{p}-")}
                      for p in ("pt_1", "pt_2"))
     shared = set(first) & set(second)
     assert shared and all(first[s] != second[s] for s in shared)  # the phrasing turns from patient to patient
     cases = read_manifest(output / "recipe.csv")
     assert {case.split for case in cases} == {"train", "val"}
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower())) - STOPWORDS
+
+
+def test_synonyms_and_validation_paraphrases_share_no_word_with_the_test_paraphrases():
+    """Each organ is trained under four forms of its name and four synonyms and chosen on two validation
+    paraphrases; none of these twelve phrasings may carry a word of the organ's two test paraphrases that its name
+    does not carry, so the test asks for wording the network was neither trained nor chosen on."""
+    for organ in ORGANS:
+        name = _words(organ.phrasings[0])
+        assert len(organ.phrasings) == 8 and len(set(organ.phrasings)) == 8 and len(organ.validation) == 2
+        tested = set().union(*map(_words, organ.paraphrases)) - name
+        assert tested, organ.name  # each test paraphrase asks for something beyond the name
+        for text in (*organ.phrasings, *organ.validation):
+            assert not _words(text) & tested, (organ.name, text)
+        assert not {*organ.phrasings, *organ.validation} & set(organ.paraphrases)
+        assert not set(organ.phrasings) & set(organ.validation)
+    named = {organ.name: (*organ.phrasings, *organ.validation, *organ.paraphrases) for organ in ORGANS}
+    assert all("right" not in _words(text) and "dextra" not in text for text in named["LeftParotid"])
+    assert all("left" not in _words(text) and "sinistra" not in text for text in named["RightParotid"])
 
 
 def test_the_evaluation_manifests_ask_for_each_test_organ_three_ways(converted):

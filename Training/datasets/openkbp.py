@@ -86,22 +86,47 @@ RECIPE_VALIDATION_PATIENTS = 8
 FIELDS = ("case", "image", "label", "text", "split", "modality", "label_value")
 
 
-def _named(name: str, noun: str, *paraphrases: str, short: str | None = None) -> Structure:
-    """``name`` trained as "the NOUN", "SHORT" (default: NOUN), "the patient's NOUN", "segment the NOUN"."""
-    return Structure(name, (f"the {noun}", short or noun, f"the patient's {noun}", f"segment the {noun}"),
-                     paraphrases)
+def _named(name: str, noun: str, *paraphrases: str, short: str | None = None, synonyms: Sequence[str] = (),
+           validation: Sequence[str] = ()) -> Structure:
+    """``name`` trained as "the NOUN", "SHORT" (default: NOUN), "the patient's NOUN", "segment the NOUN", then its
+    ``synonyms``; tested under ``paraphrases``; checkpoints chosen on ``validation`` too."""
+    return Structure(name, (f"the {noun}", short or noun, f"the patient's {noun}", f"segment the {noun}",
+                            *synonyms), paraphrases, tuple(validation))
 
 
+#: The organs. Each is trained under four forms of its name and four synonyms, chosen on two validation paraphrases
+#: and tested under two held-out paraphrases. A synonym or validation paraphrase shares no word with the organ's
+#: test paraphrases beyond the words of its name ("the parotid on the right side": "side" is in no other phrasing),
+#: so the test still asks for wording the network never saw and was not chosen on.
 ORGANS: tuple[Structure, ...] = (
-    _named("Brainstem", "brainstem", "the brain stem", "the pons and medulla"),
-    _named("SpinalCord", "spinal cord", "spinal cord tissue", "the cord in the spinal canal"),
+    _named("Brainstem", "brainstem", "the brain stem", "the pons and medulla",
+           synonyms=("the truncus encephali", "brainstem contour", "the brainstem organ at risk",
+                     "the midbrain and hindbrain"),
+           validation=("the encephalic trunk", "brainstem outline")),
+    _named("SpinalCord", "spinal cord", "spinal cord tissue", "the cord in the spinal canal",
+           synonyms=("the myelon", "spinal cord contour", "the spinal cord organ at risk", "the cervical spinal cord"),
+           validation=("the cervical cord", "spinal cord outline")),
     _named("RightParotid", "right parotid gland", "the right parotid salivary gland", "the parotid on the right side",
-           short="right parotid"),
+           short="right parotid",
+           synonyms=("parotid gland, right", "right parotid contour", "the right parotid organ at risk",
+                     "the parotid gland on the patient's right"),
+           validation=("glandula parotidea dextra", "right parotid outline")),
     _named("LeftParotid", "left parotid gland", "the left parotid salivary gland", "the parotid on the left side",
-           short="left parotid"),
-    _named("Esophagus", "esophagus", "the oesophagus", "the gullet"),
-    _named("Larynx", "larynx", "the voice box", "the laryngeal region"),
-    _named("Mandible", "mandible", "the lower jaw", "the jawbone"),
+           short="left parotid",
+           synonyms=("parotid gland, left", "left parotid contour", "the left parotid organ at risk",
+                     "the parotid gland on the patient's left"),
+           validation=("glandula parotidea sinistra", "left parotid outline")),
+    _named("Esophagus", "esophagus", "the oesophagus", "the gullet",
+           synonyms=("the esophageal tube", "esophagus contour", "the esophagus organ at risk",
+                     "the cervical esophagus"),
+           validation=("the food pipe", "esophagus outline")),
+    _named("Larynx", "larynx", "the voice box", "the laryngeal region",
+           synonyms=("the glottis and supraglottis", "larynx contour", "the larynx organ at risk",
+                     "the larynx with its cartilages"),
+           validation=("the organ of phonation", "larynx outline")),
+    _named("Mandible", "mandible", "the lower jaw", "the jawbone",
+           synonyms=("the mandibular bone", "mandible contour", "the mandible organ at risk", "the mandibular arch"),
+           validation=("the inferior maxillary bone", "mandible outline")),
 )
 TARGETS: tuple[Structure, ...] = tuple(
     _named(f"PTV{dose}", f"{dose} Gy planning target volume", f"the planning target volume prescribed {dose} Gy",
@@ -283,9 +308,11 @@ def _rows(patients: Iterable[Patient], folder: Path, paraphrases: bool = False) 
 
 
 def _recipe_rows(patients: Sequence[Patient], folder: Path, validation_patients: int) -> list[dict[str, str]]:
-    """The organs only, each named once per patient: training patients rotate through the trained phrasings (so
-    every phrasing is seen on a quarter of the patients and an epoch is not four copies of each slice), validation
-    patients (the first ``validation_patients``) use "the NOUN"."""
+    """The organs only: each training patient names each organ once, rotating through the trained phrasings (so
+    every phrasing is seen on an eighth of the patients and an epoch is not eight copies of each slice); each
+    validation patient (the first ``validation_patients``) names each organ twice, as "the NOUN" and by one of its
+    validation paraphrases (alternating between patients), so the per-epoch choice weighs wording as much as
+    anatomy."""
     by_name = {structure.name: structure for structure in ORGANS}
     validation = [patient for patient in patients if patient.split == "validation"][:validation_patients]
     training = [patient for patient in patients if patient.split == "train"]
@@ -295,12 +322,14 @@ def _recipe_rows(patients: Sequence[Patient], folder: Path, validation_patients:
             structure = by_name.get(contour.structure)
             if structure is None:
                 continue
-            turn = 0 if patient.split == "validation" else (number + ORGANS.index(structure)) % len(
-                structure.phrasings)
-            rows.append({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
+            if patient.split == "validation":
+                texts = (structure.phrasings[0], structure.validation[number % len(structure.validation)])
+            else:
+                texts = (structure.phrasings[(number + ORGANS.index(structure)) % len(structure.phrasings)],)
+            rows.extend({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
                          "image": _relative(patient.image, folder), "label": _relative(contour.label, folder),
-                         "text": structure.phrasings[turn], "split": SPLIT_COLUMN[patient.split], "modality": "CT",
-                         "label_value": str(LABEL_VALUES[contour.structure])})
+                         "text": text, "split": SPLIT_COLUMN[patient.split], "modality": "CT",
+                         "label_value": str(LABEL_VALUES[contour.structure])} for text in texts)
     return rows
 
 
@@ -330,6 +359,24 @@ def _test_rows(patients: Sequence[Patient], folder: Path, ask: str) -> list[dict
     return rows
 
 
+def _validation_rows(patients: Sequence[Patient], folder: Path, validation_patients: int) -> list[dict[str, str]]:
+    """The recipe's validation patients' organs, each asked by its name and by each of its validation paraphrases:
+    the 3D check of a candidate's wording before it is chosen."""
+    by_name = {structure.name: structure for structure in ORGANS}
+    rows = []
+    for patient in [patient for patient in patients if patient.split == "validation"][:validation_patients]:
+        for contour in patient.contours:
+            structure = by_name.get(contour.structure)
+            if structure is None:
+                continue
+            rows.extend({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
+                         "image": _relative(patient.image, folder), "label": _relative(contour.label, folder),
+                         "text": text, "split": "val", "modality": "CT",
+                         "label_value": str(LABEL_VALUES[contour.structure])}
+                        for text in (structure.phrasings[0], *structure.validation))
+    return rows
+
+
 def _write(path: Path, rows: list[dict[str, str]]) -> tuple[Path, int]:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -344,9 +391,11 @@ def write_manifests(output: Path, patients: Sequence[Patient]) -> dict[str, tupl
     * ``train.csv``, ``validation.csv``, ``test.csv``: one per split present, each holding only its split's patients;
     * ``trainval.csv``: the train and validation rows together, the manifest to train on (its ``split`` column
       keeps OpenKBP's validation patients for validation);
-    * ``recipe.csv``: what ``Training/configs/headneck.toml`` trains on: the organs of the training patients, one
-      rotating phrasing each, and of the first :data:`RECIPE_VALIDATION_PATIENTS` validation patients for the
-      per-epoch choice;
+    * ``recipe.csv``: what the head-and-neck recipes train on: the organs of the training patients, one rotating
+      phrasing each, and of the first :data:`RECIPE_VALIDATION_PATIENTS` validation patients, by name and by a
+      validation paraphrase, for the per-epoch choice;
+    * ``validation_organs.csv``: those validation patients' organs asked by name and by both validation
+      paraphrases, for ``textseg evaluate --manifest`` before a candidate is chosen;
     * ``test_paraphrases.csv``: the test patients' structures named by their held-out paraphrases only (never in a
       training manifest);
     * ``test_organs_right.csv``, ``test_organs_swapped.csv``, ``test_organs_paraphrase.csv``: the test patients'
@@ -364,6 +413,9 @@ def write_manifests(output: Path, patients: Sequence[Patient]) -> dict[str, tupl
         written["trainval"] = _write(output / "trainval.csv", _rows(development, output))
     if any(patient.split == "train" for patient in patients):
         written["recipe"] = _write(output / "recipe.csv", _recipe_rows(patients, output, RECIPE_VALIDATION_PATIENTS))
+    if any(patient.split == "validation" for patient in patients):
+        written["validation_organs"] = _write(output / "validation_organs.csv",
+                                              _validation_rows(patients, output, RECIPE_VALIDATION_PATIENTS))
     held_out = [patient for patient in patients if patient.split == "test"]
     if held_out:
         written["test_paraphrases"] = _write(output / "test_paraphrases.csv", _rows(held_out, output, True))
