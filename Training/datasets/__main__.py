@@ -1,6 +1,7 @@
 """Convert a public data set into volumes, label maps and TextSeg manifests.
 
     python -m Training.datasets openkbp --source open-kbp/provided-data --output data/openkbp [--splits test --limit 2]
+    python -m Training.datasets totalsegmentator --source TotalSegmentator --output data/totalsegmentator-full
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from TextSegLib.io.volumes import VolumeError
+from Training.datasets import totalsegmentator
 from Training.datasets.openkbp import SPLITS, STRUCTURES, Conversion, convert, write_manifests
 
 PROGRAM = "python -m Training.datasets"
@@ -58,8 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     openkbp.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
                          help="splits to convert (default: all three)")
     openkbp.add_argument("--limit", type=_positive, help="convert only the first N patients of each split")
+    full = datasets.add_parser("totalsegmentator", help="patient A of TotalSegmentator's test references at full "
+                               "length (git clone https://github.com/wasserth/TotalSegmentator)",
+                               description="Write patient A's whole CT, its label map, label table and a manifest "
+                               "(see Training/datasets/totalsegmentator.py).")
+    full.add_argument("--source", required=True, type=Path, help="the root of a TotalSegmentator clone")
+    full.add_argument("--output", required=True, type=Path, help="folder for the volumes and the manifest")
     args = parser.parse_args(argv)
     try:
+        if args.dataset == "totalsegmentator":
+            written = totalsegmentator.convert(args.source, args.output)
+            print(f"patient A: {written.slices} slices, {len(written.structures)} structures "
+                  f"({written.case.table})\nmanifest: {written.manifest}\nabdominal mix: {written.mix}")
+            return 0
         conversion = convert(args.source, args.output, args.splits, args.limit)
         manifests = write_manifests(args.output, conversion.patients)
     except (VolumeError, OSError) as error:
