@@ -94,6 +94,15 @@ def _named(name: str, noun: str, *paraphrases: str, short: str | None = None, sy
                             *synonyms), paraphrases, tuple(validation))
 
 
+def _parotid(side: str, latin: str) -> Structure:
+    """The ``side`` ("right" or "left") parotid gland; ``latin`` is the side in its Latin validation paraphrase."""
+    return _named(f"{side.capitalize()}Parotid", f"{side} parotid gland", f"the {side} parotid salivary gland",
+                  f"the parotid on the {side} side", short=f"{side} parotid",
+                  synonyms=(f"parotid gland, {side}", f"{side} parotid contour", f"the {side} parotid organ at risk",
+                            f"the parotid gland on the patient's {side}"),
+                  validation=(f"glandula parotidea {latin}", f"{side} parotid outline"))
+
+
 #: The organs. Each is trained under four forms of its name and four synonyms, chosen on two validation paraphrases
 #: and tested under two held-out paraphrases. A synonym or validation paraphrase shares no word with the organ's
 #: test paraphrases beyond the words of its name ("the parotid on the right side": "side" is in no other phrasing),
@@ -106,16 +115,8 @@ ORGANS: tuple[Structure, ...] = (
     _named("SpinalCord", "spinal cord", "spinal cord tissue", "the cord in the spinal canal",
            synonyms=("the myelon", "spinal cord contour", "the spinal cord organ at risk", "the cervical spinal cord"),
            validation=("the cervical cord", "spinal cord outline")),
-    _named("RightParotid", "right parotid gland", "the right parotid salivary gland", "the parotid on the right side",
-           short="right parotid",
-           synonyms=("parotid gland, right", "right parotid contour", "the right parotid organ at risk",
-                     "the parotid gland on the patient's right"),
-           validation=("glandula parotidea dextra", "right parotid outline")),
-    _named("LeftParotid", "left parotid gland", "the left parotid salivary gland", "the parotid on the left side",
-           short="left parotid",
-           synonyms=("parotid gland, left", "left parotid contour", "the left parotid organ at risk",
-                     "the parotid gland on the patient's left"),
-           validation=("glandula parotidea sinistra", "left parotid outline")),
+    _parotid("right", "dextra"),
+    _parotid("left", "sinistra"),
     _named("Esophagus", "esophagus", "the oesophagus", "the gullet",
            synonyms=("the esophageal tube", "esophagus contour", "the esophagus organ at risk",
                      "the cervical esophagus"),
@@ -292,6 +293,13 @@ def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
+def _row(patient: Patient, contour: Contour, text: str, split: str, folder: Path) -> dict[str, str]:
+    """The manifest row asking for ``contour`` of ``patient`` by ``text``, paths relative to ``folder``."""
+    return {"case": f"{patient.name}-{contour.label.name.split('.')[0]}", "image": _relative(patient.image, folder),
+            "label": _relative(contour.label, folder), "text": text, "split": split, "modality": "CT",
+            "label_value": str(LABEL_VALUES[contour.structure])}
+
+
 def _rows(patients: Iterable[Patient], folder: Path, paraphrases: bool = False) -> list[dict[str, str]]:
     """One row per (patient, contour, phrasing), or per held-out paraphrase with ``paraphrases``."""
     by_name = {structure.name: structure for structure in STRUCTURES}
@@ -299,11 +307,8 @@ def _rows(patients: Iterable[Patient], folder: Path, paraphrases: bool = False) 
     for patient in patients:
         for contour in patient.contours:
             structure = by_name[contour.structure]
-            for text in structure.paraphrases if paraphrases else structure.phrasings:
-                rows.append({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
-                             "image": _relative(patient.image, folder), "label": _relative(contour.label, folder),
-                             "text": text, "split": SPLIT_COLUMN[patient.split], "modality": "CT",
-                             "label_value": str(LABEL_VALUES[contour.structure])})
+            rows.extend(_row(patient, contour, text, SPLIT_COLUMN[patient.split], folder)
+                        for text in (structure.paraphrases if paraphrases else structure.phrasings))
     return rows
 
 
@@ -326,10 +331,7 @@ def _recipe_rows(patients: Sequence[Patient], folder: Path, validation_patients:
                 texts = (structure.phrasings[0], structure.validation[number % len(structure.validation)])
             else:
                 texts = (structure.phrasings[(number + ORGANS.index(structure)) % len(structure.phrasings)],)
-            rows.extend({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
-                         "image": _relative(patient.image, folder), "label": _relative(contour.label, folder),
-                         "text": text, "split": SPLIT_COLUMN[patient.split], "modality": "CT",
-                         "label_value": str(LABEL_VALUES[contour.structure])} for text in texts)
+            rows.extend(_row(patient, contour, text, SPLIT_COLUMN[patient.split], folder) for text in texts)
     return rows
 
 
@@ -352,10 +354,7 @@ def _test_rows(patients: Sequence[Patient], folder: Path, ask: str) -> list[dict
                 continue
             text = {"right": structure.phrasings[0], "swapped": by_name[SWAPPED[structure.name]].phrasings[0],
                     "paraphrase": structure.paraphrases[number % len(structure.paraphrases)]}[ask]
-            rows.append({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
-                         "image": _relative(patient.image, folder), "label": _relative(contour.label, folder),
-                         "text": text, "split": "test", "modality": "CT",
-                         "label_value": str(LABEL_VALUES[contour.structure])})
+            rows.append(_row(patient, contour, text, "test", folder))
     return rows
 
 
@@ -369,10 +368,7 @@ def _validation_rows(patients: Sequence[Patient], folder: Path, validation_patie
             structure = by_name.get(contour.structure)
             if structure is None:
                 continue
-            rows.extend({"case": f"{patient.name}-{contour.label.name.split('.')[0]}",
-                         "image": _relative(patient.image, folder), "label": _relative(contour.label, folder),
-                         "text": text, "split": "val", "modality": "CT",
-                         "label_value": str(LABEL_VALUES[contour.structure])}
+            rows.extend(_row(patient, contour, text, "val", folder)
                         for text in (structure.phrasings[0], *structure.validation))
     return rows
 
