@@ -56,6 +56,7 @@ class DataSection:
     lvit_masks: str = ""
     lvit_texts: str = ""
     lvit_mask_name: str = "{name}"  # mask file name from the image's: "{name}", "mask_{name}", "{stem}_mask.png"
+    lvit_mask_rule: str = "majority"  # or "lvit": masks shrunk as LViT's loader does (Training.data.MASK_RULES)
     # LViT's own validation split (MoNuSeg's Val_Folder): with lvit_val_images, validation reads these and the
     # whole of lvit_images trains (val_fraction is not used); without, val_fraction of the patients is held out.
     lvit_val_images: str = ""

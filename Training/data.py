@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from TextSegLib.engine.preprocessing import IntensityMapping, IntensitySpec, Preprocessing
-from TextSegLib.io.images import lvit_items, read_image_2d, read_mask_2d
+from TextSegLib.io.images import lvit_items, lvit_mask, read_image_2d, read_mask_2d
 from TextSegLib.io.manifests import ManifestCase, ManifestError
 from TextSegLib.io.volumes import CanonicalTransform, guess_modality, read_volume
 from TextSegLib.text.features import TextEncoder, TextFeatures
 
-__all__ = ["Lvit2DDataset", "SliceDataset", "SliceItem", "TextTable", "augment", "intensity_of", "resize_mask"]
+__all__ = ["MASK_RULES", "Lvit2DDataset", "SliceDataset", "SliceItem", "TextTable", "augment", "intensity_of",
+           "resize_mask"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,22 @@ class SliceItem:
     has_lesion: bool
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Binary ``(..., H0, W0)`` mask to ``(..., H, W)`` float {0, 1}: resampled like the image, then halved."""
+#: How a mask is brought to the network's input size: "majority" (TextSeg's: resampled like the image, then halved)
+#: or "lvit" (LViT's data loader: every pixel the structure touches; :func:`TextSegLib.io.images.lvit_mask`).
+MASK_RULES = ("majority", "lvit")
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int], rule: str = "majority") -> torch.Tensor:
+    """Binary ``(..., H0, W0)`` mask to ``(..., H, W)`` float {0, 1} by ``rule`` (one of :data:`MASK_RULES`)."""
+    if rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule {rule!r}: use one of {', '.join(MASK_RULES)}")
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask.float()
     shape = mask.shape
+    if rule == "lvit":
+        flat = mask.reshape(-1, *shape[-2:]).numpy()
+        resized = np.stack([lvit_mask(plane, size) for plane in flat])
+        return torch.from_numpy(resized).float().reshape(*shape[:-2], *size)
     flat = mask.reshape(-1, 1, *shape[-2:]).float()
     shrinking = flat.shape[-2] > size[0] or flat.shape[-1] > size[1]
     out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
@@ -180,13 +192,17 @@ class Lvit2DDataset(Dataset):
     Images are read with SimpleITK (PNG, JPEG, BMP, TIFF) channels first and prepared as inference prepares them
     (:meth:`Preprocessing.prepare`): an RGB image reaches an RGB network (MMRDL, like LViT, takes 3 channels) as
     its three colours, a one-channel network as their mean. Masks are found by ``mask_name`` (``"{name}"``: same
-    file name, ``"mask_{name}"`` as in QaTa-COV19, ``"{stem}_mask.png"``...), else by base name. Items as
-    :class:`SliceDataset`; ``case`` is the patient column or the image name.
+    file name, ``"mask_{name}"`` as in QaTa-COV19, ``"{stem}_mask.png"``...), else by base name, and brought to the
+    input size by ``mask_rule`` (:data:`MASK_RULES`). Items as :class:`SliceDataset`; ``case`` is the patient
+    column or the image name.
     """
 
     def __init__(self, images: Path, masks: Path, table: Path, preprocessing: Preprocessing,
-                 mask_name: str = "{name}", names: Sequence[str] | None = None) -> None:
+                 mask_name: str = "{name}", names: Sequence[str] | None = None, mask_rule: str = "majority") -> None:
+        if mask_rule not in MASK_RULES:
+            raise ValueError(f"data.lvit_mask_rule is {mask_rule!r}: use one of {', '.join(MASK_RULES)}")
         self.preprocessing = preprocessing
+        self.mask_rule = mask_rule
         if len(preprocessing.intensity) != 1:
             raise ValueError(
                 "LViT's 2D layout says nothing of modality, so the preprocessing must have exactly one intensity entry "
@@ -204,7 +220,7 @@ class Lvit2DDataset(Dataset):
         image_path, mask_path, text, patient = self.rows[index]
         array = read_image_2d(image_path)
         x = self.preprocessing.prepare(torch.from_numpy(array)[None], self.spec.mapping(array))[0]
-        target = resize_mask(torch.from_numpy(read_mask_2d(mask_path))[None], self.preprocessing.size)
+        target = resize_mask(torch.from_numpy(read_mask_2d(mask_path))[None], self.preprocessing.size, self.mask_rule)
         return {"image": x.contiguous(), "target": target, "text": text, "case": patient, "slice": 0}
 
 

@@ -159,12 +159,14 @@ class Trainer:
             self.train_cases, self.val_cases = [c.case for c in train_cases], [c.case for c in val_cases]
         elif data.lvit_images:
             full = Lvit2DDataset(self.config.resolve(data.lvit_images), self.config.resolve(data.lvit_masks),
-                                 self.config.resolve(data.lvit_texts), self.preprocessing, data.lvit_mask_name)
+                                 self.config.resolve(data.lvit_texts), self.preprocessing, data.lvit_mask_name,
+                                 mask_rule=data.lvit_mask_rule)
             patients = sorted({row[3] for row in full.rows})
             if data.lvit_val_images:
                 held = Lvit2DDataset(self.config.resolve(data.lvit_val_images),
                                      self.config.resolve(data.lvit_val_masks or data.lvit_masks),
-                                     self.config.resolve(data.lvit_val_texts), self.preprocessing, data.lvit_mask_name)
+                                     self.config.resolve(data.lvit_val_texts), self.preprocessing, data.lvit_mask_name,
+                                     mask_rule=data.lvit_mask_rule)
                 val_patients = sorted({row[3] for row in held.rows})
                 shared = set(patients) & set(val_patients)
                 if shared:

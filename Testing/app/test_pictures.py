@@ -69,21 +69,21 @@ def run(args, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def _probability(checkpoint: Path, image: np.ndarray, text: str) -> np.ndarray:
+def _probability(checkpoint: Path, image: np.ndarray, text: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """The checkpoint's probability, computed here without the engine: colours to [0, 1], 224 x 224, the network,
-    logits back to the tile's size."""
+    logits back to the tile's size (or to ``size``)."""
     model = load_model(checkpoint, "cpu")
     x = F.interpolate(torch.from_numpy(image)[None] / 255.0, size=(224, 224), mode="bilinear", align_corners=False,
                       antialias=True)
     with torch.no_grad():
         logits = model.network(x, model.text_encoder.encode([text]))
-    logits = F.interpolate(logits.float(), size=image.shape[1:], mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits.float(), size=size or image.shape[1:], mode="bilinear", align_corners=False)
     return torch.sigmoid(logits)[0, 0].numpy()
 
 
-def _by_hand(checkpoint: Path, image: np.ndarray, text: str) -> np.ndarray:
+def _by_hand(checkpoint: Path, image: np.ndarray, text: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """The mask: the probability above the checkpoint's threshold."""
-    return _probability(checkpoint, image, text) > load_model(checkpoint, "cpu").info.threshold
+    return _probability(checkpoint, image, text, size) > load_model(checkpoint, "cpu").info.threshold
 
 
 def test_segment_writes_one_mask_png_per_picture_on_its_grid(tiles, checkpoint, tmp_path, capsys):
@@ -129,6 +129,39 @@ def test_evaluate_lvit_scores_each_picture_with_its_own_sentence(tiles, checkpoi
         assert row["iou"] == pytest.approx(overlap / (predicted + actual - overlap), abs=2e-3)
     assert scores["summary"]["dice"] == pytest.approx(np.mean([r["dice"] for r in rows.values()]))
     assert scores["summary"]["iou"] == pytest.approx(np.mean([r["iou"] for r in rows.values()]))
+
+
+def test_evaluate_lvit_at_the_input_size_scores_as_lvits_test_script(tiles, checkpoint, tmp_path, capsys):
+    """``--lvit-size 224``: each tile segmented at 224 x 224 and scored there against its mask as LViT's loader
+    shrinks it with OpenCV (every pixel above 0 after a bilinear resize), the protocol of MMRDL's Table 1."""
+    import cv2
+
+    table = tmp_path / "scores.json"
+    code, stdout, _ = run(["evaluate", "--lvit", tiles, "--lvit-size", 224, "-m", checkpoint, "--device", "cpu",
+                           "--fp32", "--json", table], capsys)
+    assert code == 0, stdout
+    rows = {row["case"]: row for row in json.loads(table.read_text())["cases"]}
+    full = {row["case"]: row for row in _scores(tiles, checkpoint, tmp_path, capsys)}
+    for item in lvit_folder(tiles):
+        row = rows[Path(item.name).stem]
+        reference = cv2.resize(cv2.imread(str(item.mask), cv2.IMREAD_GRAYSCALE), (224, 224)) > 0
+        prediction = _by_hand(checkpoint, read_image_2d(item.image), item.text, (224, 224))
+        overlap, predicted = (prediction & reference).sum(), prediction.sum()
+        assert row["reference_voxels"] == reference.sum() and row["prediction_voxels"] <= 224 * 224
+        assert row["dice"] == pytest.approx(2 * overlap / (predicted + reference.sum()), abs=2e-3)
+        assert row["dice"] != pytest.approx(full[row["case"]]["dice"], abs=1e-3)  # another protocol, another score
+    for wrong in (["--lvit-size", "0"], ["--lvit-size", "224", tiles / "labelcol", tiles / "labelcol"]):
+        code, _, stderr = run(["evaluate", *wrong, *([] if len(wrong) > 2 else ["--lvit", tiles]), "-m", checkpoint],
+                              capsys)
+        assert code != 0 and stderr.count("\n") == 1 and "--lvit-size" in stderr
+
+
+def _scores(tiles: Path, checkpoint: Path, tmp_path: Path, capsys) -> list[dict]:
+    """``textseg evaluate --lvit`` at the tiles' own size: its rows."""
+    table = tmp_path / "full.json"
+    assert run(["evaluate", "--lvit", tiles, "-m", checkpoint, "--device", "cpu", "--fp32", "--json", table],
+               capsys)[0] == 0
+    return json.loads(table.read_text())["cases"]
 
 
 @pytest.mark.parametrize("removed, added", [(5000, 0), (3000, 7000)])

@@ -9,7 +9,7 @@ import torch
 from testkit import MONUSEG, MONUSEG_TILES, monuseg_folder
 
 from TextSegLib.engine.preprocessing import IntensitySpec, Preprocessing
-from TextSegLib.io.images import lvit_folder, read_image_2d, read_mask_2d, write_mask_2d
+from TextSegLib.io.images import lvit_folder, lvit_mask, read_image_2d, read_mask_2d, write_mask_2d
 from TextSegLib.io.manifests import ManifestError
 from TextSegLib.io.volumes import VolumeError
 
@@ -70,3 +70,21 @@ def test_written_masks_are_8_bit_0_and_255(tmp_path):
     array = sitk.GetArrayFromImage(written)
     assert set(np.unique(array)) == {0, 255}
     np.testing.assert_array_equal(array != 0, mask)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (256, 200)])
+def test_lvit_mask_is_what_lvits_loader_makes_with_opencv(size):
+    """LViT's Load_Dataset.py shrinks a mask with ``cv2.resize`` (bilinear) and keeps every pixel above 0: the same
+    pixels on every MoNuSeg mask, and more foreground than a majority rule (each nucleus grows)."""
+    import cv2
+
+    masks = sorted(MONUSEG.glob("*_Folder/labelcol/*.png"))
+    assert len(masks) == 44
+    for path in masks:
+        expected = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), size[::-1]) > 0  # cv2 takes (W, H)
+        shrunk = lvit_mask(read_mask_2d(path), size)
+        assert shrunk.shape == size and shrunk.dtype == bool
+        np.testing.assert_array_equal(shrunk, expected, err_msg=path.name)
+        full = read_mask_2d(path)
+        assert shrunk.mean() > full.mean()
+    np.testing.assert_array_equal(lvit_mask(full, full.shape), full)

@@ -11,6 +11,7 @@ import torch
 from testkit import MONUSEG_TILES, monuseg_folder, write_dicom_series
 
 from TextSegLib.engine.preprocessing import Preprocessing
+from TextSegLib.io.images import lvit_mask, read_mask_2d
 from TextSegLib.io.manifests import ManifestError, read_manifest
 from TextSegLib.models.registry import get_spec
 from Training.config import load_config
@@ -173,3 +174,22 @@ def test_lvit_layout_gives_rgb_networks_the_colours(tmp_path):
         assert (image[0] - image[2]).abs().mean() > 0.05  # red and blue differ in H&E
         torch.testing.assert_close(grey[index]["image"], image.mean(dim=0, keepdim=True), atol=1e-5, rtol=0)
         assert 0.05 < float(item["target"].mean()) < 0.5
+
+
+def test_lvit_layout_shrinks_masks_by_the_rule_asked(tmp_path):
+    """``mask_rule="lvit"`` (the MoNuSeg recipes) gives the targets LViT trains and tests on, each nucleus grown by
+    the pixels it touches; the default keeps pixels at least half covered; another rule is refused."""
+    folder = monuseg_folder(tmp_path / "two")
+    spec = {"size": [224, 224], "intensity": {"RGB": {"kind": "window", "low": 0.0, "high": 255.0}}}
+    preprocessing = Preprocessing.from_metadata(spec, channels=3)
+    args = (folder / "img", folder / "labelcol", folder / "text.csv", preprocessing)
+    majority, lvit = Lvit2DDataset(*args), Lvit2DDataset(*args, mask_rule="lvit")
+    for index, (image, mask, _, _) in enumerate(lvit.rows):
+        target = lvit[index]["target"]
+        assert target.shape == (1, 224, 224)
+        np.testing.assert_array_equal(target[0].numpy() != 0, lvit_mask(read_mask_2d(mask), (224, 224)))
+        smaller = majority[index]["target"]
+        assert float((smaller * target).sum() / smaller.sum()) > 0.97  # nearly every half-covered pixel is kept
+        assert float(target.mean()) > float(smaller.mean()) * 1.05
+    with pytest.raises(ValueError, match="lvit_mask_rule"):
+        Lvit2DDataset(*args, mask_rule="nearest")

@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--manifest", help="a dataset manifest (CSV/JSONL): segment its cases with --model")
     evaluate.add_argument("--lvit", help="an LViT-layout folder (img/, labelcol/, a text table; e.g. MoNuSeg's "
                           "Test_Folder): segment each picture with its own sentence with --model")
+    evaluate.add_argument("--lvit-size", type=int, metavar="N", help="with --lvit: score at N x N as LViT's test "
+                          "script and MMRDL's paper do (each picture shrunk to N x N before it is segmented, its mask "
+                          "by LViT's rule: every pixel a structure touches); default: at each picture's own size")
     evaluate.add_argument("-m", "--model", action="append", help="with --manifest or --lvit: catalogue id or "
                           "checkpoint (repeat for an ensemble)")
     evaluate.add_argument("--split", choices=["train", "val"], help="with --manifest: only this split (as "

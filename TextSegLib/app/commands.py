@@ -233,6 +233,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         read += [p for case in read_manifest(args.manifest) for p in (case.image, case.label) if p is not None]
     check_outputs([path for path, _ in tables], [f for p in read for f in _files(p)], args.overwrite)
+    if args.lvit_size is not None and (not args.lvit or args.lvit_size < 1):
+        raise UsageError("--lvit-size goes with --lvit and is a positive number of pixels, e.g. --lvit-size 224.")
     if args.lvit:
         if args.manifest or args.prediction or args.reference:
             raise UsageError("Give --lvit (with --model) alone, without --manifest or a prediction and a reference.")
@@ -244,8 +246,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         items = lvit_folder(args.lvit)
         segmenter = Segmenter(args.model, options, Catalogue(args.models_dir))
+        size = None if args.lvit_size is None else (args.lvit_size, args.lvit_size)
         rows = evaluation.evaluate_lvit(segmenter, items, progress=lambda name: print(f"Segmenting {name}",
-                                                                                        file=sys.stderr))
+                                                                                        file=sys.stderr), size=size)
         for note in segmenter.notes:
             NOTES.note(note)
     elif args.manifest:

@@ -34,6 +34,7 @@ __all__ = [
     "IntensityMapping",
     "IntensitySpec",
     "Preprocessing",
+    "resample",
 ]
 
 _KINDS = ("window", "minmax", "percentile", "zscore")
@@ -146,9 +147,17 @@ class Preprocessing:
             if self.channels != 1:
                 raise ValueError(f"this model takes {self.channels}-channel images, not {given} channels")
             x = x.mean(dim=1, keepdim=True)
-        if tuple(x.shape[-2:]) != self.size:
-            shrinking = x.shape[-2] > self.size[0] or x.shape[-1] > self.size[1]
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=shrinking)
+        x = resample(x, self.size)
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
         return x
+
+
+def resample(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, C, H0, W0)`` float images to ``(B, C, H, W)``: bilinear, antialiased when shrinking (as every model's
+    input is made); the same tensor when the size is already ``size``."""
+    size = tuple(size)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    shrinking = images.shape[-2] > size[0] or images.shape[-1] > size[1]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrinking)

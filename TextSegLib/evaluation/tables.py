@@ -156,11 +156,20 @@ def evaluate_manifest(engine, cases, progress: Callable[[str], None] | None = No
     return rows
 
 
-def evaluate_lvit(engine, items, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def evaluate_lvit(engine, items, progress: Callable[[str], None] | None = None,
+                  size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Segment every image of an LViT-layout folder (:func:`TextSegLib.io.images.lvit_folder`) with its own
-    sentence and compare with its mask at the image's own size (pixels of side 1). One row per image, named by
-    the image's base name; ``engine`` needs ``segment_image`` (a :class:`~TextSegLib.engine.run.Segmenter`)."""
-    from TextSegLib.io.images import read_image_2d, read_mask_2d
+    sentence and compare with its mask (pixels of side 1). One row per image, named by the image's base name;
+    ``engine`` needs ``segment_image`` (a :class:`~TextSegLib.engine.run.Segmenter`).
+
+    By default at the image's own size. With ``size`` ``(H, W)``, as LViT's test script (which MMRDL's paper
+    follows) scores: the image is shrunk to ``size`` before it is segmented (as every model's input is made:
+    :func:`~TextSegLib.engine.preprocessing.resample`), its mask by LViT's rule
+    (:func:`~TextSegLib.io.images.lvit_mask`), and the two compared at that size."""
+    import torch
+
+    from TextSegLib.engine.preprocessing import resample
+    from TextSegLib.io.images import lvit_mask, read_image_2d, read_mask_2d
 
     rows = []
     for item in items:
@@ -169,6 +178,9 @@ def evaluate_lvit(engine, items, progress: Callable[[str], None] | None = None) 
             progress(name)
         image = read_image_2d(item.image)
         reference = read_mask_2d(item.mask)
+        if size is not None:
+            image = resample(torch.from_numpy(image)[None], size)[0].numpy()
+            reference = lvit_mask(reference, size)
         result = engine.segment_image(image, item.text)
         pixel = (1.0, 1.0, 1.0)
         row = _compare(name, result.mask != 0, pixel, reference[None], pixel)

@@ -31,6 +31,7 @@ __all__ = [
     "is_image_2d",
     "lvit_folder",
     "lvit_items",
+    "lvit_mask",
     "read_image_2d",
     "read_mask_2d",
     "read_text_table",
@@ -75,6 +76,25 @@ def read_mask_2d(path: str | os.PathLike[str]) -> np.ndarray:
     """A 2D mask as ``(H, W)`` bool: pixels nonzero in any channel."""
     array, components = _read(Path(path))
     return array != 0 if components == 1 else (array != 0).any(axis=-1)
+
+
+def lvit_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An ``(H0, W0)`` mask at ``size`` ``(H, W)`` as LViT's data loader makes it (``Load_Dataset.py``, which MMRDL's
+    paper follows for training and testing): the 8-bit mask (0 and 255) resized bilinearly without antialiasing
+    (OpenCV's ``INTER_LINEAR``; PyTorch's bilinear with ``align_corners=False`` gives the same pixels), then every
+    pixel above 0 after rounding to 8 bits kept. A shrunk mask thus holds every pixel that a structure touches at
+    all: on MoNuSeg's 1000 x 1000 tiles at 224 x 224 about an eighth more foreground than a majority rule.
+    Returns ``(H, W)`` bool."""
+    import torch
+    import torch.nn.functional as F
+
+    size = tuple(size)
+    mask = np.asarray(mask) != 0
+    if mask.shape == size:
+        return mask
+    scaled = torch.from_numpy(mask.astype(np.float32) * 255.0)[None, None]
+    resized = F.interpolate(scaled, size=size, mode="bilinear", align_corners=False)[0, 0]
+    return (resized > 0.5).numpy()
 
 
 def write_mask_2d(path: str | os.PathLike[str], mask: np.ndarray) -> None:
