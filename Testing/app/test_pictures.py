@@ -164,6 +164,32 @@ def _scores(tiles: Path, checkpoint: Path, tmp_path: Path, capsys) -> list[dict]
     return json.loads(table.read_text())["cases"]
 
 
+def test_an_fp16_copy_segments_as_the_checkpoint_does(tiles, checkpoint, tmp_path, capsys):
+    """Training/half.py: half the file, the same settings, and on both real tiles the same masks (Dice above 0.99)
+    but for pixels at the threshold; a weight fp16 cannot hold stops it with one line and no file."""
+    from TextSegLib.engine.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
+    from Training.half import main as half
+
+    copy = tmp_path / "half.safetensors"
+    assert half([str(checkpoint), str(copy)]) == 0
+    assert copy.stat().st_size < 0.55 * checkpoint.stat().st_size
+    original, halved = read_checkpoint_info(checkpoint), read_checkpoint_info(copy)
+    assert (halved.config, halved.threshold, halved.preprocessing) == (original.config, original.threshold,
+                                                                        original.preprocessing)
+    for item in lvit_folder(tiles):
+        image = read_image_2d(item.image)
+        full, reduced = _by_hand(checkpoint, image, item.text), _by_hand(copy, image, item.text)
+        assert 0.01 < full.mean() < 0.99  # a two-step network: its probabilities crowd the threshold
+        assert 2 * (full & reduced).sum() / (full.sum() + reduced.sum()) > 0.99
+    assert half([str(checkpoint), str(copy)]) == 1 and "--overwrite" in capsys.readouterr().err
+    network, info = load_checkpoint(checkpoint)
+    next(network.parameters()).data.view(-1)[0] = 1e6
+    with pytest.raises(ValueError, match="beyond 65504"):
+        save_checkpoint(tmp_path / "big.safetensors", network, architecture=info.architecture,
+                        text_encoder=info.text_encoder, preprocessing=info.preprocessing, weights_dtype=torch.float16)
+    assert not (tmp_path / "big.safetensors").exists()
+
+
 @pytest.mark.parametrize("removed, added", [(5000, 0), (3000, 7000)])
 def test_dice_and_iou_of_a_real_mask_with_a_known_perturbation(tmp_path, capsys, removed, added):
     """A real MoNuSeg mask against itself with ``removed`` of its pixels dropped and ``added`` background pixels

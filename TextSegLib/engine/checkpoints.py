@@ -210,12 +210,15 @@ def save_checkpoint(
     description: str = "",
     example_prompts: Iterable[str] = (),
     training: Mapping[str, Any] | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> CheckpointInfo:
     """Write ``model`` and its metadata to one ``.safetensors`` file (atomically: a temporary file is renamed).
 
     ``model.config`` must be the architecture's config dataclass; an :class:`~TextSegLib.models.ensemble.Ensemble`
     of such networks is saved as one model. ``preprocessing`` defaults to the architecture's registered default (the
-    paper's). Returns the written checkpoint's info (with its SHA-256).
+    paper's). ``weights_dtype`` (e.g. ``torch.float16``) stores the floating-point tensors in that type (loading
+    casts them back to the network's); a value it cannot hold raises ``ValueError``. Returns the written
+    checkpoint's info (with its SHA-256).
     """
     from safetensors.torch import save_file
 
@@ -229,6 +232,14 @@ def save_checkpoint(
         for key, value in model.state_dict().items()
         if not (external and key.startswith(external))
     }
+    if weights_dtype is not None:
+        largest = torch.finfo(weights_dtype).max
+        too_large = sorted(key for key, value in state.items()
+                           if value.is_floating_point() and bool((value.abs() > largest).any()))
+        if too_large:
+            raise ValueError(f"Cannot store the weights as {weights_dtype}: {too_large[0]} holds values beyond "
+                             f"{largest:g}.")
+        state = {key: value.to(weights_dtype) if value.is_floating_point() else value for key, value in state.items()}
     info = CheckpointInfo(
         architecture=architecture,
         config=json.loads(json.dumps(dataclasses.asdict(config))),
