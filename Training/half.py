@@ -3,8 +3,8 @@ and the device computes as it would with the fp32 file), for the catalogue's siz
 
     python Training/half.py runs/monuseg-mmrdl-text/model.safetensors TextSegLib/weights/monuseg-mmrdl.safetensors
 
-Settings, description and training summary are kept; the summary records which file the weights were halved from
-(its SHA-256). A weight beyond fp16's range stops the copy with one line.
+Settings, description (unless --description replaces it) and training summary are kept; the summary records
+which file the weights were halved from (its SHA-256). A weight beyond fp16's range stops the copy with one line.
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from TextSegLib.engine.checkpoints import (
 __all__ = ["halve", "main"]
 
 
-def halve(source: Path, target: Path) -> CheckpointInfo:
-    """Write ``source``'s network with fp16 weights to ``target``; returns the new checkpoint's info."""
+def halve(source: Path, target: Path, description: str | None = None) -> CheckpointInfo:
+    """Write ``source``'s network with fp16 weights to ``target`` (with ``description`` in place of its own, if
+    given); returns the new checkpoint's info."""
     network, info = load_checkpoint(source)
     return save_checkpoint(
         target, network, architecture=info.architecture, text_encoder=info.text_encoder,
         preprocessing=info.preprocessing, orientation=info.orientation, threshold=info.threshold,
-        components=info.components, name=info.name, description=info.description,
+        components=info.components, name=info.name,
+        description=info.description if description is None else description,
         example_prompts=info.example_prompts, training={**info.training, "halved_from_sha256": file_sha256(source)},
         weights_dtype=torch.float16,
     )
@@ -46,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("checkpoint", type=Path, help="a TextSeg .safetensors checkpoint")
     parser.add_argument("output", type=Path, help="the fp16 copy to write")
+    parser.add_argument("--description", help="the description `textseg models` shows, in place of the checkpoint's "
+                        "(e.g. to name the licence of the data it was trained on)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
     if args.output.exists() and not args.overwrite:
         print(f"{args.output} exists; give --overwrite to replace it.", file=sys.stderr)
         return 1
     try:
-        info = halve(args.checkpoint, args.output)
+        info = halve(args.checkpoint, args.output, args.description)
     except (CheckpointError, ValueError) as error:
         print(error, file=sys.stderr)
         return 1

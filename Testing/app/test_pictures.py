@@ -171,11 +171,12 @@ def test_an_fp16_copy_segments_as_the_checkpoint_does(tiles, checkpoint, tmp_pat
     from Training.half import main as half
 
     copy = tmp_path / "half.safetensors"
-    assert half([str(checkpoint), str(copy)]) == 0
+    assert half([str(checkpoint), str(copy), "--description", "Nuclei; CC BY-NC-SA 4.0"]) == 0
     assert copy.stat().st_size < 0.55 * checkpoint.stat().st_size
     original, halved = read_checkpoint_info(checkpoint), read_checkpoint_info(copy)
     assert (halved.config, halved.threshold, halved.preprocessing) == (original.config, original.threshold,
                                                                         original.preprocessing)
+    assert halved.description == "Nuclei; CC BY-NC-SA 4.0" and original.description != halved.description
     for item in lvit_folder(tiles):
         image = read_image_2d(item.image)
         full, reduced = _by_hand(checkpoint, image, item.text), _by_hand(copy, image, item.text)
