@@ -67,7 +67,7 @@ def test_the_shipped_checkpoint_comes_with_its_config_and_log():
     assert log.count("\n") == SHIPPED_EPOCHS + 1  # header + one line an epoch
     assert (SHIPPED_MODELS_DIR / f"{DEMO_MODEL}.toml").read_text().count(f"epochs = {SHIPPED_EPOCHS}") == 1
     assert sorted(entry.id for entry in Catalogue().entries() if entry.shipped) == [
-        DEMO_MODEL, "headneck-freqmedclip-small"]
+        DEMO_MODEL, "headneck-freqmedclip-small", "monuseg-mmrdl"]
 
 
 @pytest.fixture(scope="module")

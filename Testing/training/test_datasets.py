@@ -184,7 +184,7 @@ def test_lvit_layout_shrinks_masks_by_the_rule_asked(tmp_path):
     preprocessing = Preprocessing.from_metadata(spec, channels=3)
     args = (folder / "img", folder / "labelcol", folder / "text.csv", preprocessing)
     majority, lvit = Lvit2DDataset(*args), Lvit2DDataset(*args, mask_rule="lvit")
-    for index, (image, mask, _, _) in enumerate(lvit.rows):
+    for index, (_, mask, _, _) in enumerate(lvit.rows):
         target = lvit[index]["target"]
         assert target.shape == (1, 224, 224)
         np.testing.assert_array_equal(target[0].numpy() != 0, lvit_mask(read_mask_2d(mask), (224, 224)))
