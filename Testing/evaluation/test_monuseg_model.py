@@ -21,7 +21,8 @@ README = Path(__file__).parents[2] / "README.md"
 
 def _readme_row() -> list[str]:
     """The cells of the README's MoNuSeg table row for the shipped model."""
-    (line,) = [line for line in README.read_text().splitlines() if line.startswith("|") and f"`{MODEL}`" in line]
+    lines = README.read_text(encoding="utf-8").splitlines()
+    (line,) = [line for line in lines if line.startswith("|") and f"`{MODEL}`" in line]
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
@@ -50,8 +51,9 @@ def test_the_readme_s_test_figures_come_from_textseg_evaluate(tmp_path, capsys, 
     assert main(["evaluate", "--lvit", str(MONUSEG / "Test_Folder"), *size, "-m", MODEL, "--device", "cpu",
                  "--fp32", "--json", str(table)]) == 0
     capsys.readouterr()
-    summary = json.loads(table.read_text())["summary"]
-    assert len(json.loads(table.read_text())["cases"]) == 14
+    scores = json.loads(table.read_text(encoding="utf-8"))
+    summary = scores["summary"]
+    assert len(scores["cases"]) == 14
     row = _readme_row()
     dice, iou = (float(re.sub(r"[^0-9.]", "", row[column])) for column in columns)
     assert 100 * summary["dice"] == pytest.approx(dice, abs=0.006)
