@@ -8,7 +8,8 @@ slices per second and peak memory for
   (a) a naive loop: one slice at a time, fp32, the prompt re-encoded for every slice, and
   (b) the engine as users get it (``InferenceEngine`` with its defaults),
 
-with the ratio b/a and the best batch size; then training throughput (forward, backward and AdamW step), and the
+with the ratio b/a and the best batch size; then training throughput (forward, backward and AdamW step, as the
+trainer takes it: in bf16 autocast where ``train.amp`` gives bf16, and again in fp32 for comparison), and the
 end-to-end time of ``textseg segment`` (a fresh process: start-up, model and text encoder loading, reading,
 segmenting, writing) on the real lung2 CT and on a 512 x 512 x 300 CT made from it, plus the engine's time on that
 volume once the model is loaded. On CUDA it adds the measured bf16 matrix rate and the achieved TFLOP/s of each
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,10 @@ from TextSegLib.io.volumes import CanonicalTransform, Volume, read_volume, write
 from TextSegLib.models.registry import create_model, get_spec, preset_config
 from TextSegLib.text.features import TextFeatures
 from TextSegLib.text.sources import load_text_encoder
+
+if __package__ in (None, ""):  # run as a script: the trainer's package lies beside this folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from Training.trainer import adamw, amp_dtype, training_precision
 
 LUNG2 = DEMO_DIR / "lung2_image.nrrd"  # the real lung2 CT, packaged with TextSeg for the demo
 PROMPT = "a large soft-tissue mass in the posterior left lower lung"
@@ -194,19 +200,21 @@ def engine_rate(loaded: LoadedModel, volume: Volume, batch_size: int | None, com
     return volume.array.shape[0] / (time.perf_counter() - started)
 
 
-def training_rate(loaded: LoadedModel, batch: int, seconds: float) -> float:
-    """Slices per second of forward, loss, backward and AdamW step on random slices (AMP on CUDA)."""
+def training_rate(loaded: LoadedModel, batch: int, seconds: float, amp: bool = True) -> float:
+    """Slices per second of forward, loss, backward and AdamW step on random slices, in the trainer's precision
+    (``Training.trainer.training_precision``: bf16 on CUDA and on CPUs with native bf16, there with the
+    normalisation layers in fp32; fp32 with ``amp=False``) and with its optimizer (``Training.trainer.adamw``)."""
     device = loaded.device
     network = loaded.network
     network.train()
     loss_fn = get_spec(loaded.info.architecture).loss(network.config)
-    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = adamw([p for p in network.parameters() if p.requires_grad], device, lr=1e-4)
+    dtype = training_precision(network, device, amp)
     images = torch.rand(batch, loaded.preprocessing.channels, *loaded.preprocessing.size, device=device)
     targets = (torch.rand(batch, 1, *loaded.preprocessing.size, device=device) > 0.9).float()
     text = loaded.text_encoder.encode([PROMPT]).expand(batch)
     text = TextFeatures(text.tokens.contiguous(), text.mask.contiguous(), text.pooled.contiguous())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     done, started = -1, 0.0
     while done < 0 or time.perf_counter() - started < seconds or done < 2 * batch:
         with autocast:
@@ -312,6 +320,7 @@ def main() -> None:
                      f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__, "networks": {}}
     if device.type == "cuda":
         figures["bf16_matrix_tflops"] = bf16_matrix_rate(device)
+    figures["training_precision"] = str(amp_dtype(device) or torch.float32).removeprefix("torch.")
     batch_sizes = [int(b) for b in (args.batch_sizes or ("8,32,128" if cuda else "1,2,4,8")).split(",")]
     with tempfile.TemporaryDirectory() as scratch:
         for label in args.networks.split(","):
@@ -336,8 +345,12 @@ def main() -> None:
             if args.compile:
                 row["engine_compiled"] = stage(label, "compiled slices/s", engine_rate, loaded, slab, None, True)
             if not args.skip_training:
-                row["training"] = stage(label, "training slices/s", training_rate, loaded,
-                                        16 if device.type == "cuda" else 4, args.seconds)
+                training_batch = 16 if device.type == "cuda" else 4
+                row["training"] = stage(label, "training slices/s", training_rate, loaded, training_batch,
+                                        args.seconds)
+                if amp_dtype(device) is not None:
+                    row["training_fp32"] = stage(label, "training slices/s fp32", training_rate, loaded,
+                                                 training_batch, args.seconds, False)
             if device.type == "cuda":
                 row["tflops"] = row["gflops"] * max(row["engine"], *row["sweep"].values()) / 1e3
             figures["networks"][label] = row
@@ -380,7 +393,10 @@ def report(figures: dict, batch_sizes: list[int]) -> None:
     header = ("| network | params (M), trainable | GFLOPs/slice | naive slices/s | engine slices/s (batch) | "
               "engine/naive | "
               + " | ".join(f"batch {b}" for b in batch_sizes) + " | peak memory naive / engine (MB) |")
-    extra = (" training slices/s |" if any("training" in r for r in figures["networks"].values()) else "")
+    rows = figures["networks"].values()
+    extra = (" training slices/s |" if any("training" in r for r in rows) else "")
+    extra += (f" training slices/s in fp32 ({figures['training_precision']} above) |"
+              if any("training_fp32" in r for r in rows) else "")
     extra += " TFLOP/s |" if gpu else ""
     print(header + extra)
     print("|---" * (header.count("|") - 1 + extra.count("|")) + "|")
@@ -392,6 +408,8 @@ def report(figures: dict, batch_sizes: list[int]) -> None:
                  f"{row['naive_memory_mb']:.0f} / {row['engine_memory_mb']:.0f}"]
         if "training" in row:
             cells.append(f"{row['training']:.2f}")
+        if "training_fp32" in row:
+            cells.append(f"{row['training_fp32']:.2f}")
         if gpu:
             cells.append(f"{row['tflops']:.1f}")
         print("| " + " | ".join(cells) + " |")

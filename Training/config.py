@@ -92,7 +92,7 @@ class TrainSection:
     epochs: int = 200
     batch_size: int = 32
     accumulation: int = 1
-    amp: bool = True
+    amp: bool = True  # autocast to bf16 on CUDA and on CPUs with native bf16 (trainer.amp_dtype); false: fp32
     clip_grad_norm: float | None = 1.0
     seed: int = 0
     early_stop_patience: int | None = None

@@ -27,6 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from TextSegLib import __version__
 from TextSegLib.core.messages import first_line
 from TextSegLib.engine.checkpoints import load_checkpoint, save_checkpoint
+from TextSegLib.engine.devices import cpu_has_native_bf16
 from TextSegLib.engine.preprocessing import Preprocessing
 from TextSegLib.evaluation.metrics import dice_from_counts, iou_from_counts
 from TextSegLib.io.manifests import read_manifest, split_patients
@@ -55,6 +56,54 @@ class _TrainForward(nn.Module):
 
     def forward(self, image, tokens, mask, pooled) -> dict[str, torch.Tensor]:
         return self.network.forward_train(image, TextFeatures(tokens, mask, pooled))
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast type ``train.amp`` trains in on ``device``: bf16 on CUDA (fp16, with loss scaling, where bf16 is
+    missing) and on CPUs that compute bf16 natively (AVX512-BF16 or AMX, the engine's rule for inference); None
+    (fp32) on other CPUs, where bf16 is emulated and slower. Weights, gradients and the optimizer stay fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+# The normalisation layers that CPU autocast leaves in bf16: CUDA's autocast runs layer and group norm in fp32, the
+# CPU's runs them in their input's type (checked on torch 2.15: F.layer_norm, F.group_norm and F.batch_norm of a bf16
+# convolution output give bf16 under torch.autocast("cpu", torch.bfloat16)). In bf16 the gradients of their scales and
+# shifts, sums over every pixel of terms that nearly cancel, lose their sign: on MoNuSeg tiles MMRDL's Enc_P
+# LayerNorms got gradients at cosine -0.4 to 0.8 with fp32's (Testing/training/test_precision.py).
+NORMALISATIONS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _inputs_in_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def normalise_in_fp32(network: nn.Module) -> int:
+    """Make every normalisation layer of ``network`` compute in fp32 under autocast, as CUDA's autocast does for
+    layer norms: its input is cast to fp32, so the layer and its backward run in fp32 and the next convolution or
+    linear layer casts back to bf16. Returns how many layers were hooked."""
+    layers = [m for m in network.modules() if isinstance(m, NORMALISATIONS)]
+    for layer in layers:
+        layer.register_forward_pre_hook(_inputs_in_fp32)
+    return len(layers)
+
+
+def training_precision(network: nn.Module, device: torch.device, amp: bool = True) -> torch.dtype | None:
+    """The autocast type to train ``network`` in on ``device`` (:func:`amp_dtype`; None: fp32, also when ``amp`` is
+    false), with its normalisation layers in fp32 where that type is the CPU's bf16 (:func:`normalise_in_fp32`)."""
+    dtype = amp_dtype(device) if amp else None
+    if dtype is not None and device.type == "cpu":
+        normalise_in_fp32(network)
+    return dtype
+
+
+def adamw(parameters: list[nn.Parameter], device: torch.device, **options: Any) -> torch.optim.AdamW:
+    """AdamW as the trainer steps it: on the CPU the fused update (one pass over each tensor instead of a dozen
+    element-wise ones, the same arithmetic); elsewhere PyTorch's default (foreach on CUDA, as tested there)."""
+    return torch.optim.AdamW(parameters, fused=True if device.type == "cpu" else None, **options)
 
 
 def cosine_schedule(lr: float, min_lr: float, t_max: int, restarts: bool = False):
@@ -115,14 +164,12 @@ class Trainer:
         self.forward = DistributedDataParallel(wrapped) if context.distributed else wrapped
         trainable = [p for p in self.network.parameters() if p.requires_grad]
         optim = config.optim
-        self.optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay)
+        self.optimizer = adamw(trainable, context.device, lr=optim.lr, betas=tuple(optim.betas),
+                               weight_decay=optim.weight_decay)
         t_max = optim.t_max or config.train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_schedule(optim.lr, optim.min_lr, t_max, optim.restarts))
-        cuda = context.device.type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) \
-            if cuda and config.train.amp else None
+        self.amp_dtype = training_precision(self.network, context.device, config.train.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = spec.loss(self.model_config)
         self.generator = torch.Generator().manual_seed(config.train.seed * 1000 + context.rank)
@@ -436,6 +483,7 @@ class Trainer:
             "global_batch": self.config.train.batch_size,
             "processes": self.context.world_size,
             "device": self.context.device.type,
+            "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
             "seconds": round(progress["seconds"], 1),
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "textseg_version": __version__,

@@ -14,20 +14,18 @@ __all__ = [
 ]
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of a feature map.
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of a feature map (an ``nn.LayerNorm`` over ``C``, so code that treats layer
+    norms alike, such as the trainer's fp32 normalisation under CPU autocast, finds it).
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``; each pixel's ``C`` values are normalised independently.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
+        super().__init__(channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
 
