@@ -106,6 +106,7 @@ class AugmentSection:
     scale: tuple[float, float] | None = (0.8, 1.2)
     rotate_degrees: float = 0.0
     intensity_shift: float = 0.0
+    text_noise: float = 0.0  # Gaussian noise on each prompt's features, this share of their norm (Training/data.py)
 
 
 @dataclass

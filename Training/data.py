@@ -255,6 +255,30 @@ def augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Genera
     return images, targets
 
 
+def perturb_text(text: TextFeatures, generator: torch.Generator, scale: float) -> TextFeatures:
+    """Text features with Gaussian noise: every pooled and every token vector ``v`` gets ``scale * |v| * n /
+    sqrt(D)`` with ``n ~ N(0, I)``, a perturbation about ``scale`` times as long as ``v`` (cosine to ``v`` about
+    ``1 / sqrt(1 + scale^2)``), drawn afresh on every call from ``generator`` (CPU) so a resumed run repeats it.
+
+    A frozen encoder places a held-out paraphrase near, not on, the phrasings a network was trained under; trained on
+    a few phrasings alone a network can answer only those points and nothing near them. Noise makes it answer the
+    neighbourhood of each phrasing as the phrasing itself. Shapes: tokens ``(B, L, D)``, mask ``(B, L)``, pooled
+    ``(B, P)`` -> the same; padding tokens stay as they were.
+    """
+    if scale < 0:
+        raise ValueError(f"augment.text_noise is a share of each feature's length (0 or more), got {scale}")
+    if scale == 0:
+        return text
+
+    def noisy(values: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(values.shape, generator=generator).to(values.device, values.dtype)
+        length = values.norm(dim=-1, keepdim=True)
+        return values + noise * (scale * length / values.shape[-1] ** 0.5)
+
+    tokens = torch.where(text.mask[..., None], noisy(text.tokens), text.tokens)
+    return TextFeatures(tokens, text.mask, noisy(text.pooled))
+
+
 class TextTable:
     """Every distinct training text encoded once by the frozen encoder, handed out per batch."""
 

@@ -36,7 +36,7 @@ from TextSegLib.text.features import TextFeatures
 from TextSegLib.text.sources import load_text_encoder
 
 from .config import TrainConfig
-from .data import Lvit2DDataset, SliceDataset, TextTable, augment
+from .data import Lvit2DDataset, SliceDataset, TextTable, augment, perturb_text
 from .distributed import Context, all_gather_objects, convert_batchnorm
 from .sampling import BalancedSampler
 from .state import load_rng, load_state, save_rng, save_state
@@ -277,6 +277,8 @@ class Trainer:
 
     def _outputs(self, images: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
         text = self.texts.batch(texts, self.context.device)
+        if self.network.training:
+            text = perturb_text(text, self.generator, self.config.augment.text_noise)
         return self.forward(images, text.tokens, text.mask, text.pooled)
 
     def train_epoch(self, epoch: int, steps_done: int) -> tuple[dict[str, float], int]:

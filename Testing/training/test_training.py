@@ -250,7 +250,8 @@ def test_two_processes_take_the_same_step_as_one_with_the_whole_batch(tmp_path, 
 
 def test_resume_gives_the_uninterrupted_runs_metrics(tmp_path, data_dir, annotations):
     common = short_config(tmp_path, data_dir, annotations, ["brain2", "breast1", "brain1"], "data.val_fraction=0.34",
-                          "optim.t_max=2", "augment.rotate_degrees=10.0", "augment.intensity_shift=0.05")
+                          "optim.t_max=2", "augment.rotate_degrees=10.0", "augment.intensity_shift=0.05",
+                          "augment.text_noise=0.5")
     run_training([*common, "--set", "train.epochs=2", "--output", str(tmp_path / "straight")])
     run_training([*common, "--set", "train.epochs=1", "--output", str(tmp_path / "resumed")])
     run_training([*common, "--set", "train.epochs=2", "--output", str(tmp_path / "resumed"), "--resume"])
