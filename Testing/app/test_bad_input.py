@@ -278,6 +278,8 @@ SEGMENT_CASES = {
                          "sign it: textseg sign"),
     "unknown architecture": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "other-architecture")],
                              "needs the architecture 'unetr'"),
+    "picture model on a volume": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", "monuseg-mmrdl"],
+                                  "The model monuseg-mmrdl was trained on 2D pictures (RGB), not CT or MR volumes"),
     "config the network refuses": (lambda w: ["segment", i(w, "slab.nrrd"), "-m", m(w, "rolled")],
                                    "cannot build: width_first_roll is -1 or +1, got 2"),
     # options

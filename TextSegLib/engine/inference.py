@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from TextSegLib.core.errors import TextSegValueError
 from TextSegLib.core.options import (
     check_batch_size,
     check_components,
@@ -287,13 +288,21 @@ class InferenceEngine:
 
         Arguments are checked first (``TypeError``/``ValueError`` with a message, see
         :func:`~TextSegLib.io.volumes.check_volume`, :func:`~TextSegLib.core.options.validate_prompt`,
-        :func:`check_threshold`). NaN and infinite voxels are treated as missing: the network sees the volume's
-        lowest finite value there, the voxels are left outside the mask (probability 0), and a warning and a note
-        in the result say how many there were; a volume without a finite voxel is refused. ``components``
+        :func:`check_threshold`); a model trained on 2D pictures only (no CT or MR normalisation, see
+        :attr:`~TextSegLib.engine.preprocessing.Preprocessing.takes_volumes`) is refused volumes. NaN and infinite
+        voxels are treated as missing: the network sees the volume's lowest finite value there, the voxels are left
+        outside the mask (probability 0), and a warning and a note in the result say how many there were; a volume
+        without a finite voxel is refused. ``components``
         (:func:`~TextSegLib.core.options.check_components`; None: the first model's) "largest" keeps only the
         largest connected part of the mask (26-connected); the probability volume is left as computed.
         """
         volume = check_volume(volume)
+        for model in self.models:
+            if not model.preprocessing.takes_volumes:
+                raise TextSegValueError(
+                    f"The model {model.id} was trained on 2D pictures ({', '.join(model.preprocessing.intensity)}), "
+                    "not CT or MR volumes: give it a PNG or TIFF picture, or pick a CT or MR model (textseg models "
+                    "says what each was trained on).")
         prompt = validate_prompt(prompt)
         if threshold is not None:
             threshold = check_threshold(threshold)

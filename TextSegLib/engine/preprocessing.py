@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from TextSegLib.core.options import MODALITIES
+
 __all__ = [
     "IntensityMapping",
     "IntensitySpec",
@@ -108,6 +110,12 @@ class Preprocessing:
             raise ValueError("preprocessing metadata names no intensity normalisation")
         size = tuple(int(s) for s in data["size"])
         return cls(size=size, intensity=intensity, channels=channels)
+
+    @property
+    def takes_volumes(self) -> bool:
+        """Whether the model was trained on CT or MR volumes: its normalisations name CT or MR. A model trained on
+        2D pictures only (MoNuSeg's H&E tiles: ``{"RGB": ...}``) names neither and is refused volumes."""
+        return any(key.upper() in MODALITIES for key in self.intensity)
 
     def intensity_for(self, modality: str | None) -> IntensitySpec:
         """The normalisation for ``modality`` (``"CT"``, ``"MR"``); the first one listed if it has none."""
