@@ -18,13 +18,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from TextSegLib.engine.checkpoints import (
-    CheckpointError,
-    CheckpointInfo,
-    file_sha256,
-    load_checkpoint,
-    save_checkpoint,
-)
+from TextSegLib.engine.checkpoints import CheckpointInfo, file_sha256, load_checkpoint, save_like
+from Training.rewrite import write_checkpoint
 
 __all__ = ["halve", "main"]
 
@@ -33,14 +28,9 @@ def halve(source: Path, target: Path, description: str | None = None) -> Checkpo
     """Write ``source``'s network with fp16 weights to ``target`` (with ``description`` in place of its own, if
     given); returns the new checkpoint's info."""
     network, info = load_checkpoint(source)
-    return save_checkpoint(
-        target, network, architecture=info.architecture, text_encoder=info.text_encoder,
-        preprocessing=info.preprocessing, orientation=info.orientation, threshold=info.threshold,
-        components=info.components, name=info.name,
-        description=info.description if description is None else description,
-        example_prompts=info.example_prompts, training={**info.training, "halved_from_sha256": file_sha256(source)},
-        weights_dtype=torch.float16,
-    )
+    return save_like(target, network, info, description=description,
+                     training={**info.training, "halved_from_sha256": file_sha256(source)},
+                     weights_dtype=torch.float16)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,16 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(e.g. to name the licence of the data it was trained on)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
-    if args.output.exists() and not args.overwrite:
-        print(f"{args.output} exists; give --overwrite to replace it.", file=sys.stderr)
-        return 1
-    try:
-        info = halve(args.checkpoint, args.output, args.description)
-    except (CheckpointError, ValueError) as error:
-        print(error, file=sys.stderr)
-        return 1
-    print(f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB, weights in fp16 ({info.weights_sha256[:12]})")
-    return 0
+    return write_checkpoint(
+        args.output, args.overwrite, lambda: halve(args.checkpoint, args.output, args.description),
+        lambda info: f"{args.output}: {args.output.stat().st_size / 1e6:.1f} MB, weights in fp16 "
+                     f"({info.weights_sha256[:12]})")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from TextSegLib.engine.checkpoints import (
-    CheckpointError,
-    CheckpointInfo,
-    file_sha256,
-    load_checkpoint,
-    save_checkpoint,
-)
+from TextSegLib.engine.checkpoints import CheckpointInfo, file_sha256, load_checkpoint, save_like
+from Training.rewrite import write_checkpoint
 
 __all__ = ["main", "soup"]
 
@@ -59,12 +54,7 @@ def soup(members: list[Path], target: Path) -> CheckpointInfo:
     network.load_state_dict(averaged)
     soup_of = [{"sha256": file_sha256(path), "best_epoch": info.training.get("best_epoch"),
                 "val_dice": info.training.get("val_dice")} for path, info in zip(members, infos, strict=True)]
-    return save_checkpoint(
-        target, network, architecture=first.architecture, text_encoder=first.text_encoder,
-        preprocessing=first.preprocessing, orientation=first.orientation, threshold=first.threshold,
-        components=first.components, name=first.name, description=first.description,
-        example_prompts=first.example_prompts, training={**first.training, "soup_of": soup_of},
-    )
+    return save_like(target, network, first, training={**first.training, "soup_of": soup_of})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,16 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the averaged checkpoint to write")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
-    if args.output.exists() and not args.overwrite:
-        print(f"{args.output} exists; give --overwrite to replace it.", file=sys.stderr)
-        return 1
-    try:
-        info = soup(args.checkpoints, args.output)
-    except (CheckpointError, ValueError) as error:
-        print(error, file=sys.stderr)
-        return 1
-    print(f"{args.output}: the average of {len(args.checkpoints)} checkpoints ({info.weights_sha256[:12]})")
-    return 0
+    return write_checkpoint(
+        args.output, args.overwrite, lambda: soup(args.checkpoints, args.output),
+        lambda info: f"{args.output}: the average of {len(args.checkpoints)} checkpoints ({info.weights_sha256[:12]})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from TextSegLib.engine.catalogue import SHIPPED_MODELS_DIR
-from TextSegLib.engine.checkpoints import file_sha256, load_checkpoint, read_checkpoint_info, save_checkpoint
+from TextSegLib.engine.checkpoints import file_sha256, load_checkpoint, read_checkpoint_info, save_like
 from Training.soup import main, soup
 
 HEADNECK = SHIPPED_MODELS_DIR / "headneck-freqmedclip-small.safetensors"
@@ -27,10 +27,7 @@ def shifted(tmp_path_factory):
             if value.is_floating_point():
                 value.add_(0.01 * torch.randn(value.shape, generator=generator))
     path = tmp_path_factory.mktemp("soup") / "shifted.safetensors"
-    save_checkpoint(path, network, architecture=info.architecture, text_encoder=info.text_encoder,
-                    preprocessing=info.preprocessing, orientation=info.orientation, threshold=info.threshold,
-                    components=info.components, name=info.name, description=info.description,
-                    example_prompts=info.example_prompts, training=info.training)
+    save_like(path, network, info)
     return path
 
 

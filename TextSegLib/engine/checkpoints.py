@@ -65,6 +65,7 @@ __all__ = [
     "metadata_digest",
     "read_checkpoint_info",
     "save_checkpoint",
+    "save_like",
     "sign_checkpoint",
     "weights_digest",
 ]
@@ -266,6 +267,28 @@ def save_checkpoint(
     info.digest = metadata_digest(info.to_metadata())
     info.sha256 = file_sha256(path)
     return info
+
+
+def save_like(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    info: CheckpointInfo,
+    *,
+    description: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    weights_dtype: torch.dtype | None = None,
+) -> CheckpointInfo:
+    """Write ``model`` with every setting of the checkpoint ``info`` describes (architecture, text encoder,
+    preprocessing, orientation, threshold, components, name, example prompts); ``description`` and ``training``
+    replace its own where given. For tools that rewrite a checkpoint's weights (an fp16 copy, a weight average)."""
+    return save_checkpoint(
+        path, model, architecture=info.architecture, text_encoder=info.text_encoder,
+        preprocessing=info.preprocessing, orientation=info.orientation, threshold=info.threshold,
+        components=info.components, name=info.name,
+        description=info.description if description is None else description,
+        example_prompts=info.example_prompts, training=info.training if training is None else training,
+        weights_dtype=weights_dtype,
+    )
 
 
 _IMAGE_MAGIC = (b"NRRD", b"ObjectType", b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")
