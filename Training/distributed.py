@@ -7,6 +7,7 @@ on GPUs and gloo on CPUs. Gradients are averaged by DistributedDataParallel, nev
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,15 @@ def setup(device: str = "auto") -> Context:
 
 
 def teardown() -> None:
+    """Leave the process group (call it in a ``finally``).
+
+    On a normal exit every process first waits for the others: with gloo, a process that destroys its group while a
+    peer still works (rank 0 writing the model) can abort with "terminate called without an active exception"
+    (SIGABRT). While an exception propagates nobody waits, so a process that failed cannot hang the rest.
+    """
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -262,12 +262,9 @@ def test_resume_gives_the_uninterrupted_runs_metrics(tmp_path, data_dir, annotat
     assert resumed[0]["train_loss"] == straight[0]["train_loss"]
 
 
-def _batchnorm_worker(rank: int, init_file: str, images: torch.Tensor, targets: torch.Tensor, out: str) -> None:
-    import torch.distributed as dist
-
+def _batchnorm_step(rank: int, images: torch.Tensor, targets: torch.Tensor, out: str) -> None:
     from Training.distributed import convert_batchnorm
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
     network = convert_batchnorm(_bn_network())
     ddp = torch.nn.parallel.DistributedDataParallel(network)
@@ -276,7 +273,21 @@ def _batchnorm_worker(rank: int, init_file: str, images: torch.Tensor, targets: 
     if rank == 0:
         torch.save({"grads": {n: p.grad for n, p in network.named_parameters()},
                     "running": {n: b for n, b in network.named_buffers()}}, out)
-    dist.destroy_process_group()
+
+
+def _batchnorm_worker(rank: int, init_file: str, images: torch.Tensor, targets: torch.Tensor, out: str) -> None:
+    """One process of two. The DDP wrapper is gone (its step returned) before the group is left, and both processes
+    leave it together (``teardown``): a gloo process that left alone while its peer still wrote the gradients was
+    once killed by SIGABRT in CI."""
+    import torch.distributed as dist
+
+    from Training.distributed import teardown
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        _batchnorm_step(rank, images, targets, out)
+    finally:
+        teardown()
 
 
 def _bn_network() -> torch.nn.Module:
