@@ -262,53 +262,23 @@ def test_resume_gives_the_uninterrupted_runs_metrics(tmp_path, data_dir, annotat
     assert resumed[0]["train_loss"] == straight[0]["train_loss"]
 
 
-def _batchnorm_step(rank: int, images: torch.Tensor, targets: torch.Tensor, out: str) -> None:
-    from Training.distributed import convert_batchnorm
-
-    torch.manual_seed(0)
-    network = convert_batchnorm(_bn_network())
-    ddp = torch.nn.parallel.DistributedDataParallel(network)
-    loss = ((ddp(images[rank::2]) - targets[rank::2]) ** 2).mean()
-    loss.backward()
-    if rank == 0:
-        torch.save({"grads": {n: p.grad for n, p in network.named_parameters()},
-                    "running": {n: b for n, b in network.named_buffers()}}, out)
-
-
-def _batchnorm_worker(rank: int, init_file: str, images: torch.Tensor, targets: torch.Tensor, out: str) -> None:
-    """One process of two. The DDP wrapper is gone (its step returned) before the group is left, and both processes
-    leave it together (``teardown``): a gloo process that left alone while its peer still wrote the gradients was
-    once killed by SIGABRT in CI."""
-    import torch.distributed as dist
-
-    from Training.distributed import teardown
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        _batchnorm_step(rank, images, targets, out)
-    finally:
-        teardown()
-
-
-def _bn_network() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
-                               torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
-
-
 def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
-
-    generator = torch.Generator().manual_seed(1)
-    images, targets = torch.randn(6, 3, 12, 12, generator=generator), torch.rand(6, 1, 12, 12, generator=generator)
-    mp.spawn(_batchnorm_worker, args=(str(tmp_path / "init"), images, targets, str(tmp_path / "g.pt")), nprocs=2)
-    distributed = torch.load(tmp_path / "g.pt", weights_only=True)
-    network = _bn_network()
-    order = torch.cat([torch.arange(0, 6, 2), torch.arange(1, 6, 2)])
-    ((network(images[order]) - targets[order]) ** 2).mean().backward()
-    for name, parameter in network.named_parameters():
-        torch.testing.assert_close(distributed["grads"][name], parameter.grad, rtol=1e-4, atol=1e-7)
-    for name, buffer in network.named_buffers():
+    """Two torchrun processes, each with half of a batch, give the gradients and running statistics of one process
+    with all of it (``batchnorm_processes.py``; run as the trainer is, so it also leaves the group as the trainer
+    does: an earlier version of this test, with ``mp.spawn``, was killed by SIGABRT in CI as one process left)."""
+    out = tmp_path / "g.pt"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
+        "PYTHONPATH", "")])}
+    done = subprocess.run([*launcher, str(Path(__file__).with_name("batchnorm_processes.py")), str(out)],
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    saved = torch.load(out, weights_only=True)
+    distributed, whole = saved["distributed"], saved["whole"]
+    assert set(distributed["grads"]) == set(whole["grads"]) and len(whole["grads"]) == 5
+    for name, gradient in whole["grads"].items():
+        torch.testing.assert_close(distributed["grads"][name], gradient, rtol=1e-4, atol=1e-7)
+    for name, buffer in whole["running"].items():
         torch.testing.assert_close(distributed["running"][name], buffer, rtol=1e-5, atol=1e-6)
 
 
