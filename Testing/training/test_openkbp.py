@@ -16,7 +16,16 @@ from testkit import OPENKBP
 from TextSegLib.io.manifests import read_manifest
 from TextSegLib.io.volumes import VolumeError, read_volume
 from Training.datasets.__main__ import main
-from Training.datasets.openkbp import LABEL_VALUES, ORGANS, STRUCTURES, TARGETS, convert
+from Training.datasets.openkbp import (
+    ABSENT_HELD_OUT,
+    ABSENT_LABEL_VALUE,
+    ABSENT_TRAINED,
+    LABEL_VALUES,
+    ORGANS,
+    STRUCTURES,
+    TARGETS,
+    convert,
+)
 
 SAMPLE = OPENKBP / "train-pats"
 PATIENTS = ("pt_1", "pt_2", "pt_3")
@@ -285,13 +294,45 @@ def test_the_evaluation_manifests_ask_for_each_test_organ_three_ways(converted):
         assert asked["swapped"]["RightParotid"] == "the left parotid gland"
 
 
+def test_absent_organs_are_asked_with_empty_targets_and_the_held_out_ones_never_in_training(converted):
+    """``recipe_absent.csv`` is ``recipe.csv`` and two trained absent organs per training patient; the held-out
+    absent organs are asked only of validation (``validation_absent.csv``) and test patients (``test_absent.csv``);
+    an absent organ's label value is in no label map, so its target is empty on every slice (read through the
+    manifest, as training and ``textseg evaluate`` read it)."""
+    _, output, _ = converted
+    recipe, with_absent = _rows(output / "recipe.csv"), _rows(output / "recipe_absent.csv")
+    assert with_absent[: len(recipe)] == recipe
+    added = with_absent[len(recipe):]
+    assert {row["split"] for row in added} == {"train"} and {row["label_value"] for row in added} == {
+        str(ABSENT_LABEL_VALUE)}
+    per_patient = {}
+    for row in added:
+        per_patient.setdefault(row["case"].split("-")[0], []).append(row["text"])
+    assert set(per_patient) == {"pt_1", "pt_2"}  # pt_4 has no CT and was skipped; pt_5 validates, pt_3 tests
+    assert all(len(set(texts)) == 2 and set(texts) <= set(ABSENT_TRAINED) for texts in per_patient.values())
+    assert per_patient["pt_1"] != per_patient["pt_2"]  # rotating over the patients
+    assert not set(ABSENT_HELD_OUT) & {row["text"] for row in with_absent}
+    assert not set().union(*map(_words, ABSENT_HELD_OUT)) & set().union(*map(_words, ABSENT_TRAINED))
+    assert ABSENT_LABEL_VALUE not in LABEL_VALUES.values()
+    for name, patient, split in (("validation_absent", "pt_5", "val"), ("test_absent", "pt_3", "test")):
+        rows = _rows(output / f"{name}.csv")
+        assert {row["case"] for row in rows} == {f"{patient}-organs"} and {row["split"] for row in rows} == {split}
+        assert sorted(row["text"] for row in rows) == sorted(ABSENT_HELD_OUT)
+    for case in read_manifest(output / "recipe_absent.csv"):
+        absent = [t for t in case.case_targets if t.label_value == ABSENT_LABEL_VALUE]
+        assert len(absent) == (2 if case.split == "train" and case.label.name == "organs.nrrd" else 0)
+        if absent:
+            label = read_volume(case.label).array
+            assert label.any() and not (label == ABSENT_LABEL_VALUE).any()
+
+
 def test_chosen_splits_and_limit(converted, tmp_path, capsys):
     source, _, _ = converted
     assert main(["openkbp", "--source", str(source), "--output", str(tmp_path), "--splits", "train", "test",
                  "--limit", "1"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.csv")) == [
-        "recipe.csv", "test.csv", "test_organs_paraphrase.csv", "test_organs_right.csv", "test_organs_swapped.csv",
-        "test_paraphrases.csv", "train.csv", "trainval.csv"]
+        "recipe.csv", "recipe_absent.csv", "test.csv", "test_absent.csv", "test_organs_paraphrase.csv",
+        "test_organs_right.csv", "test_organs_swapped.csv", "test_paraphrases.csv", "train.csv", "trainval.csv"]
     assert {row["case"].split("-")[0] for row in _rows(tmp_path / "trainval.csv")} == {"pt_1"}
     assert not (tmp_path / "train" / "pt_2").exists() and not (tmp_path / "validation").exists()
     assert "validation" not in capsys.readouterr().out

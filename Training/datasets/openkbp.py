@@ -57,6 +57,9 @@ from TextSegLib.io.volumes import Volume, VolumeError, write_image
 from Training.structures import Structure
 
 __all__ = [
+    "ABSENT_HELD_OUT",
+    "ABSENT_LABEL_VALUE",
+    "ABSENT_TRAINED",
     "LABEL_VALUES",
     "ORGANS",
     "SPLITS",
@@ -137,6 +140,16 @@ TARGETS: tuple[Structure, ...] = tuple(
 STRUCTURES: tuple[Structure, ...] = ORGANS + TARGETS
 #: Structure name -> its value in every label map.
 LABEL_VALUES: dict[str, int] = {structure.name: value for value, structure in enumerate(STRUCTURES, start=1)}
+#: Organs no head-and-neck CT of OpenKBP holds (the scans end above the heart), asked on training patients with an
+#: empty target so that a name the network was not taught in this anatomy is answered "not found" rather than drawn
+#: on the nearest organ. Asked two a patient, rotating (``recipe_absent.csv``).
+ABSENT_TRAINED: tuple[str, ...] = ("the stomach", "the pancreas", "the urinary bladder", "the colon",
+                                   "the small intestine", "the prostate", "the uterus", "the adrenal gland")
+#: Absent organs never trained on: the check of a candidate on the validation patients (``validation_absent.csv``)
+#: and the report on the test patients (``test_absent.csv``). They share no word with :data:`ABSENT_TRAINED`.
+ABSENT_HELD_OUT: tuple[str, ...] = ("the liver", "the left kidney", "the spleen", "the gallbladder")
+#: The label value of an absent organ's rows: no label map holds it, so the target is empty on every slice.
+ABSENT_LABEL_VALUE = len(STRUCTURES) + 1
 
 
 @dataclass(frozen=True)
@@ -312,6 +325,30 @@ def _rows(patients: Iterable[Patient], folder: Path, paraphrases: bool = False) 
     return rows
 
 
+def _absent_row(patient: Patient, text: str, split: str, folder: Path) -> dict[str, str]:
+    """The manifest row asking ``patient``'s CT for an organ it does not hold (:data:`ABSENT_LABEL_VALUE`)."""
+    organs = next(contour.label for contour in patient.contours if contour.label.name == "organs.nrrd")
+    return {"case": f"{patient.name}-organs", "image": _relative(patient.image, folder),
+            "label": _relative(organs, folder), "text": text, "split": split, "modality": "CT",
+            "label_value": str(ABSENT_LABEL_VALUE)}
+
+
+def _absent_rows(patients: Sequence[Patient], folder: Path, split: str) -> list[dict[str, str]]:
+    """For ``split`` "train": two of :data:`ABSENT_TRAINED` per training patient, rotating over the patients; for
+    "validation" or "test": every :data:`ABSENT_HELD_OUT` organ on every patient of that split. Patients without an
+    organ label map (no organ contoured) are left out."""
+    members = [patient for patient in patients if patient.split == split
+               and any(contour.label.name == "organs.nrrd" for contour in patient.contours)]
+    rows = []
+    for number, patient in enumerate(members):
+        if split == "train":
+            texts = tuple(ABSENT_TRAINED[(2 * number + i) % len(ABSENT_TRAINED)] for i in range(2))
+        else:
+            texts = ABSENT_HELD_OUT
+        rows.extend(_absent_row(patient, text, SPLIT_COLUMN[split], folder) for text in texts)
+    return rows
+
+
 def _recipe_rows(patients: Sequence[Patient], folder: Path, validation_patients: int) -> list[dict[str, str]]:
     """The organs only: each training patient names each organ once, rotating through the trained phrasings (so
     every phrasing is seen on an eighth of the patients and an epoch is not eight copies of each slice); each
@@ -390,8 +427,12 @@ def write_manifests(output: Path, patients: Sequence[Patient]) -> dict[str, tupl
     * ``recipe.csv``: what the head-and-neck recipes train on: the organs of the training patients, one rotating
       phrasing each, and of the first :data:`RECIPE_VALIDATION_PATIENTS` validation patients, by name and by a
       validation paraphrase, for the per-epoch choice;
+    * ``recipe_absent.csv``: ``recipe.csv`` and two organs of :data:`ABSENT_TRAINED` per training patient, with
+      empty targets;
     * ``validation_organs.csv``: those validation patients' organs asked by name and by both validation
       paraphrases, for ``textseg evaluate --manifest`` before a candidate is chosen;
+    * ``validation_absent.csv``, ``test_absent.csv``: every validation (test) patient asked for the organs of
+      :data:`ABSENT_HELD_OUT`, with empty references (Dice 1 for "not found", 0 for anything drawn);
     * ``test_paraphrases.csv``: the test patients' structures named by their held-out paraphrases only (never in a
       training manifest);
     * ``test_organs_right.csv``, ``test_organs_swapped.csv``, ``test_organs_paraphrase.csv``: the test patients'
@@ -408,14 +449,20 @@ def write_manifests(output: Path, patients: Sequence[Patient]) -> dict[str, tupl
     if development:
         written["trainval"] = _write(output / "trainval.csv", _rows(development, output))
     if any(patient.split == "train" for patient in patients):
-        written["recipe"] = _write(output / "recipe.csv", _recipe_rows(patients, output, RECIPE_VALIDATION_PATIENTS))
+        recipe = _recipe_rows(patients, output, RECIPE_VALIDATION_PATIENTS)
+        written["recipe"] = _write(output / "recipe.csv", recipe)
+        written["recipe_absent"] = _write(output / "recipe_absent.csv",
+                                          recipe + _absent_rows(patients, output, "train"))
     if any(patient.split == "validation" for patient in patients):
         written["validation_organs"] = _write(output / "validation_organs.csv",
                                               _validation_rows(patients, output, RECIPE_VALIDATION_PATIENTS))
+        written["validation_absent"] = _write(output / "validation_absent.csv",
+                                              _absent_rows(patients, output, "validation"))
     held_out = [patient for patient in patients if patient.split == "test"]
     if held_out:
         written["test_paraphrases"] = _write(output / "test_paraphrases.csv", _rows(held_out, output, True))
         for ask in ("right", "swapped", "paraphrase"):
             written[f"test_organs_{ask}"] = _write(output / f"test_organs_{ask}.csv",
                                                    _test_rows(held_out, output, ask))
+        written["test_absent"] = _write(output / "test_absent.csv", _absent_rows(patients, output, "test"))
     return written
