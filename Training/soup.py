@@ -29,10 +29,11 @@ __all__ = ["main", "soup"]
 _SAME = ("architecture", "config", "text_encoder", "preprocessing", "orientation", "threshold", "components")
 
 
-def soup(members: list[Path], target: Path) -> CheckpointInfo:
-    """Write the uniform weight average of ``members`` (two or more checkpoints of one network) to ``target``;
-    returns the new checkpoint's info. Raises ValueError when the members differ in anything but their weights and
-    training summary."""
+def soup(members: list[Path], target: Path, description: str | None = None) -> CheckpointInfo:
+    """Write the uniform weight average of ``members`` (two or more checkpoints of one network) to ``target``, with
+    ``description`` if given (else the first member's: say what the average was trained on when the members' data
+    differ); returns the new checkpoint's info. Raises ValueError when the members differ in anything but their
+    weights and training summary."""
     if len(members) < 2:
         raise ValueError("a soup needs two or more checkpoints")
     network, first = load_checkpoint(members[0])
@@ -54,7 +55,8 @@ def soup(members: list[Path], target: Path) -> CheckpointInfo:
     network.load_state_dict(averaged)
     soup_of = [{"sha256": file_sha256(path), "best_epoch": info.training.get("best_epoch"),
                 "val_dice": info.training.get("val_dice")} for path, info in zip(members, infos, strict=True)]
-    return save_like(target, network, first, training={**first.training, "soup_of": soup_of})
+    return save_like(target, network, first, description=description,
+                     training={**first.training, "soup_of": soup_of})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoints", type=Path, nargs="+", help="TextSeg .safetensors checkpoints of one network")
     parser.add_argument("--output", type=Path, required=True, help="the averaged checkpoint to write")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--description", help="the average's description (default: the first member's)")
     args = parser.parse_args(argv)
     return write_checkpoint(
-        args.output, args.overwrite, lambda: soup(args.checkpoints, args.output),
+        args.output, args.overwrite, lambda: soup(args.checkpoints, args.output, args.description),
         lambda info: f"{args.output}: the average of {len(args.checkpoints)} checkpoints ({info.weights_sha256[:12]})")
 
 

@@ -43,6 +43,14 @@ def test_the_soup_is_the_mean_of_its_members_weights(shifted, tmp_path):
             assert torch.equal(value, first[key])
     assert loaded.name == info.name == read_checkpoint_info(HEADNECK).name
     assert [m["sha256"] for m in loaded.training["soup_of"]] == [file_sha256(HEADNECK), file_sha256(shifted)]
+    assert loaded.description == read_checkpoint_info(HEADNECK).description
+    assert main([str(shifted), str(HEADNECK), "--output", str(tmp_path / "described.safetensors"),
+                 "--description", "an average of two runs"]) == 0
+    described, described_info = load_checkpoint(tmp_path / "described.safetensors")
+    assert described_info.description == "an average of two runs" and described_info.name == info.name
+    for key, value in described.state_dict().items():  # the members' order changes nothing but the summary
+        assert torch.equal(value, averaged.state_dict()[key]), key
+    assert described_info.training["soup_of"][0]["sha256"] == file_sha256(shifted)
 
 
 def test_a_soup_of_one_network_with_itself_is_that_network(tmp_path):
