@@ -48,7 +48,7 @@ def test_the_soup_is_the_mean_of_its_members_weights(shifted, tmp_path):
                  "--description", "an average of two runs"]) == 0
     described, described_info = load_checkpoint(tmp_path / "described.safetensors")
     assert described_info.description == "an average of two runs" and described_info.name == info.name
-    for key, value in described.state_dict().items():  # the members' order changes nothing but the summary
+    for key, value in described.state_dict().items():  # the order changes the summary and integer counters only
         assert torch.equal(value, averaged.state_dict()[key]), key
     assert described_info.training["soup_of"][0]["sha256"] == file_sha256(shifted)
 
