@@ -82,7 +82,9 @@ def test_bf16_autocast_gives_the_fp32_loss_and_gradients_of_the_shipped_models_o
     flat16 = torch.cat([g.flatten() for g in rounded.values()])
     assert float(torch.nn.functional.cosine_similarity(flat32, flat16, dim=0)) > 0.99
     # block by block (the top-level modules: encoders, fusion, decoders), so that no part of a network is left to
-    # noise behind a large agreeing one
+    # noise behind a large agreeing one. The bar lies between rounding and the failure it guards against: with its
+    # normalisation layers in bf16, MMRDL's prompt encoder falls to 0.62; rounding alone takes the head-and-neck
+    # model's fusion block (the weight average of stages 4 and 5) to 0.971, each member alone to 0.996 (2026-12-06)
     blocks: dict[str, list[str]] = {}
     for name in exact:
         blocks.setdefault(name.split(".")[0], []).append(name)
@@ -91,7 +93,7 @@ def test_bf16_autocast_gives_the_fp32_loss_and_gradients_of_the_shipped_models_o
         b = torch.cat([rounded[n].flatten() for n in names])
         if float(a.norm()) < 1e-8:
             continue
-        assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.98, block
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.95, block
 
 
 def test_the_trainer_takes_bf16_only_where_the_cpu_computes_it_and_fused_adamw_on_the_cpu():
