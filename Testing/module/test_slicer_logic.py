@@ -387,10 +387,14 @@ def _panel_path(logic, scene, wait) -> float:
 def test_the_panels_run_path_is_not_starved_by_a_main_thread_holding_the_gil(textseg, scene):
     """The panel's path with a main thread that holds the GIL between its 100 ms polls, as Slicer's does in the Qt
     event loop, against the same path with a main thread that releases it (``time.sleep``), both from a cold
-    worker: at most twice as long. A starved path took 15 times as long (the earlier thread-based panel: 24 of
+    worker: at most four times as long. A starved path took 15 times as long (the earlier thread-based panel: 24 of
     lung2's 61 slices in 90 s); how the path compares with ``textseg segment`` is a benchmark's figure
-    (``Benchmarks/worker.py``), not this test's."""
+    (``Benchmarks/worker.py``), not this test's. Holding the GIL costs the path about 5 s whatever its length (each
+    blocking call of the background thread, starting the worker, sending the volume, fetching the result, waits
+    for the main thread's next poll to get the GIL back), so the ratio moves with the machine: 1.6 to 2.5 over ten
+    runs on a two-core machine (held 9.0 to 11.2 s, released 4.1 to 6.8 s), where a bound of 2 failed one run in
+    three."""
     logic = textseg.TextSegLogic()
     released = _panel_path(logic, scene, time.sleep)
     held = _panel_path(logic, scene, _hold_the_gil_for)
-    assert held <= 2 * released, f"holding the GIL {held:.1f} s, releasing it {released:.1f} s"
+    assert held <= 4 * released, f"holding the GIL {held:.1f} s, releasing it {released:.1f} s"
